@@ -1,0 +1,56 @@
+"""The vocabulary between the ingress and a diffusion replica.
+
+One `ImageTask` is one image: the ingress fans `n` images out into `n` tasks, so Serve's
+batching groups images from many users (and from one user's `n`) into one denoising batch.
+Plain dataclasses: they cross process boundaries through Ray's serializer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class WeightedPrompt:
+    """One part of a multi-prompt (`a::2 b::-0.5`); weights are used as given (see engine)."""
+
+    text: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    prompt: str
+    negative_prompt: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    tile: bool = False
+    # Multi-prompt weights. Empty means "encode `prompt` as one piece".
+    weighted_prompts: tuple[WeightedPrompt, ...] = ()
+    # Correlates progress callbacks and cancellation with a job (None for plain requests).
+    task_id: str | None = None
+
+    def group_key(self) -> tuple:
+        """Tasks with equal keys can share one denoising call."""
+        return (self.width, self.height, self.steps, float(self.guidance_scale), self.tile)
+
+
+@dataclass
+class ImageResult:
+    """A generated image as PNG bytes (parameters embedded as PNG text) plus what was used."""
+
+    png: bytes
+    seed: int
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    model: str
+    batch_size: int
+    # Seconds this image's batch spent denoising+decoding, and waiting in the replica's queue.
+    compute_s: float = 0.0
+    queue_wait_s: float = 0.0
+    extra: dict = field(default_factory=dict)

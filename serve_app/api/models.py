@@ -1,0 +1,26 @@
+"""`GET /v1/models`: image and chat models together, each saying what it is for."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from serve_app.state import ServicesDep
+
+router = APIRouter(tags=["models"])
+
+_CREATED = 1_700_000_000  # models have no creation date here; OpenAI's field is required
+
+
+@router.get("/v1/models")
+async def list_models(services: ServicesDep) -> dict:
+    cfg = services.config
+    data = [
+        {"id": m.name, "object": "model", "created": _CREATED, "owned_by": "genserve", "capability": "image",
+         "family": m.family, "aliases": m.aliases, "native_size": f"{m.native_resolution}x{m.native_resolution}"}
+        for m in cfg.diffusion_models
+    ] + [
+        {"id": m.name, "object": "model", "created": _CREATED, "owned_by": "genserve", "capability": "chat",
+         "aliases": m.aliases, "context_length": m.max_model_len}
+        for m in cfg.llm_models
+    ]
+    return {"object": "list", "data": data}

@@ -1,0 +1,21 @@
+"""The FastAPI application of one ingress replica, built from typed config and services."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from serve_app.api import health, models
+from serve_app.errors import install_error_handlers
+from serve_app.images import router as images
+from serve_app.middleware import RequestGuard
+from serve_app.state import Services
+
+
+def create_app(services: Services) -> FastAPI:
+    app = FastAPI(title="genserve", version="0.1.0", docs_url="/docs", redoc_url=None)
+    app.state.services = services
+    install_error_handlers(app)
+    app.add_middleware(RequestGuard, max_body_bytes=services.config.limits.max_body_bytes)
+    for r in (health.router, models.router, images.router):
+        app.include_router(r)
+    return app

@@ -1,0 +1,188 @@
+"""Typed configuration of the genserve application: the `args` of the Serve config.
+
+`serve deploy configs/serve.yaml` hands `applications[].args` to `serve_app.graph:build_app`,
+which validates them here before anything starts. Errors name the field and the value.
+Serve's own per-deployment options (replicas, autoscaling, GPUs, max_ongoing_requests) stay in
+the Serve config's `deployments:` section, where Ray documents and validates them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchingConfig(_Strict):
+    max_batch_size: int = Field(8, ge=1, le=128, description="Images per denoising call.")
+    batch_wait_timeout_s: float = Field(
+        0.05, ge=0.0, le=10.0, description="How long a partial batch waits for more requests."
+    )
+
+
+class DiffusionModelConfig(_Strict):
+    name: str = Field(description="Public model name (the `model` field of requests).")
+    family: Literal["sdxl", "wuerstchen"]
+    model: str = Field(description="Hub id or local directory, loaded with from_pretrained.")
+    aliases: list[str] = Field(default_factory=list, description="Other names, e.g. `v6` for `--v 6`.")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    variant: str | None = None
+    native_resolution: int = Field(1024, ge=8, le=4096, description="Side of the native square size.")
+    size_multiple: int = Field(64, ge=8, le=128, description="Width/height are snapped to this.")
+    max_side: int = Field(1536, ge=8, le=8192)
+    min_side: int = Field(64, ge=8, le=4096)
+    default_steps: int = Field(30, ge=1, le=200)
+    max_steps: int = Field(80, ge=1, le=500)
+    default_guidance: float = Field(5.0, ge=0.0, le=50.0)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> "DiffusionModelConfig":
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) must be <= max_side ({self.max_side})")
+        if self.native_resolution % self.size_multiple:
+            raise ValueError(
+                f"native_resolution ({self.native_resolution}) must be a multiple of "
+                f"size_multiple ({self.size_multiple})"
+            )
+        if self.default_steps > self.max_steps:
+            raise ValueError(f"default_steps ({self.default_steps}) must be <= max_steps ({self.max_steps})")
+        return self
+
+    @property
+    def deployment_name(self) -> str:
+        return f"Diffusion-{self.name}"
+
+
+class LLMModelConfig(_Strict):
+    name: str
+    model: str = Field(description="Hub id or local directory.")
+    engine: Literal["vllm", "transformers", "auto"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_model_len: int = Field(2048, ge=16, le=1_048_576)
+    default_max_tokens: int = Field(256, ge=1)
+    engine_kwargs: dict = Field(default_factory=dict, description="Passed to the engine as-is.")
+    aliases: list[str] = Field(default_factory=list)
+    description: str = ""
+
+    @property
+    def deployment_name(self) -> str:
+        return f"LLM-{self.name}"
+
+
+class PromptTemplateConfig(_Strict):
+    """A template defined in config (the template library adds stored, versioned ones)."""
+
+    name: str
+    template: str
+    category: str = "general"
+    defaults: str = Field("", description="Default parameters appended to the prompt, e.g. `--ar 16:9`.")
+
+
+class LimitsConfig(_Strict):
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="Larger bodies get 413.")
+    max_prompt_chars: int = Field(4000, ge=1)
+    max_images_per_request: int = Field(10, ge=1, le=100)
+
+
+class AppConfig(_Strict):
+    """Everything the application needs, from the Serve config's `args`."""
+
+    diffusion_models: list[DiffusionModelConfig] = Field(min_length=1)
+    llm_models: list[LLMModelConfig] = Field(default_factory=list)
+    default_image_model: str | None = None
+    templates: list[PromptTemplateConfig] = Field(default_factory=list)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    work_dir: Path = Field(Path(".work"), description="Databases, results and caches (relative to cwd).")
+
+    @model_validator(mode="after")
+    def _check_names(self) -> "AppConfig":
+        seen: dict[str, str] = {}
+        for m in [*self.diffusion_models, *self.llm_models]:
+            for n in [m.name, *m.aliases]:
+                if n in seen:
+                    raise ValueError(f"model name or alias {n!r} is used twice ({seen[n]!r} and {m.name!r})")
+                seen[n] = m.name
+        if self.default_image_model is not None and self.default_image_model not in {
+            m.name for m in self.diffusion_models
+        }:
+            raise ValueError(
+                f"default_image_model ({self.default_image_model!r}) is not one of diffusion_models "
+                f"({[m.name for m in self.diffusion_models]})"
+            )
+        return self
+
+    @property
+    def image_model_default(self) -> str:
+        return self.default_image_model or self.diffusion_models[0].name
+
+    def find_diffusion(self, name: str) -> DiffusionModelConfig | None:
+        for m in self.diffusion_models:
+            if name == m.name or name in m.aliases:
+                return m
+        return None
+
+    def find_llm(self, name: str) -> LLMModelConfig | None:
+        for m in self.llm_models:
+            if name == m.name or name in m.aliases:
+                return m
+        return None
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: str) -> str:
+    """`${VAR}` and `${VAR:-default}` from the environment (the Serve config is static YAML)."""
+    return _VAR.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
+
+
+def _expand_tree(value: Any) -> Any:
+    if isinstance(value, str):
+        return expand_env(value)
+    if isinstance(value, dict):
+        return {k: _expand_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_tree(v) for v in value]
+    return value
+
+
+def _absolutize(model: str) -> str:
+    # A hub id ("org/name") stays as is; a local path becomes absolute so replicas, whose
+    # working directory is Ray's, find it.
+    if model.startswith((".", "/", "~")) or os.path.exists(model):
+        return str(Path(model).expanduser().resolve())
+    return model
+
+
+def load_app_config(args: dict[str, Any] | AppConfig) -> AppConfig:
+    """Validate the Serve config's `args` (env vars expanded, local paths made absolute)."""
+    if isinstance(args, AppConfig):
+        return args
+    cfg = AppConfig.model_validate(_expand_tree(dict(args or {})))
+    return cfg.model_copy(update={
+        "work_dir": cfg.work_dir.expanduser().resolve(),
+        "diffusion_models": [m.model_copy(update={"model": _absolutize(m.model)}) for m in cfg.diffusion_models],
+        "llm_models": [m.model_copy(update={"model": _absolutize(m.model)}) for m in cfg.llm_models],
+    })
+
+
+def load_serve_config_file(path: str | Path, app_index: int = 0) -> tuple[dict, AppConfig]:
+    """Read a Serve YAML: (the whole document, the typed args of one application)."""
+    import yaml
+
+    doc = yaml.safe_load(Path(path).read_text())
+    apps = doc.get("applications") or []
+    if not apps:
+        raise ValueError(f"{path}: no `applications` in the Serve config")
+    return doc, load_app_config(apps[app_index].get("args") or {})

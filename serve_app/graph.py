@@ -1,0 +1,40 @@
+"""The application graph: `serve_app.graph:build_app` is what Serve configs import.
+
+    HTTP ─> Ingress ─┬─> Diffusion-<model> (one deployment per image model, @serve.batch)
+                     └─> LLM-<model>       (one per chat model)
+
+`args` (the Serve config's `applications[].args`) are validated as `AppConfig` before anything
+is deployed, so a bad value fails `serve deploy` with a message naming it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from deployments.diffusion.deployment import Diffusion
+from serve_app.config import AppConfig, load_app_config
+
+
+def _diffusion_app(m, cfg: AppConfig) -> Application:
+    return Diffusion.options(name=m.deployment_name).bind(
+        name=m.name, family=m.family, model=m.model, dtype=m.dtype, device=m.device, variant=m.variant,
+        max_batch_size=m.batching.max_batch_size, batch_wait_timeout_s=m.batching.batch_wait_timeout_s)
+
+
+def _llm_apps(cfg: AppConfig) -> dict[str, Application]:
+    if not cfg.llm_models:
+        return {}
+    from deployments.llm.deployment import LLMDeployment
+
+    return {m.name: LLMDeployment.options(name=m.deployment_name).bind(m.model_dump(mode="json"))
+            for m in cfg.llm_models}
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    from serve_app.ingress import Ingress
+
+    cfg = load_app_config(args)
+    diffusion = {m.name: _diffusion_app(m, cfg) for m in cfg.diffusion_models}
+    return Ingress.bind(cfg.model_dump(mode="json"), diffusion, _llm_apps(cfg))

@@ -1,0 +1,95 @@
+"""Request and response models of `POST /v1/images/generations` (OpenAI's shape + extensions)."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_SIZE = re.compile(r"^\s*(\d{1,7})\s*[xX×]\s*(\d{1,7})\s*$")
+
+
+class ImageGenerationRequest(BaseModel):
+    # Unknown fields are errors: a typo ("step") must not silently do nothing.
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int = Field(1, ge=1, le=10)
+    size: str | None = Field(None, description="`WxH`, e.g. `1024x1024`; `auto` = model native.")
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    user: str | None = Field(None, max_length=256)
+    # OpenAI fields accepted for client compatibility; `quality` is used by adaptive quality.
+    quality: str | None = Field(None, max_length=32)
+    style: str | None = Field(None, max_length=32)
+    # genserve extensions
+    negative_prompt: str | None = None
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    steps: int | None = Field(None, ge=1, le=500)
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0, allow_inf_nan=False)
+    template: str | None = Field(None, max_length=128)
+    template_version: int | None = Field(None, ge=1)
+    variables: dict[str, str] = Field(default_factory=dict)
+    enhance: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must not be empty")
+        return v
+
+    def parsed_size(self) -> tuple[int, int] | None:
+        """(width, height), None for model default. Raises ValueError on a malformed size."""
+        if self.size is None or self.size.strip().lower() == "auto":
+            return None
+        m = _SIZE.match(self.size)
+        if not m:
+            raise ValueError(f"size must look like `WIDTHxHEIGHT` (e.g. 1024x1024), got {self.size!r}")
+        return int(m.group(1)), int(m.group(2))
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+    seed: int | None = None
+
+
+class GenerationInfo(BaseModel):
+    """What was actually used: model, size, steps, guidance (after prompt parameters)."""
+
+    model: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    negative_prompt: str
+    tile: bool
+    batch_sizes: list[int]
+
+
+class ImageGenerationResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    genserve: GenerationInfo | None = None
+
+
+class PromptRenderRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int = Field(1, ge=1, le=10)
+    size: str | None = None
+    negative_prompt: str | None = None
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    steps: int | None = Field(None, ge=1, le=500)
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0, allow_inf_nan=False)
+    template: str | None = Field(None, max_length=128)
+    template_version: int | None = Field(None, ge=1)
+    variables: dict[str, str] = Field(default_factory=dict)
+
+    def parsed_size(self) -> tuple[int, int] | None:
+        return ImageGenerationRequest.parsed_size(self)  # type: ignore[arg-type]

@@ -1,0 +1,67 @@
+"""Image generation: render the request, fan the images out to the model's diffusion replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+
+from deployments.diffusion.types import ImageResult
+from serve_app.errors import APIError, bad_request, unavailable
+from serve_app.images.protocol import (GenerationInfo, ImageData, ImageGenerationRequest,
+                                       ImageGenerationResponse)
+from serve_app.prompts.render import RenderedImageRequest, render_image_request
+from serve_app.state import Services
+
+
+def render(services: Services, req: ImageGenerationRequest) -> RenderedImageRequest:
+    try:
+        size = req.parsed_size()
+    except ValueError as e:
+        raise bad_request(str(e), param="size", code="invalid_size") from None
+    return render_image_request(
+        config=services.config, templates=services.templates, prompt=req.prompt, model=req.model, n=req.n,
+        size=size, negative_prompt=req.negative_prompt, seed=req.seed, steps=req.steps,
+        guidance_scale=req.guidance_scale, template=req.template, template_version=req.template_version,
+        variables=req.variables, enhance=req.enhance)
+
+
+async def run_tasks(services: Services, rendered: RenderedImageRequest) -> list[ImageResult]:
+    """All images of one request, in order; each one its own Serve request so batches mix users."""
+    handle = services.diffusion.get(rendered.model.name)
+    if handle is None:
+        raise unavailable(f"Model {rendered.model.name!r} has no running deployment.")
+    try:
+        return list(await asyncio.gather(*(handle.generate.remote(t) for t in rendered.tasks)))
+    except Exception as e:  # noqa: BLE001 - mapped to the client-facing error below
+        raise map_backend_error(e, rendered.model.name) from None
+
+
+def map_backend_error(exc: Exception, model: str) -> APIError:
+    """Serve's backpressure and replica failures become 503 + Retry-After, never a traceback."""
+    name = type(exc).__name__
+    if name in ("BackPressureError", "DeploymentUnavailableError"):
+        return unavailable(f"Model {model!r} is at capacity; retry later.", retry_after_s=2,
+                           code="at_capacity")
+    if isinstance(exc, ValueError):
+        return bad_request(str(exc))
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, ValueError):
+        return bad_request(str(cause))
+    return unavailable(f"Model {model!r} failed to generate ({name}); retry later.", retry_after_s=2,
+                       code="generation_failed")
+
+
+async def generate(services: Services, req: ImageGenerationRequest) -> ImageGenerationResponse:
+    if req.response_format == "url":
+        raise bad_request("response_format 'url' needs result storage, which is not configured; "
+                          "use 'b64_json'.", param="response_format", code="unsupported_response_format")
+    rendered = render(services, req)
+    results = await run_tasks(services, rendered)
+    first = rendered.tasks[0]
+    data = [ImageData(b64_json=base64.b64encode(r.png).decode("ascii"), revised_prompt=rendered.prompt,
+                      seed=r.seed) for r in results]
+    info = GenerationInfo(model=rendered.model.name, width=first.width, height=first.height, steps=first.steps,
+                          guidance_scale=first.guidance_scale, negative_prompt=rendered.negative_prompt,
+                          tile=first.tile, batch_sizes=[r.batch_size for r in results])
+    return ImageGenerationResponse(created=int(time.time()), data=data, genserve=info)

@@ -1,0 +1,34 @@
+"""What a request handler can reach: one `Services` object per ingress replica.
+
+The ingress builds it at start-up and stores it on `app.state.services`; routers get it through
+the `ServicesDep` dependency instead of importing globals, so tests can build their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, Request
+
+if TYPE_CHECKING:
+    from serve_app.config import AppConfig
+
+
+@dataclass
+class Services:
+    config: "AppConfig"
+    # Serve DeploymentHandles keyed by model name (the public `model` field).
+    diffusion: dict[str, Any] = field(default_factory=dict)
+    llm: dict[str, Any] = field(default_factory=dict)
+    # Named prompt templates (serve_app.prompts.render.TemplateSource).
+    templates: Any = None
+    # Feature services attach here as they land (tenancy, jobs, storage, templates...).
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]

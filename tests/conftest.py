@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny models built once, ONE local Ray cluster per test session, and the app
+deployed from the committed configs/local.yaml (its `deployments:` overrides included)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+WORK = Path(os.environ.get("GENSERVE_WORK", REPO / ".work")).resolve()
+os.environ["GENSERVE_WORK"] = str(WORK)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ARTIFACTS = REPO / "tests" / "artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir() -> Path:
+    """Tiny random-weight models, built from config once and reused (same dir as `make run`)."""
+    from deployments.diffusion.tiny import build_all_tiny
+
+    out = WORK / "models"
+    build_all_tiny(out)
+    try:
+        from deployments.llm.tiny import build_tiny_llm
+    except ImportError:
+        pass
+    else:
+        build_tiny_llm(out / "llm-tiny")
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tiny_models_dir: Path):
+    """One local cluster for the whole session (ray.init ~2 s, teardown ~7 s: never per test).
+
+    It advertises one fake GPU so fractional-GPU placement can be tested on CPU; the main app
+    asks for none."""
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"GENSERVE_WORK": str(WORK), "HF_HUB_OFFLINE": "1"}})
+    yield ray
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def local_config_doc(port: int) -> dict:
+    doc = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
+    doc["http_options"]["port"] = port
+    return doc
+
+
+@pytest.fixture(scope="session")
+def serve_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def genserve_url(ray_cluster, serve_port: int) -> str:
+    """Base URL of the whole app (configs/local.yaml) served by the shared cluster."""
+    from serve_app import launcher
+
+    doc = local_config_doc(serve_port)
+    launcher.deploy(doc)
+    launcher.wait_running(doc["applications"][0]["name"], timeout_s=300)
+    return f"http://127.0.0.1:{serve_port}"

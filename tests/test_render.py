@@ -1,0 +1,91 @@
+"""Prompt rendering: request + template + Midjourney flags → per-image tasks (no Ray needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serve_app.config import load_app_config
+from serve_app.errors import APIError
+from serve_app.prompts.render import ConfigTemplates, render_image_request
+from serve_app.prompts.templates import MissingVariableError, fill, placeholders
+
+CFG = load_app_config(yaml.safe_load(
+    (Path(__file__).resolve().parent.parent / "configs" / "local.yaml").read_text())["applications"][0]["args"])
+
+
+def render(prompt: str, **kw):
+    return render_image_request(config=CFG, templates=ConfigTemplates(CFG), prompt=prompt, **kw)
+
+
+def test_flags_become_typed_parameters() -> None:
+    r = render("a red fox in snow --ar 16:9 --no blur, text --seed 42 --q 2 --tile", n=3)
+    assert r.model.name == "sdxl-tiny" and r.prompt == "a red fox in snow"
+    t0 = r.tasks[0]
+    assert (t0.width, t0.height) == (88, 48)  # 64² native pixels at 16:9, multiples of 8
+    assert t0.steps == 4 and t0.tile and t0.negative_prompt == "blur, text"
+    assert [t.seed for t in r.tasks] == [42, 43, 44]
+
+
+def test_model_alias_from_version_flag() -> None:
+    assert render("castle --v 6").model.name == "sdxl-tiny"
+    assert render("castle --model fast").model.name == "wuerstchen-tiny"
+
+
+def test_json_fields_are_the_base_and_flags_apply_on_top() -> None:
+    r = render("x --s 100", guidance_scale=3.0, steps=3, size=(32, 48), seed=7, negative_prompt="ugly")
+    t = r.tasks[0]
+    assert (t.width, t.height, t.steps, t.seed) == (32, 48, 3, 7)
+    assert t.guidance_scale == pytest.approx(3.0)  # --s 100 is Midjourney's default: base unchanged
+    assert render("x --no blur", negative_prompt="ugly").negative_prompt == "ugly, blur"
+
+
+def test_weights_become_weighted_prompts() -> None:
+    r = render("a cat::2 a dog::-0.5")
+    assert [(w.text, w.weight) for w in r.tasks[0].weighted_prompts] == [("a cat", 2.0), ("a dog", -0.5)]
+
+
+def test_template_defaults_and_override() -> None:
+    r = render("ignored", template="portrait", variables={"subject": "an old fisherman"})
+    assert r.prompt.startswith("Professional portrait of an old fisherman")
+    assert r.parsed.params.aspect_ratio == (3, 4) and r.parsed.params.stylize == 250
+    # The user's prompt is available to the template as {prompt}; missing variables name themselves.
+    with pytest.raises(APIError) as e:
+        render("x", template="portrait")
+    assert e.value.status == 422 and e.value.param == "variables.subject"
+    with pytest.raises(APIError) as e:
+        render("x", template="nope")
+    assert e.value.status == 404
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "param"),
+    [
+        ({"prompt": "x --ar 0:1"}, 422, "--ar"),
+        ({"prompt": "x --s 5000"}, 422, "--s"),
+        ({"prompt": "x --bogus 1"}, 422, "--bogus"),
+        ({"prompt": "x", "size": (7, 7)}, 400, "size"),
+        ({"prompt": "x", "size": (100000, 100000)}, 400, "size"),
+        ({"prompt": "x", "steps": 50}, 400, "steps"),
+        ({"prompt": "x --q 2", "steps": 5}, 400, "--q"),
+        ({"prompt": "x", "model": "nope"}, 404, "model"),
+        ({"prompt": "x --model nope"}, 404, "--model"),
+        ({"prompt": "--ar 1:1"}, 400, "prompt"),
+        ({"prompt": "y" * 5000}, 400, "prompt"),
+        ({"prompt": "a::1 b::1", "model": "wuerstchen-tiny"}, 422, "prompt"),
+    ],
+)
+def test_bad_input_names_the_parameter(kwargs: dict, status: int, param: str) -> None:
+    with pytest.raises(APIError) as e:
+        render(**kwargs)
+    assert (e.value.status, e.value.param) == (status, param), e.value.message
+
+
+def test_placeholders_are_plain_substitution() -> None:
+    assert fill("{a} and {b}", {"a": "{b}", "b": "x"}) == "{b} and x"  # values are not re-scanned
+    assert fill("{__class__} {0.__init__} {{a}} {a.b}", {"__class__": "C", "a": "1"}) == "C {0.__init__} {1} {a.b}"
+    assert placeholders("{x} {y} {x} {0} {x.y}") == ["x", "y"]
+    with pytest.raises(MissingVariableError):
+        fill("{missing}", {})
