@@ -153,9 +153,6 @@ def render_image_request(
                           param=param, code="too_many_steps")
 
     weighted = tuple(WeightedPrompt(s.text, s.weight) for s in parsed.segments) if len(parsed.segments) > 1 else ()
-    if weighted and mdl.family != "sdxl":
-        raise unprocessable(f"Multi-prompt weights (`::`) are not supported by model {mdl.name!r}.",
-                            param="prompt", code="weights_unsupported")
     tasks = tuple(ImageTask(prompt=parsed.text, negative_prompt=im.negative_prompt, seed=im.seed, width=im.width,
                             height=im.height, steps=im.steps, guidance_scale=round(im.guidance_scale, 4),
                             tile=im.tile, weighted_prompts=weighted) for im in images)
