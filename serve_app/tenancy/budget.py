@@ -1,0 +1,77 @@
+"""Monthly budgets: hold an upper-bound cost before the work, settle the actual cost after.
+
+The hold is one conditional upsert, `reserved += :amt WHERE spent + reserved + :amt <= :budget`,
+so 50 concurrent requests at the edge of a budget cannot together pass it. Settling deletes the
+hold row first; only the statement that deleted it (rowcount 1) releases the held amount, which
+makes a double settle (or a settle racing the stale-hold sweeper) harmless.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+from sqlalchemy import Connection, delete, select, update
+
+from serve_app.tenancy.db import insert_for
+from serve_app.tenancy.models import BudgetHold, BudgetPeriod
+
+
+class OverBudget(Exception):
+    def __init__(self, budget_micros: int, spent_micros: int, reserved_micros: int) -> None:
+        super().__init__("over budget")
+        self.budget_micros, self.spent_micros, self.reserved_micros = budget_micros, spent_micros, reserved_micros
+
+
+def period_of(now: float) -> str:
+    return datetime.fromtimestamp(now, tz=timezone.utc).strftime("%Y-%m")
+
+
+def reserve(conn: Connection, tenant_id: int, amount_micros: int, budget_micros: int, *,
+            now: float, ttl_s: int) -> str:
+    """Hold `amount_micros` (at least 1, so a spent-out tenant is refused) or raise OverBudget."""
+    period = period_of(now)
+    amount = max(1, amount_micros)
+    if amount <= budget_micros:
+        ins = insert_for(conn)(BudgetPeriod).values(tenant_id=tenant_id, period=period, spent_micros=0,
+                                                     reserved_micros=amount)
+        stmt = ins.on_conflict_do_update(
+            index_elements=[BudgetPeriod.tenant_id, BudgetPeriod.period],
+            set_={"reserved_micros": BudgetPeriod.reserved_micros + amount},
+            where=BudgetPeriod.spent_micros + BudgetPeriod.reserved_micros + amount <= budget_micros,
+        ).returning(BudgetPeriod.reserved_micros)
+        if conn.execute(stmt).scalar() is not None:
+            hold_id = uuid.uuid4().hex
+            conn.execute(insert_for(conn)(BudgetHold).values(
+                id=hold_id, tenant_id=tenant_id, period=period, amount_micros=amount, expires_at=now + ttl_s))
+            return hold_id
+    row = conn.execute(select(BudgetPeriod.spent_micros, BudgetPeriod.reserved_micros).where(
+        BudgetPeriod.tenant_id == tenant_id, BudgetPeriod.period == period)).first()
+    raise OverBudget(budget_micros, *(row or (0, 0)))
+
+
+def settle(conn: Connection, tenant_id: int, hold_id: str | None, cost_micros: int, *, now: float) -> None:
+    """Release the hold (if still there) and add the actual cost to the month it was held in."""
+    period, held = period_of(now), 0
+    if hold_id is not None:
+        row = conn.execute(delete(BudgetHold).where(BudgetHold.id == hold_id)
+                           .returning(BudgetHold.period, BudgetHold.amount_micros)).first()
+        if row is not None:
+            period, held = row[0], int(row[1])
+    ins = insert_for(conn)(BudgetPeriod).values(tenant_id=tenant_id, period=period, spent_micros=cost_micros,
+                                                 reserved_micros=0)
+    conn.execute(ins.on_conflict_do_update(
+        index_elements=[BudgetPeriod.tenant_id, BudgetPeriod.period],
+        set_={"spent_micros": BudgetPeriod.spent_micros + cost_micros,
+              "reserved_micros": BudgetPeriod.reserved_micros - held},
+    ))
+
+
+def sweep(conn: Connection, *, now: float) -> int:
+    """Release holds whose request never settled (its replica died)."""
+    rows = conn.execute(delete(BudgetHold).where(BudgetHold.expires_at < now)
+                        .returning(BudgetHold.tenant_id, BudgetHold.period, BudgetHold.amount_micros)).all()
+    for tenant_id, period, amount in rows:
+        conn.execute(update(BudgetPeriod).where(BudgetPeriod.tenant_id == tenant_id, BudgetPeriod.period == period)
+                     .values(reserved_micros=BudgetPeriod.reserved_micros - amount))
+    return len(rows)

@@ -1,0 +1,351 @@
+"""The tenancy facade the ingress talks to: authenticate a key, admit a request, settle its usage.
+
+Per request:  ctx = await tenancy.authenticate(key)          (or the `CurrentTenant` dependency)
+              adm = await tenancy.admit(ctx, route=..., model=..., images=n, est_tokens=t)
+              ... do the work, adm.add(completion_tokens=k) as chunks are sent ...
+              await adm.settle()                               (in `finally`; runs once)
+All database/Redis work is synchronous and runs in worker threads (anyio.to_thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import anyio
+from sqlalchemy import insert, select
+
+from serve_app.errors import APIError
+from serve_app.tenancy import budget as budgetlib
+from serve_app.tenancy import keys as keylib
+from serve_app.tenancy import limits_sql, store
+from serve_app.tenancy.config import PlanConfig, TenancyConfig
+from serve_app.tenancy.db import insert_for, make_engine, read_tx, upgrade, write_tx
+from serve_app.tenancy.limits import Grant, Need, Rejected, ratelimit_headers, window_start
+from serve_app.tenancy.limits_redis import RedisLimiter
+from serve_app.tenancy.models import ApiKey, Tenant, UsageDaily, UsageEvent
+from serve_app.tenancy.pricing import cost_micros, estimate_micros, usd
+from serve_app.tenancy.protocol import (
+    BudgetStatus, CreatedKey, KeyInfo, TenantInfo, UsageReport, UsageSummary, UsageTotals,
+)
+
+logger = logging.getLogger("genserve.tenancy")
+
+INVALID_KEY = "Incorrect API key provided."
+
+
+@dataclass(frozen=True)
+class TenantContext:
+    """Who is calling. Never holds the key itself."""
+
+    tenant_id: int
+    tenant: str
+    plan: PlanConfig
+    key_prefix: str
+
+
+def _unauthorized(message: str, code: str = "invalid_api_key") -> APIError:
+    return APIError(401, message, code=code, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _rate_error(r: Rejected) -> APIError:
+    retry = max(1, int(r.retry_after_s + 0.999))
+    if r.kind == "concurrency":
+        msg = f"Too many concurrent requests: your plan allows {r.limit} at a time."
+    elif r.too_large:
+        msg = f"Request too large: it needs more {r.kind} than your plan allows per window ({r.limit})."
+    else:
+        msg = f"Rate limit reached for {r.kind}: limit {r.limit}, used {r.used}. Try again in {retry}s."
+    headers = {"Retry-After": str(retry)}
+    if r.kind != "concurrency":
+        headers |= {f"x-ratelimit-limit-{r.kind}": str(r.limit),
+                    f"x-ratelimit-remaining-{r.kind}": str(max(0, r.limit - r.used)),
+                    f"x-ratelimit-reset-{r.kind}": f"{retry}s"}
+    return APIError(429, msg, type="requests", code="rate_limit_exceeded", headers=headers)
+
+
+def _quota_error(e: budgetlib.OverBudget) -> APIError:
+    return APIError(429, f"You exceeded your monthly budget of ${usd(e.budget_micros):.2f} "
+                    f"(spent ${usd(e.spent_micros):.4f}, held for running requests ${usd(e.reserved_micros):.4f}).",
+                    type="insufficient_quota", code="insufficient_quota")
+
+
+class Admission:
+    """One admitted request. Count what was actually delivered with `add`, then `settle` once."""
+
+    def __init__(self, tenancy: Tenancy, ctx: TenantContext, route: str, model: str, grant: Grant,
+                 hold_id: str | None, started: float) -> None:
+        self._tenancy, self.ctx, self.route, self.model = tenancy, ctx, route, model
+        self.grant, self.hold_id, self.started = grant, hold_id, started
+        self.prompt_tokens = self.completion_tokens = self.images = 0
+        self.gpu_seconds = 0.0
+        self.status = "ok"
+        self._settled = False
+        self._lock = threading.Lock()
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    def headers(self) -> dict[str, str]:
+        """x-ratelimit-* headers for the response."""
+        return ratelimit_headers(self.grant)
+
+    def add(self, *, prompt_tokens: int = 0, completion_tokens: int = 0, images: int = 0,
+            gpu_seconds: float = 0.0) -> None:
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        self.images += images
+        self.gpu_seconds += gpu_seconds
+
+    def set_usage(self, usage: dict[str, Any]) -> None:
+        """Take an OpenAI `usage` object as the authoritative totals (non-streamed responses)."""
+        self.prompt_tokens = int(usage.get("prompt_tokens", self.prompt_tokens) or 0)
+        self.completion_tokens = int(usage.get("completion_tokens", self.completion_tokens) or 0)
+
+    def settle_sync(self, status: str | None = None) -> bool:
+        with self._lock:
+            if self._settled:
+                return False
+            self._settled = True
+        if status is not None:
+            self.status = status
+        self._tenancy._settle(self)
+        return True
+
+    async def settle(self, status: str | None = None) -> bool:
+        """Record usage and free the slot, once (later calls return False). Shielded, so it also
+        completes inside a cancelled scope, e.g. a streaming response whose client disconnected."""
+        done = False
+        with anyio.CancelScope(shield=True):
+            done = await anyio.to_thread.run_sync(self.settle_sync, status)
+        return done
+
+    async def __aenter__(self) -> Admission:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        status = None
+        if et is not None:
+            status = "disconnected" if issubclass(et, anyio.get_cancelled_exc_class()) else "error"
+        await self.settle(status)
+
+
+class Tenancy:
+    def __init__(self, config: TenancyConfig, *, work_dir: Path | str = ".work", migrate: bool = True) -> None:
+        self.config = config
+        self.work_dir = Path(work_dir)
+        self.engine = make_engine(config.resolved_database_url(self.work_dir), pool_size=config.pool_size)
+        if migrate:
+            upgrade(self.engine)
+        self.redis = (RedisLimiter(config.redis_url, window_s=config.rate_window_s, lease_ttl_s=config.lease_ttl_s)
+                      if config.redis_url else None)
+        self._pepper = config.key_pepper.get_secret_value()
+        self._auth_cache: dict[str, tuple[float, TenantContext, float | None]] = {}
+        self._last_sweep = 0.0
+
+    def close(self) -> None:
+        if self.redis is not None:
+            self.redis.close()
+        self.engine.dispose()
+
+    # ---- auth -------------------------------------------------------------------------------
+    def authenticate_sync(self, key: str | None) -> TenantContext:
+        if not key:
+            raise _unauthorized("Missing API key. Send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'.",
+                                code="missing_api_key")
+        if not keylib.looks_like_key(key):
+            raise _unauthorized(INVALID_KEY)
+        digest = keylib.hash_key(key, self._pepper)
+        now = time.time()
+        cached = self._auth_cache.get(digest)
+        if cached is not None and cached[0] > time.monotonic() and (cached[2] is None or cached[2] > now):
+            return cached[1]
+        with read_tx(self.engine) as conn:
+            row = conn.execute(
+                select(ApiKey.key_hash, ApiKey.revoked_at, ApiKey.expires_at, ApiKey.prefix, Tenant.id,
+                       Tenant.name, Tenant.plan)
+                .join(Tenant, Tenant.id == ApiKey.tenant_id).where(ApiKey.prefix == keylib.key_prefix(key))).first()
+        stored = row.key_hash if row is not None else keylib.DUMMY_HASH
+        if not keylib.verify(key, stored, self._pepper) or row is None or row.revoked_at is not None:
+            raise _unauthorized(INVALID_KEY)  # same answer for unknown and revoked: nothing leaks
+        expires = store._aware(row.expires_at)
+        if expires is not None and expires <= datetime.now(timezone.utc):
+            raise _unauthorized("API key expired.", code="api_key_expired")
+        plan = self.config.plan(row.plan)
+        if plan is None:
+            logger.error("tenant %s is on plan %r, which is not configured", row.name, row.plan)
+            raise APIError(403, f"Your plan {row.plan!r} is not available.", type="invalid_request_error",
+                           code="plan_unavailable")
+        ctx = TenantContext(tenant_id=row.id, tenant=row.name, plan=plan, key_prefix=row.prefix)
+        if self.config.auth_cache_s > 0:
+            self._auth_cache[digest] = (time.monotonic() + self.config.auth_cache_s, ctx,
+                                        expires.timestamp() if expires else None)
+        return ctx
+
+    async def authenticate(self, key: str | None) -> TenantContext:
+        return await anyio.to_thread.run_sync(self.authenticate_sync, key)
+
+    # ---- admission --------------------------------------------------------------------------
+    def admit_sync(self, ctx: TenantContext, *, route: str, model: str, images: int = 0, est_tokens: int = 0,
+                   est_gpu_seconds: float = 0.0) -> Admission:
+        plan, now = ctx.plan, time.time()
+        self._maybe_sweep(now)
+        needs = []
+        if plan.requests_per_minute is not None:
+            needs.append(Need("requests", 1, plan.requests_per_minute))
+        if est_tokens > 0 and plan.tokens_per_minute is not None:
+            needs.append(Need("tokens", est_tokens, plan.tokens_per_minute))
+        if images > 0 and plan.images_per_minute is not None:
+            needs.append(Need("images", images, plan.images_per_minute))
+        budget = plan.monthly_budget_usd
+        est = estimate_micros(self.config.prices, tokens=est_tokens, images=images, gpu_seconds=est_gpu_seconds)
+        cfg = self.config
+        hold: str | None = None
+        try:
+            if self.redis is not None:
+                grant = self.redis.acquire(ctx.tenant_id, needs, plan.max_concurrent_requests)
+                try:
+                    if budget is not None:
+                        with write_tx(self.engine) as conn:
+                            hold = budgetlib.reserve(conn, ctx.tenant_id, est, int(round(budget * 1e6)),
+                                                     now=now, ttl_s=cfg.lease_ttl_s)
+                except BaseException:
+                    self.redis.refund(ctx.tenant_id, grant)
+                    raise
+            elif needs or plan.max_concurrent_requests is not None or budget is not None:
+                with write_tx(self.engine) as conn:
+                    grant = limits_sql.acquire(conn, ctx.tenant_id, needs, plan.max_concurrent_requests,
+                                               now=now, window_s=cfg.rate_window_s, lease_ttl_s=cfg.lease_ttl_s)
+                    if budget is not None:
+                        hold = budgetlib.reserve(conn, ctx.tenant_id, est, int(round(budget * 1e6)),
+                                                 now=now, ttl_s=cfg.lease_ttl_s)
+            else:
+                grant = Grant(window_start=window_start(now, cfg.rate_window_s), window_s=cfg.rate_window_s)
+        except Rejected as r:
+            raise _rate_error(r) from None
+        except budgetlib.OverBudget as e:
+            raise _quota_error(e) from None
+        return Admission(self, ctx, route, model, grant, hold, now)
+
+    async def admit(self, ctx: TenantContext, *, route: str, model: str, images: int = 0, est_tokens: int = 0,
+                    est_gpu_seconds: float = 0.0) -> Admission:
+        """Take rate units, a concurrency slot and a budget hold, all or nothing; 429 if any is
+        refused. `est_tokens` should be an upper bound (prompt + max_tokens): it is held from the
+        token window and the budget and corrected to the actual count at settle."""
+        return await anyio.to_thread.run_sync(
+            lambda: self.admit_sync(ctx, route=route, model=model, images=images, est_tokens=est_tokens,
+                                    est_gpu_seconds=est_gpu_seconds))
+
+    def _settle(self, adm: Admission) -> None:
+        ctx, g = adm.ctx, adm.grant
+        tokens = adm.prompt_tokens + adm.completion_tokens
+        adjust: dict[str, int] = {}
+        if ctx.plan.tokens_per_minute is not None:
+            adjust["tokens"] = tokens - g.taken.get("tokens", 0)
+        if "images" in g.taken:
+            adjust["images"] = adm.images - g.taken["images"]
+        cost = cost_micros(self.config.prices, prompt_tokens=adm.prompt_tokens,
+                           completion_tokens=adm.completion_tokens, images=adm.images, gpu_seconds=adm.gpu_seconds)
+        now = time.time()
+        day = datetime.fromtimestamp(adm.started, tz=timezone.utc).date()
+        for attempt in range(3):
+            try:
+                with write_tx(self.engine) as conn:
+                    if self.redis is None:
+                        limits_sql.release(conn, ctx.tenant_id, g, adjust)
+                    self._record(conn, adm, day, cost)
+                    budgetlib.settle(conn, ctx.tenant_id, adm.hold_id, cost, now=now)
+                break
+            except Exception:
+                if attempt == 2:
+                    logger.exception("usage of tenant %s (%s %s) could not be recorded", ctx.tenant, adm.route,
+                                     adm.model)
+                    break
+                time.sleep(0.2 * (attempt + 1))
+        if self.redis is not None:
+            try:
+                self.redis.release(ctx.tenant_id, g, adjust)
+            except Exception:  # the lease expires on its own after lease_ttl_s
+                logger.exception("could not release the Redis slot of tenant %s", ctx.tenant)
+
+    def _record(self, conn: Any, adm: Admission, day: date, cost: int) -> None:
+        values = dict(prompt_tokens=adm.prompt_tokens, completion_tokens=adm.completion_tokens, images=adm.images,
+                      gpu_seconds=adm.gpu_seconds, cost_micros=cost)
+        conn.execute(insert(UsageEvent).values(
+            tenant_id=adm.ctx.tenant_id, day=day, created_at=datetime.now(timezone.utc), route=adm.route,
+            model=adm.model, status=adm.status, **values))
+        ins = insert_for(conn)(UsageDaily).values(tenant_id=adm.ctx.tenant_id, day=day, requests=1, **values)
+        conn.execute(ins.on_conflict_do_update(
+            index_elements=[UsageDaily.tenant_id, UsageDaily.day],
+            set_={"requests": UsageDaily.requests + 1,
+                  **{k: getattr(UsageDaily, k) + getattr(ins.excluded, k) for k in values}}))
+
+    def _maybe_sweep(self, now: float) -> None:
+        if now - self._last_sweep < 30:
+            return
+        self._last_sweep = now
+        try:
+            self.sweep(now)
+        except Exception:
+            logger.exception("tenancy sweep failed")
+
+    def sweep(self, now: float | None = None) -> None:
+        """Free slots and budget holds of requests whose replica died; drop old rate windows."""
+        now = time.time() if now is None else now
+        with write_tx(self.engine) as conn:
+            limits_sql.sweep(conn, now=now, window_s=self.config.rate_window_s)
+            budgetlib.sweep(conn, now=now)
+
+    # ---- usage ------------------------------------------------------------------------------
+    def usage(self, tenant: str, since: date | None = None, until: date | None = None) -> UsageReport:
+        today = datetime.now(timezone.utc).date()
+        return store.usage_report(self.engine, tenant, since or store.month_start(today), until or today)
+
+    def usage_summary(self, ctx: TenantContext) -> UsageSummary:
+        today = datetime.now(timezone.utc).date()
+        report = self.usage(ctx.tenant, store.month_start(today), today)
+        day = next((d for d in report.days if d.day == today), None)
+        period = budgetlib.period_of(time.time())
+        spent, reserved = store.budget_row(self.engine, ctx.tenant_id, period)
+        budget = ctx.plan.monthly_budget_usd
+        return UsageSummary(
+            tenant=ctx.tenant, plan=ctx.plan.name, month=report.totals,
+            today=UsageTotals(**day.model_dump(exclude={"day"})) if day else UsageTotals(),
+            budget=BudgetStatus(period=period, monthly_budget_usd=budget, spent_usd=usd(spent),
+                                reserved_usd=usd(reserved),
+                                remaining_usd=None if budget is None else max(0.0, budget - usd(spent + reserved))))
+
+    # ---- tenants and keys -------------------------------------------------------------------
+    def create_tenant(self, name: str, plan: str | None = None) -> TenantInfo:
+        return store.create_tenant(self.engine, self.config, name, plan or self.config.default_plan)
+
+    def get_tenant(self, name: str) -> TenantInfo:
+        return store.get_tenant(self.engine, name)
+
+    def list_tenants(self) -> list[TenantInfo]:
+        return store.list_tenants(self.engine)
+
+    def set_plan(self, name: str, plan: str) -> TenantInfo:
+        out = store.set_plan(self.engine, self.config, name, plan)
+        self._auth_cache.clear()
+        return out
+
+    def create_key(self, tenant: str, *, label: str | None = None,
+                   expires_at: datetime | None = None) -> CreatedKey:
+        return store.create_key(self.engine, self._pepper, tenant, label=label, expires_at=expires_at)
+
+    def list_keys(self, tenant: str) -> list[KeyInfo]:
+        return store.list_keys(self.engine, tenant)
+
+    def revoke_key(self, prefix: str, *, tenant: str | None = None) -> KeyInfo:
+        out = store.revoke_key(self.engine, prefix, tenant=tenant)
+        self._auth_cache.clear()
+        return out
