@@ -9,6 +9,7 @@ from serve_app.errors import install_error_handlers
 from serve_app.images import router as images
 from serve_app.middleware import RequestGuard
 from serve_app.state import Services
+from serve_app.tenancy import admin_router, usage_router
 
 
 def create_app(services: Services) -> FastAPI:
@@ -16,6 +17,6 @@ def create_app(services: Services) -> FastAPI:
     app.state.services = services
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_body_bytes=services.config.limits.max_body_bytes)
-    for r in (health.router, models.router, images.router):
+    for r in (health.router, models.router, images.router, admin_router, usage_router):
         app.include_router(r)
     return app

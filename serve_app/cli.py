@@ -18,6 +18,14 @@ def main() -> None:
     """genserve: image generation and LLM chat on a Ray Serve graph."""
 
 
+def _mount_feature_commands() -> None:
+    """Each feature owns its commands; the CLI only gathers them."""
+    from serve_app.tenancy.cli import keys, tenants, usage
+
+    for cmd in (tenants, keys, usage):
+        main.add_command(cmd)
+
+
 @main.group()
 def models() -> None:
     """Model utilities."""
@@ -59,13 +67,26 @@ def config_check(path: Path) -> None:
         click.echo(f"{path}: ok ({len(c.diffusion_models)} image model(s), {len(c.llm_models)} chat model(s))")
 
 
-def _curl_hint(base: str, model: str, key: str | None) -> str:
-    auth = f" \\\n  -H 'Authorization: Bearer {key}'" if key else ""
+def _curl_hint(base: str, model: str, key_file: Path) -> str:
+    auth = f" \\\n  -H \"Authorization: Bearer $(cat {key_file})\""
     body = json.dumps({"prompt": "a lighthouse at dawn, watercolor --ar 3:2", "model": model, "n": 1})
     return (f"curl -s {base}/v1/images/generations -H 'Content-Type: application/json'{auth} \\\n"
             f"  -d '{body}' \\\n  | python3 -c 'import sys,json,base64; "
             f"open(\"out.png\",\"wb\").write(base64.b64decode(json.load(sys.stdin)[\"data\"][0][\"b64_json\"]))'"
             f" && echo wrote out.png")
+
+
+def _bootstrap_local_tenant(cfg) -> str | None:
+    """Create the quick start's `local` tenant before the ingress starts, to print its key once."""
+    if not cfg.tenancy.local_tenant.enabled:
+        return None
+    from serve_app.tenancy import Tenancy, ensure_local_tenant
+
+    tenancy = Tenancy(cfg.tenancy, work_dir=cfg.work_dir)
+    try:
+        return ensure_local_tenant(tenancy)
+    finally:
+        tenancy.close()
 
 
 @main.command()
@@ -93,6 +114,7 @@ def run(config_path: Path, host: str | None, port: int | None, address: str | No
         raise click.ClickException(f"{config_path}: {e}") from None
     Path(os.environ["GENSERVE_WORK"]).mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
+    new_key = _bootstrap_local_tenant(cfgs[0]) if cfgs else None
     if address:
         ray.init(address=address)
     else:
@@ -105,9 +127,13 @@ def run(config_path: Path, host: str | None, port: int | None, address: str | No
     launcher.wait_running(app_name, timeout_s=600)
     http = schema.http_options
     base = f"http://{http.host}:{http.port}"
-    model = cfgs[0].image_model_default if cfgs else "sdxl-tiny"
+    cfg = cfgs[0]
+    key_file = cfg.tenancy.resolved_key_file(cfg.work_dir)
+    if new_key:
+        click.echo(f"\nCreated tenant {cfg.tenancy.local_tenant.name!r}; its API key (shown once, kept in {key_file}):"
+                   f"\n  {new_key}")
     click.echo(f"\ngenserve is up on {base} ({time.monotonic() - t0:.1f}s). Try:\n")
-    click.echo(_curl_hint(base, model, None))
+    click.echo(_curl_hint(base, cfg.image_model_default, key_file))
     click.echo("\nCtrl-C stops it.")
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
@@ -120,6 +146,42 @@ def run(config_path: Path, host: str | None, port: int | None, address: str | No
     serve.shutdown()
     ray.shutdown()
 
+
+@main.group()
+def kuberay() -> None:
+    """KubeRay manifests (kuberay/)."""
+
+
+@kuberay.command("render")
+@click.option("--config", "config_path", type=click.Path(exists=True, path_type=Path),
+              default=Path("configs/serve.yaml"), show_default=True, help="Serve config copied into serveConfigV2.")
+@click.option("--template", "template_path", type=click.Path(exists=True, path_type=Path),
+              default=Path("kuberay/rayservice.template.yaml"), show_default=True)
+@click.option("--out", "out_path", type=click.Path(path_type=Path), default=Path("kuberay/rayservice.yaml"),
+              show_default=True)
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 if OUT differs from a fresh render.")
+def kuberay_render(config_path: Path, template_path: Path, out_path: Path, check: bool) -> None:
+    """Render the RayService with CONFIG as its serveConfigV2 (one source of truth)."""
+    from serve_app.kuberay import render_files
+
+    try:
+        text = render_files(template_path, config_path)
+    except Exception as e:  # noqa: BLE001 - shown to the user as a render failure
+        raise click.ClickException(f"{template_path} + {config_path}: {e}") from None
+    if check:
+        current = out_path.read_text() if out_path.exists() else None
+        if current != text:
+            click.echo(f"{out_path} is stale: run `genserve kuberay render --config {config_path} "
+                       f"--out {out_path}`", err=True)
+            sys.exit(1)
+        click.echo(f"{out_path}: up to date")
+        return
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(text)
+    click.echo(f"wrote {out_path} (serveConfigV2 from {config_path})")
+
+
+_mount_feature_commands()
 
 if __name__ == "__main__":
     sys.exit(main())

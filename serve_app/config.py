@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serve_app.tenancy.config import TenancyConfig
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -103,6 +105,7 @@ class AppConfig(_Strict):
     default_image_model: str | None = None
     templates: list[PromptTemplateConfig] = Field(default_factory=list)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    tenancy: TenancyConfig = Field(default_factory=TenancyConfig)
     work_dir: Path = Field(Path(".work"), description="Databases, results and caches (relative to cwd).")
 
     @model_validator(mode="after")
@@ -120,6 +123,12 @@ class AppConfig(_Strict):
                 f"default_image_model ({self.default_image_model!r}) is not one of diffusion_models "
                 f"({[m.name for m in self.diffusion_models]})"
             )
+        known = set(seen)
+        for plan in self.tenancy.plans:
+            if plan.allowed_models != "*":
+                unknown = sorted(set(plan.allowed_models) - known)
+                if unknown:
+                    raise ValueError(f"plan {plan.name!r} allows unknown model(s) {unknown} (known: {sorted(known)})")
         return self
 
     @property

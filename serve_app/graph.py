@@ -37,4 +37,5 @@ def build_app(args: dict[str, Any]) -> Application:
 
     cfg = load_app_config(args)
     diffusion = {m.name: _diffusion_app(m, cfg) for m in cfg.diffusion_models}
-    return Ingress.bind(cfg.model_dump(mode="json"), diffusion, _llm_apps(cfg))
+    # The typed config itself (picklable) goes to the ingress: a JSON dump would mask its secrets.
+    return Ingress.bind(cfg, diffusion, _llm_apps(cfg))

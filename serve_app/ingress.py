@@ -8,11 +8,21 @@ from typing import Any
 from ray import serve
 
 from serve_app.app import create_app
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, load_app_config
 from serve_app.prompts.render import ConfigTemplates
 from serve_app.state import Services
+from serve_app.tenancy import TENANCY_KEY, Tenancy, ensure_local_tenant
 
 logger = logging.getLogger("genserve.ingress")
+
+
+def build_services(cfg: AppConfig, diffusion: dict[str, Any], llm: dict[str, Any]) -> Services:
+    """Per-replica state: DB engines can't be pickled, so they are made here, not in the builder."""
+    tenancy = Tenancy(cfg.tenancy, work_dir=cfg.work_dir)  # runs `alembic upgrade head` under a lock
+    if cfg.tenancy.local_tenant.enabled:
+        ensure_local_tenant(tenancy)
+    return Services(config=cfg, diffusion=dict(diffusion), llm=dict(llm), templates=ConfigTemplates(cfg),
+                    extras={TENANCY_KEY: tenancy})
 
 
 @serve.deployment(
@@ -24,10 +34,8 @@ logger = logging.getLogger("genserve.ingress")
 )
 @serve.ingress()
 class Ingress:
-    def __init__(self, config: dict, diffusion: dict[str, Any], llm: dict[str, Any] | None = None) -> None:
-        cfg = AppConfig.model_validate(config)
-        self.services = Services(config=cfg, diffusion=dict(diffusion), llm=dict(llm or {}),
-                                 templates=ConfigTemplates(cfg))
+    def __init__(self, config: AppConfig | dict, diffusion: dict[str, Any], llm: dict[str, Any] | None = None) -> None:
+        self.services = build_services(load_app_config(config), diffusion, llm or {})
 
     def __serve_build_asgi_app__(self):
         return create_app(self.services)

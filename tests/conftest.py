@@ -57,10 +57,22 @@ def ray_cluster(tiny_models_dir: Path):
         ray.shutdown()
 
 
-def local_config_doc(port: int) -> dict:
+ADMIN_TOKEN = "test-admin-token"
+
+
+def local_config_doc(port: int, work_dir: Path) -> dict:
+    """configs/local.yaml with a free port and this session's own database/results dir."""
     doc = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
     doc["http_options"]["port"] = port
+    args = doc["applications"][0]["args"]
+    args["work_dir"] = str(work_dir)
+    args.setdefault("tenancy", {})["admin_token"] = ADMIN_TOKEN
     return doc
+
+
+@pytest.fixture(scope="session")
+def app_work_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("app-work")
 
 
 @pytest.fixture(scope="session")
@@ -69,11 +81,22 @@ def serve_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def genserve_url(ray_cluster, serve_port: int) -> str:
+def genserve_url(ray_cluster, serve_port: int, app_work_dir: Path) -> str:
     """Base URL of the whole app (configs/local.yaml) served by the shared cluster."""
     from serve_app import launcher
 
-    doc = local_config_doc(serve_port)
+    doc = local_config_doc(serve_port, app_work_dir)
     launcher.deploy(doc)
     launcher.wait_running(doc["applications"][0]["name"], timeout_s=300)
     return f"http://127.0.0.1:{serve_port}"
+
+
+@pytest.fixture(scope="session")
+def api_key(genserve_url: str, app_work_dir: Path) -> str:
+    """The `local` tenant's key (top plan), written by the ingress at start-up."""
+    return (app_work_dir / "local_api_key").read_text().strip()
+
+
+@pytest.fixture(scope="session")
+def auth(api_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"}

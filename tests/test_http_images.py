@@ -18,12 +18,12 @@ def _png(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
-def _post(url: str, body: dict, **kw) -> httpx.Response:
-    return httpx.post(url + "/v1/images/generations", json=body, timeout=120, **kw)
+def _post(url: str, body: dict, auth: dict[str, str]) -> httpx.Response:
+    return httpx.post(url + "/v1/images/generations", json=body, timeout=120, headers=auth)
 
 
-def test_generates_pngs_with_parameters(genserve_url: str) -> None:
-    r = _post(genserve_url, {"prompt": "a lighthouse at dawn --ar 3:2 --seed 5", "n": 2})
+def test_generates_pngs_with_parameters(genserve_url: str, auth: dict) -> None:
+    r = _post(genserve_url, {"prompt": "a lighthouse at dawn --ar 3:2 --seed 5", "n": 2}, auth)
     assert r.status_code == 200, r.text
     body = r.json()
     assert len(body["data"]) == 2 and body["genserve"]["model"] == "sdxl-tiny"
@@ -36,12 +36,12 @@ def test_generates_pngs_with_parameters(genserve_url: str) -> None:
     assert not np.array_equal(np.asarray(imgs[0]), np.asarray(imgs[1]))
 
 
-def test_seed_fixes_the_image_alone_or_batched(genserve_url: str) -> None:
-    alone = _post(genserve_url, {"prompt": "seeded fox", "seed": 1234, "n": 1}).json()
+def test_seed_fixes_the_image_alone_or_batched(genserve_url: str, auth: dict) -> None:
+    alone = _post(genserve_url, {"prompt": "seeded fox", "seed": 1234, "n": 1}, auth).json()
     # The same seed as the 1st of 4, sent while other requests fill the batch.
     with ThreadPoolExecutor(4) as pool:
-        futs = [pool.submit(_post, genserve_url, {"prompt": "seeded fox", "seed": 1234, "n": 4})] + [
-            pool.submit(_post, genserve_url, {"prompt": f"other {i}", "seed": i, "n": 2}) for i in range(3)]
+        futs = [pool.submit(_post, genserve_url, {"prompt": "seeded fox", "seed": 1234, "n": 4}, auth)] + [
+            pool.submit(_post, genserve_url, {"prompt": f"other {i}", "seed": i, "n": 2}, auth) for i in range(3)]
         batched = futs[0].result().json()
         for f in futs[1:]:
             assert f.result().status_code == 200
@@ -51,19 +51,19 @@ def test_seed_fixes_the_image_alone_or_batched(genserve_url: str) -> None:
     assert np.array_equal(a, b)
 
 
-def test_second_model_and_template(genserve_url: str) -> None:
+def test_second_model_and_template(genserve_url: str, auth: dict) -> None:
     r = _post(genserve_url, {"prompt": "ignored", "model": "wuerstchen-tiny", "template": "portrait",
-                             "variables": {"subject": "a fisherman"}, "size": "128x128", "seed": 3})
+                             "variables": {"subject": "a fisherman"}, "size": "128x128", "seed": 3}, auth)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["genserve"]["model"] == "wuerstchen-tiny"
     assert body["data"][0]["revised_prompt"].startswith("Professional portrait of a fisherman")
 
 
-def test_openai_client_unchanged(genserve_url: str) -> None:
+def test_openai_client_unchanged(genserve_url: str, auth: dict) -> None:
     import openai
 
-    client = openai.OpenAI(base_url=genserve_url + "/v1", api_key="unused-before-tenancy")
+    client = openai.OpenAI(base_url=genserve_url + "/v1", api_key=auth["Authorization"].split()[1])
     res = client.images.generate(prompt="a tiny robot", model="sdxl-tiny", n=2, size="64x64",
                                  response_format="b64_json")
     assert len(res.data) == 2 and _png(res.data[0].b64_json).size == (64, 64)
@@ -71,14 +71,14 @@ def test_openai_client_unchanged(genserve_url: str) -> None:
         client.images.generate(prompt="x", model="does-not-exist")
 
 
-def test_models_health_and_render(genserve_url: str) -> None:
-    models = httpx.get(genserve_url + "/v1/models").json()
+def test_models_health_and_render(genserve_url: str, auth: dict) -> None:
+    models = httpx.get(genserve_url + "/v1/models", headers=auth).json()
     caps = {m["id"]: m["capability"] for m in models["data"]}
     assert caps["sdxl-tiny"] == "image" and caps["wuerstchen-tiny"] == "image"
     assert all(m["owned_by"] == "genserve" for m in models["data"])
     h = httpx.get(genserve_url + "/health", timeout=30)
     assert h.status_code == 200 and h.json()["status"] == "ok", h.text
-    r = httpx.post(genserve_url + "/v1/prompts/render",
+    r = httpx.post(genserve_url + "/v1/prompts/render", headers=auth,
                    json={"prompt": "castle::2 fog::1 --ar 2:1 --seed 9 --no people", "n": 2}).json()
     assert (r["width"], r["height"], r["seeds"]) == (88, 48, [9, 10])
     assert r["negative_prompt"] == "people" and r["weighted_prompts"][0] == {"text": "castle", "weight": 2.0}
@@ -103,24 +103,24 @@ BAD = [
 
 
 @pytest.mark.parametrize(("body", "status", "param"), BAD)
-def test_bad_input_gets_openai_errors(genserve_url: str, body: dict, status: int, param: str) -> None:
-    r = _post(genserve_url, body)
+def test_bad_input_gets_openai_errors(genserve_url: str, auth: dict, body: dict, status: int, param: str) -> None:
+    r = _post(genserve_url, body, auth)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["param"] == param
     assert "Traceback" not in r.text
 
 
-def test_raw_body_errors(genserve_url: str) -> None:
+def test_raw_body_errors(genserve_url: str, auth: dict) -> None:
     url = genserve_url + "/v1/images/generations"
     cases = [
-        (httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400),
+        (httpx.post(url, content=b"{not json", headers={**auth, "content-type": "application/json"}), 400),
         (httpx.post(url, content=b'{"prompt": "x", "guidance_scale": NaN}',
-                    headers={"content-type": "application/json"}), 400),
-        (httpx.post(url, content=b"prompt=x", headers={"content-type": "application/x-www-form-urlencoded"}), 400),
-        (httpx.post(url, content=b"[1, 2]", headers={"content-type": "application/json"}), 400),
-        (httpx.post(url, json={"prompt": "y" * 100_000}), 413),
-        (httpx.get(genserve_url + "/v1/nothing-here"), 404),
+                    headers={**auth, "content-type": "application/json"}), 400),
+        (httpx.post(url, content=b"prompt=x", headers={**auth, "content-type": "application/x-www-form-urlencoded"}), 400),
+        (httpx.post(url, content=b"[1, 2]", headers={**auth, "content-type": "application/json"}), 400),
+        (httpx.post(url, json={"prompt": "y" * 100_000}, headers=auth), 413),
+        (httpx.get(genserve_url + "/v1/nothing-here", headers=auth), 404),
     ]
     for resp, status in cases:
         assert resp.status_code == status, (resp.request.content[:40], resp.text)
@@ -129,12 +129,33 @@ def test_raw_body_errors(genserve_url: str) -> None:
     def chunks():
         for _ in range(20):
             yield b" " * 8192
-    r = httpx.post(url, content=chunks(), headers={"content-type": "application/json"})
+    r = httpx.post(url, content=chunks(), headers={**auth, "content-type": "application/json"})
     assert r.status_code == 413, r.text
 
 
-def test_concurrent_bad_requests_never_500(genserve_url: str) -> None:
+def test_concurrent_bad_requests_never_500(genserve_url: str, auth: dict) -> None:
     # Many bad requests at once never produce a 500.
     with ThreadPoolExecutor(8) as pool:
-        codes = list(pool.map(lambda i: _post(genserve_url, {"prompt": f"x --c {200 + i}"}).status_code, range(16)))
+        codes = list(pool.map(lambda i: _post(genserve_url, {"prompt": f"x --c {200 + i}"}, auth).status_code,
+                              range(16)))
     assert set(codes) == {422}
+
+
+def test_everything_but_health_needs_a_key(genserve_url: str, auth: dict) -> None:
+    for method, path in [("POST", "/v1/images/generations"), ("GET", "/v1/models"), ("POST", "/v1/prompts/render"),
+                         ("GET", "/v1/usage")]:
+        r = httpx.request(method, genserve_url + path, json={"prompt": "x"} if method == "POST" else None)
+        assert r.status_code == 401, (path, r.text)
+        assert r.json()["error"]["code"] == "missing_api_key"
+    bad = httpx.get(genserve_url + "/v1/models", headers={"X-API-Key": "gs-not-a-real-key"})
+    assert bad.status_code == 401 and "gs-not-a-real-key" not in bad.text
+    assert httpx.get(genserve_url + "/health", timeout=30).status_code == 200
+
+
+def test_usage_is_recorded_per_request(genserve_url: str, auth: dict) -> None:
+    before = httpx.get(genserve_url + "/v1/usage", headers=auth).json()
+    r = _post(genserve_url, {"prompt": "count me", "n": 3}, auth)
+    assert r.status_code == 200 and r.headers["x-ratelimit-limit-requests"]
+    after = httpx.get(genserve_url + "/v1/usage", headers=auth).json()
+    assert after["today"]["images"] - before["today"]["images"] == 3
+    assert after["today"]["requests"] - before["today"]["requests"] == 1

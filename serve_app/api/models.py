@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from serve_app.state import ServicesDep
+from serve_app.tenancy import CurrentTenant
 
 router = APIRouter(tags=["models"])
 
@@ -12,7 +13,8 @@ _CREATED = 1_700_000_000  # models have no creation date here; OpenAI's field is
 
 
 @router.get("/v1/models")
-async def list_models(services: ServicesDep) -> dict:
+async def list_models(services: ServicesDep, ctx: CurrentTenant) -> dict:
+    """Only the models the caller's plan includes."""
     cfg = services.config
     data = [
         {"id": m.name, "object": "model", "created": _CREATED, "owned_by": "genserve", "capability": "image",
@@ -23,4 +25,5 @@ async def list_models(services: ServicesDep) -> dict:
          "aliases": m.aliases, "context_length": m.max_model_len}
         for m in cfg.llm_models
     ]
-    return {"object": "list", "data": data}
+    allowed = [m for m in data if ctx.plan.allows(m["id"]) or any(ctx.plan.allows(a) for a in m["aliases"])]
+    return {"object": "list", "data": allowed}

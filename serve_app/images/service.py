@@ -52,12 +52,12 @@ def map_backend_error(exc: Exception, model: str) -> APIError:
                        code="generation_failed")
 
 
-async def generate(services: Services, req: ImageGenerationRequest) -> ImageGenerationResponse:
-    if req.response_format == "url":
-        raise bad_request("response_format 'url' needs result storage, which is not configured; "
-                          "use 'b64_json'.", param="response_format", code="unsupported_response_format")
-    rendered = render(services, req)
-    results = await run_tasks(services, rendered)
+def gpu_seconds(results: list[ImageResult]) -> float:
+    """Each image's share of its batch's compute time (what a GPU-second price bills)."""
+    return sum(r.compute_s / max(1, r.batch_size) for r in results)
+
+
+def to_response(rendered: RenderedImageRequest, results: list[ImageResult]) -> ImageGenerationResponse:
     first = rendered.tasks[0]
     data = [ImageData(b64_json=base64.b64encode(r.png).decode("ascii"), revised_prompt=rendered.prompt,
                       seed=r.seed) for r in results]
@@ -65,3 +65,9 @@ async def generate(services: Services, req: ImageGenerationRequest) -> ImageGene
                           guidance_scale=first.guidance_scale, negative_prompt=rendered.negative_prompt,
                           tile=first.tile, batch_sizes=[r.batch_size for r in results])
     return ImageGenerationResponse(created=int(time.time()), data=data, genserve=info)
+
+
+def check_response_format(req: ImageGenerationRequest) -> None:
+    if req.response_format == "url":
+        raise bad_request("response_format 'url' needs result storage, which is not configured; "
+                          "use 'b64_json'.", param="response_format", code="unsupported_response_format")
