@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Debian packages the test suite runs for real: PostgreSQL, Redis. Installs only what is missing.
+# Debian packages the test suite runs for real: PostgreSQL, Redis, promtool. Installs only what is missing.
 set -euo pipefail
 need=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v redis-server >/dev/null || need+=(redis-server)
+command -v promtool >/dev/null || need+=(prometheus)  # promtool checks the alert rules
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" != 0 ]; then
   echo "missing system packages: ${need[*]} (run as root, or: sudo apt-get install -y ${need[*]})" >&2

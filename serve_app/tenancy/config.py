@@ -102,6 +102,12 @@ class TenancyConfig(_Strict):
     pool_size: int = Field(10, ge=1, description="DB connections per process (Postgres).")
     local_tenant: LocalTenantConfig = Field(default_factory=LocalTenantConfig)
 
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: object) -> object:
+        # `${GENSERVE_REDIS_URL:-}` in a Serve config expands to "" when the variable is unset.
+        return None if isinstance(v, str) and not v.strip() else v
+
     @field_validator("database_url")
     @classmethod
     def _check_url(cls, v: str) -> str:
