@@ -45,6 +45,10 @@ class DiffusionModelConfig(_Strict):
     max_steps: int = Field(80, ge=1, le=500)
     default_guidance: float = Field(5.0, ge=0.0, le=50.0)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    batch_invariant: bool | None = Field(
+        None, description="Run the heavy models once per image so a seed gives the same pixels alone or "
+        "in a batch (CPU kernels change with batch size). None = on for CPU, off for CUDA.")
+    decoder_steps: int = Field(12, ge=1, le=100, description="Würstchen decoder steps (task steps are the prior's).")
     description: str = ""
 
     @model_validator(mode="after")

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,18 @@ def _resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _set_cpu_threads(device: str) -> None:
+    """On CPU, use as many torch threads as the replica was given CPUs (oversubscribed intra-op
+    threads made tiny models several times slower on a shared 2-core host)."""
+    if device != "cpu":
+        return
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    torch.set_num_threads(max(1, int(cpus)))
+
+
 def _cap_gpu_memory(device: str) -> float | None:
     """Hold a fractional-GPU replica to its share of the card (Ray only divides scheduling)."""
     if device != "cuda":
@@ -56,28 +69,51 @@ class DiffusionServer:
     """Plain logic (testable without Serve); `Diffusion` below is the thin deployment."""
 
     def __init__(self, *, name: str, family: str, model: str, dtype: str = "float32", device: str = "auto",
-                 variant: str | None = None, engine: Any = None) -> None:
+                 variant: str | None = None, batch_invariant: bool | None = None, decoder_steps: int = 12,
+                 engine: Any = None) -> None:
         from deployments.diffusion.engine import DiffusionEngine
 
         self.name = name
         self.device = _resolve_device(device)
         self.gpu_share = _cap_gpu_memory(self.device)
+        _set_cpu_threads(self.device)
         t0 = time.monotonic()
         self.engine = engine or DiffusionEngine.from_pretrained(
-            name, model, family, dtype=dtype, device=self.device, variant=variant)
+            name, model, family, dtype=dtype, device=self.device, variant=variant, batch_invariant=batch_invariant,
+            decoder_steps=decoder_steps)
         self.load_s = time.monotonic() - t0
         self._png_pool = ThreadPoolExecutor(max_workers=max(2, (os.cpu_count() or 2) // 2),
                                             thread_name_prefix="png")
         self._progress: dict[str, tuple[int, int]] = {}
         self._cancelled: set[str] = set()
+        # task_id -> (event loop, queue) of a streaming caller waiting for step events.
+        self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.batches_run = 0
         self.images_done = 0
         logger.info("model %s (%s) loaded on %s in %.1fs", name, model, self.device, self.load_s)
 
     # Called in the engine's thread: cheap bookkeeping only.
     def _on_step(self, task_id: str | None, step: int, total: int) -> None:
-        if task_id is not None:
-            self._progress[task_id] = (step, total)
+        if task_id is None:
+            return
+        self._progress[task_id] = (step, total)
+        listener = self._listeners.get(task_id)
+        if listener is not None:
+            loop, queue = listener
+            loop.call_soon_threadsafe(queue.put_nowait, (step, total))
+
+    def listen(self, task_id: str) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
+        self._listeners[task_id] = (asyncio.get_running_loop(), queue)
+        return queue
+
+    def forget(self, task_id: str) -> None:
+        self._listeners.pop(task_id, None)
+        self._progress.pop(task_id, None)
+
+    def done(self, task_id: str) -> None:
+        """The task left its batch: a cancellation mark is no longer needed."""
+        self._cancelled.discard(task_id)
 
     def _should_cancel(self, task_id: str) -> bool:
         return task_id in self._cancelled
@@ -137,9 +173,10 @@ class DiffusionServer:
 )
 class Diffusion:
     def __init__(self, *, name: str, family: str, model: str, dtype: str = "float32", device: str = "auto",
-                 variant: str | None = None, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.05) -> None:
+                 variant: str | None = None, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.05,
+                 batch_invariant: bool | None = None, decoder_steps: int = 12) -> None:
         self.server = DiffusionServer(name=name, family=family, model=model, dtype=dtype, device=device,
-                                      variant=variant)
+                                      variant=variant, batch_invariant=batch_invariant, decoder_steps=decoder_steps)
         self._set_batching(max_batch_size, batch_wait_timeout_s)
 
     def _set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
@@ -158,8 +195,41 @@ class Diffusion:
         return await asyncio.to_thread(self.server.denoise, items)
 
     async def generate(self, task: ImageTask) -> ImageResult:
-        denoised = await self._batch((task, time.monotonic()))
+        try:
+            denoised = await self._batch((task, time.monotonic()))
+        finally:
+            if task.task_id is not None:
+                self.server.done(task.task_id)
         return await self.server.finish(task, denoised)
+
+    async def generate_stream(self, task: ImageTask) -> AsyncIterator[dict | ImageResult]:
+        """Step events `{"step", "total"}` while the image denoises, then the `ImageResult`.
+
+        Called with `handle.options(stream=True)`. If the caller goes away (a cancelled job, a
+        dead ingress), Serve cancels this generator: the task is marked cancelled and its batch
+        group stops at the next step once no one in it still wants the image."""
+        if task.task_id is None:
+            raise ValueError("generate_stream needs task.task_id")
+        queue = self.server.listen(task.task_id)
+        result = asyncio.ensure_future(self.generate(task))
+        try:
+            while not result.done():
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter, result}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    step, total = getter.result()
+                    yield {"step": step, "total": total}
+                else:
+                    getter.cancel()
+            yield result.result()
+        except asyncio.CancelledError:
+            # The batch may already hold this task: mark it so the engine drops it at the next
+            # step; the orphaned call's outcome is consumed here and discarded.
+            self.server.cancel(task.task_id)
+            result.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise
+        finally:
+            self.server.forget(task.task_id)
 
     async def progress(self, task_id: str) -> tuple[int, int] | None:
         return self.server.progress(task_id)

@@ -1,0 +1,220 @@
+"""Tiny random-weight pipelines built from config, for tests and the local (CPU) config.
+
+Same architectures as the real models, scaled down the way diffusers' own fast tests do
+(`get_dummy_components()`), saved with `save_pretrained` so they load through the same
+`from_pretrained` code path as a hub id. Seeds are fixed: two builds give identical weights.
+
+    python -m deployments.diffusion.tiny OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMWuerstchenScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.pipelines.deprecated.wuerstchen import (
+    PaellaVQModel,
+    WuerstchenCombinedPipeline,
+    WuerstchenDiffNeXt,
+    WuerstchenPrior,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from deployments.diffusion.tokenizer import BOS, EOS, VOCAB_SIZE, build_byte_clip_tokenizer
+
+# Bump when a builder changes: build_all_tiny() then rebuilds models saved by an older version.
+BUILD_VERSION = 1
+MARKER = "genserve_tiny.json"
+SDXL_DIR = "sdxl-tiny"
+WUERSTCHEN_DIR = "wuerstchen-tiny"
+# Native sizes: tiny SDXL's unet sample_size is 8 latents x vae factor 8; tiny Würstchen's
+# prior/decoder/VQGAN chain only reproduces sizes that are multiples of 128 px.
+SDXL_NATIVE_PX = 64
+WUERSTCHEN_NATIVE_PX = 128
+TEXT_HIDDEN = 32
+
+
+def _text_config(**overrides: object) -> CLIPTextConfig:
+    ids = build_byte_clip_tokenizer()
+    return CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        bos_token_id=ids.convert_tokens_to_ids(BOS),
+        eos_token_id=ids.convert_tokens_to_ids(EOS),
+        pad_token_id=ids.convert_tokens_to_ids(EOS),
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=37,
+        num_attention_heads=4,
+        # SDXL reads the penultimate hidden state, so at least two layers.
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=TEXT_HIDDEN,
+        **overrides,
+    )
+
+
+def tiny_sdxl_pipeline() -> StableDiffusionXLPipeline:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=SDXL_NATIVE_PX // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 1),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        # 6 time ids x addition_time_embed_dim + text_encoder_2's projection_dim
+        projection_class_embeddings_input_dim=6 * 8 + TEXT_HIDDEN,
+        cross_attention_dim=2 * TEXT_HIDDEN,  # both encoders' hidden states concatenated
+    )
+    torch.manual_seed(0)
+    # Four blocks = three downsamples = vae_scale_factor 8, like the real SDXL VAE.
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        sample_size=SDXL_NATIVE_PX,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(_text_config()).eval()
+    torch.manual_seed(0)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config()).eval()
+    return StableDiffusionXLPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=build_byte_clip_tokenizer(),
+        tokenizer_2=build_byte_clip_tokenizer(pad_token="!"),  # SDXL's second tokenizer pads with "!"
+        unet=unet.eval(),
+        scheduler=scheduler,
+    )
+
+
+def _wake_zero_init(model: torch.nn.Module) -> None:
+    """Give zero-initialised weights small random values.
+
+    DiffNeXt zero-inits its output conv and timestep mappers (good for training, but a random model
+    then ignores the prior's embeddings, text and timestep altogether, and tests could not see
+    a prompt change the image).
+    """
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1 and not param.any():
+                param.normal_(std=0.02)
+
+
+def tiny_wuerstchen_pipeline() -> WuerstchenCombinedPipeline:
+    effnet_channels = 16
+    torch.manual_seed(0)
+    prior = WuerstchenPrior(c_in=effnet_channels, c=32, depth=2, c_cond=TEXT_HIDDEN, c_r=8, nhead=2)
+    torch.manual_seed(0)
+    decoder = WuerstchenDiffNeXt(
+        c_in=4,
+        c_out=4,
+        c_r=8,
+        c_cond=TEXT_HIDDEN,
+        c_hidden=[32],
+        nhead=[2],
+        blocks=[2],
+        level_config=["CTA"],
+        inject_effnet=[True],
+        effnet_embd=effnet_channels,
+        clip_embd=TEXT_HIDDEN,
+    )
+    _wake_zero_init(decoder)
+    torch.manual_seed(0)
+    vqgan = PaellaVQModel(bottleneck_blocks=1, embed_dim=32, num_vq_embeddings=16, latent_channels=4)
+    torch.manual_seed(0)
+    prior_text_encoder = CLIPTextModel(_text_config()).eval()
+    torch.manual_seed(1)
+    text_encoder = CLIPTextModel(_text_config()).eval()
+    return WuerstchenCombinedPipeline(
+        tokenizer=build_byte_clip_tokenizer(),
+        text_encoder=text_encoder,
+        decoder=decoder.eval(),
+        scheduler=DDPMWuerstchenScheduler(),
+        vqgan=vqgan.eval(),
+        prior_tokenizer=build_byte_clip_tokenizer(),
+        prior_text_encoder=prior_text_encoder,
+        prior_prior=prior.eval(),
+        prior_scheduler=DDPMWuerstchenScheduler(),
+    )
+
+
+def _save(pipeline: object, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipeline.save_pretrained(out_dir)  # type: ignore[attr-defined]
+    return out_dir
+
+
+def build_tiny_sdxl(out_dir: Path) -> Path:
+    return _save(tiny_sdxl_pipeline(), Path(out_dir))
+
+
+def build_tiny_wuerstchen(out_dir: Path) -> Path:
+    return _save(tiny_wuerstchen_pipeline(), Path(out_dir))
+
+
+def _is_built(path: Path, marker: dict[str, object]) -> bool:
+    try:
+        return json.loads((path / MARKER).read_text()) == marker
+    except (OSError, ValueError):
+        return False
+
+
+def build_all_tiny(out_dir: Path) -> dict[str, Path]:
+    """Build both tiny models under `out_dir` (skipping any already saved) and write manifest.json."""
+    out_dir = Path(out_dir)
+    builds = {
+        "sdxl": (SDXL_DIR, build_tiny_sdxl, SDXL_NATIVE_PX),
+        "wuerstchen": (WUERSTCHEN_DIR, build_tiny_wuerstchen, WUERSTCHEN_NATIVE_PX),
+    }
+    paths: dict[str, Path] = {}
+    manifest: dict[str, dict[str, object]] = {}
+    for family, (subdir, build, native_px) in builds.items():
+        path = out_dir / subdir
+        marker = {"family": family, "build_version": BUILD_VERSION}
+        if not _is_built(path, marker):
+            shutil.rmtree(path, ignore_errors=True)  # a partial or older build
+            build(path)
+            # Written after save_pretrained returned: its presence means a complete build.
+            (path / MARKER).write_text(json.dumps(marker) + "\n")
+        paths[family] = path
+        manifest[subdir] = {**marker, "path": subdir, "native_px": native_px}
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return paths
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m deployments.diffusion.tiny OUT_DIR")
+    for name, built in build_all_tiny(Path(sys.argv[1])).items():
+        print(f"{name}: {built}")
