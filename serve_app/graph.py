@@ -29,7 +29,8 @@ def _llm_apps(cfg: AppConfig) -> dict[str, Application]:
         return {}
     from deployments.llm.deployment import LLMDeployment
 
-    return {m.name: LLMDeployment.options(name=m.deployment_name).bind(m.model_dump(mode="json"))
+    return {m.name: LLMDeployment.options(name=m.deployment_name).bind(m.model_dump(mode="json"),
+                                                                      work_dir=str(cfg.work_dir))
             for m in cfg.llm_models}
 
 

@@ -29,6 +29,9 @@ async def create_image(body: ImageGenerationRequest, services: ServicesDep, ctx:
     check_plan(ctx, rendered)
     admission = await tenancy.admit(ctx, route="images", model=rendered.model.name, images=len(rendered.tasks))
     async with admission:
+        if rendered.enhance:
+            rendered, expansion = await service.enhance(services, rendered)
+            admission.add(prompt_tokens=expansion.prompt_tokens, completion_tokens=expansion.completion_tokens)
         results = await service.run_tasks(services, rendered)
         admission.add(images=len(results), gpu_seconds=service.gpu_seconds(results))
     response.headers.update(admission.headers())

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import time
 
 from deployments.diffusion.types import ImageResult
+from serve_app.chat.enhance import Expansion, expand
 from serve_app.errors import APIError, bad_request, unavailable
 from serve_app.images.protocol import (GenerationInfo, ImageData, ImageGenerationRequest,
                                        ImageGenerationResponse)
@@ -24,6 +26,14 @@ def render(services: Services, req: ImageGenerationRequest) -> RenderedImageRequ
         size=size, negative_prompt=req.negative_prompt, seed=req.seed, steps=req.steps,
         guidance_scale=req.guidance_scale, template=req.template, template_version=req.template_version,
         variables=req.variables, enhance=req.enhance)
+
+
+async def enhance(services: Services, rendered: RenderedImageRequest) -> tuple[RenderedImageRequest, Expansion]:
+    """The chain's LLM step: expand the prompt into Subject/Style/Composition/Lighting/Quality,
+    then draw that (sizes, seeds and other parameters stay as rendered)."""
+    exp = await expand(services, rendered.prompt, seed=rendered.tasks[0].seed)
+    tasks = tuple(dataclasses.replace(t, prompt=exp.text, weighted_prompts=()) for t in rendered.tasks)
+    return dataclasses.replace(rendered, prompt=exp.text, tasks=tasks), exp
 
 
 async def run_tasks(services: Services, rendered: RenderedImageRequest) -> list[ImageResult]:

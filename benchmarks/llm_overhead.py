@@ -1,0 +1,193 @@
+"""Tokens/s and time-to-first-token: the LLM engine called directly vs through Serve (HTTP proxy →
+ingress with the real chat router → LLM deployment, streamed SSE), same model, same machine, one run.
+
+    python -m benchmarks.llm_overhead --engine transformers --concurrency 4 --requests 16
+
+Direct: `LLMServer.stream` in this process (templating, token counting and the engine, no Ray).
+Serve: a one-route ingress built from `serve_app.chat.router` in front of `LLMDeployment`
+(the app's real ingress also carries the image routes; the LLM path is the same code).
+Writes benchmarks/results/llm_overhead-<engine>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+WORK = Path(os.environ.get("GENSERVE_WORK", REPO / ".work")).resolve()
+MESSAGES = ({"role": "user", "content": "a lighthouse on a cliff at dawn, oil painting"},)
+
+
+def _summary(ttfts: list[float], tokens: int, wall: float) -> dict[str, Any]:
+    ttfts = sorted(ttfts)
+    return {
+        "requests": len(ttfts),
+        "completion_tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 1),
+        "ttft_ms_p50": round(1000 * statistics.median(ttfts), 1),
+        "ttft_ms_p90": round(1000 * ttfts[int(0.9 * (len(ttfts) - 1))], 1),
+    }
+
+
+async def _run_concurrent(one, n: int, concurrency: int) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    sem = asyncio.Semaphore(concurrency)
+
+    async def guarded(i: int) -> tuple[float, int]:
+        async with sem:
+            return await one(i)
+
+    await one(-1)  # warm-up, not counted
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(guarded(i) for i in range(n)))
+    wall = time.perf_counter() - t0
+    return _summary([r[0] for r in results], sum(r[1] for r in results), wall)
+
+
+async def bench_direct(model_cfg: dict, args: argparse.Namespace) -> dict[str, Any]:
+    from deployments.llm.deployment import LLMReplica
+    from deployments.llm.types import ChoiceDelta, GenerationRequest
+
+    replica = LLMReplica(model_cfg, work_dir=str(WORK))
+    await replica.start()
+
+    async def one(i: int) -> tuple[float, int]:
+        req = GenerationRequest(request_id=f"d{i}", messages=MESSAGES, max_tokens=args.max_tokens,
+                                temperature=1.0, seed=i)
+        t0, ttft, tokens = time.perf_counter(), None, 0
+        async for item in replica.server.stream(req):
+            if isinstance(item, ChoiceDelta):
+                tokens += item.num_tokens
+                if ttft is None and item.num_tokens:
+                    ttft = time.perf_counter() - t0
+        return ttft or 0.0, tokens
+
+    try:
+        return await _run_concurrent(one, args.requests, args.concurrency)
+    finally:
+        await replica.shutdown()
+
+
+def build_chat_app(model_cfg: dict, port: int):  # type: ignore[no-untyped-def]
+    """The chat route of the app, served by Serve, in front of the real LLM deployment."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    from deployments.llm.deployment import LLMDeployment
+
+    @serve.deployment(name="Ingress", max_ongoing_requests=256)
+    @serve.ingress()
+    class ChatIngress:
+        def __init__(self, config: dict, llm: dict) -> None:
+            from serve_app.config import AppConfig
+            from serve_app.state import Services
+
+            self.services = Services(config=AppConfig.model_validate(config), llm=llm)
+
+        def __serve_build_asgi_app__(self) -> FastAPI:
+            from serve_app.chat.router import router
+            from serve_app.errors import install_error_handlers
+
+            app = FastAPI()
+            install_error_handlers(app)
+            app.include_router(router)
+            app.state.services = self.services
+            return app
+
+    config = {"diffusion_models": [{"name": "unused", "family": "sdxl", "model": "unused"}],
+              "llm_models": [model_cfg]}
+    name = model_cfg["name"]
+    llm = LLMDeployment.options(name=f"LLM-{name}").bind(model_cfg, work_dir=str(WORK))
+    return ChatIngress.bind(config, {name: llm})
+
+
+async def bench_serve(model_cfg: dict, args: argparse.Namespace) -> dict[str, Any]:
+    import httpx
+    import ray
+    from ray import serve
+
+    port = args.port
+    os.environ.setdefault("RAY_TMPDIR", str(WORK / "ray-llm"))
+    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "GENSERVE_WORK": str(WORK)}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        t0 = time.perf_counter()
+        serve.run(build_chat_app(model_cfg, port), name="llm-bench", route_prefix="/")
+        deploy_s = time.perf_counter() - t0
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        async with httpx.AsyncClient(timeout=300) as client:
+
+            async def one(i: int) -> tuple[float, int]:
+                body = {"model": model_cfg["name"], "messages": list(MESSAGES), "max_tokens": args.max_tokens,
+                        "temperature": 1.0, "seed": max(i, 0), "stream": True,
+                        "stream_options": {"include_usage": True}}
+                t0, ttft, tokens = time.perf_counter(), None, 0
+                async with client.stream("POST", url, json=body) as resp:
+                    resp.raise_for_status()
+                    async for line in resp.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        if chunk.get("usage"):
+                            tokens = chunk["usage"]["completion_tokens"]
+                        elif ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                            ttft = time.perf_counter() - t0
+                return ttft or 0.0, tokens
+
+            out = await _run_concurrent(one, args.requests, args.concurrency)
+        out["deploy_s"] = round(deploy_s, 1)
+        return out
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--ray-cpus", type=int, default=2)
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+
+    from deployments.llm.tiny import build_tiny_llm
+
+    model = build_tiny_llm(WORK / "models" / "llm-tiny")
+    model_cfg = {"name": "tiny-chat", "model": str(model), "engine": args.engine, "dtype": "float32",
+                 "max_model_len": 512}
+    direct = asyncio.run(bench_direct(model_cfg, args))
+    served = asyncio.run(bench_serve(model_cfg, args))
+    result = {
+        "benchmark": "llm_overhead",
+        "engine": args.engine,
+        "model": "tiny random-weight Llama (deployments/llm/tiny.py)",
+        "host": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "params": {k: v for k, v in vars(args).items() if k != "out"},
+        "direct": direct,
+        "serve": served,
+        "serve_vs_direct": {
+            "tokens_per_s_ratio": round(served["tokens_per_s"] / direct["tokens_per_s"], 3),
+            "ttft_p50_ratio": round(served["ttft_ms_p50"] / max(direct["ttft_ms_p50"], 1e-3), 2),
+            "ttft_p50_added_ms": round(served["ttft_ms_p50"] - direct["ttft_ms_p50"], 1),
+        },
+    }
+    out = args.out or REPO / "benchmarks" / "results" / f"llm_overhead-{args.engine}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

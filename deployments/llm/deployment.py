@@ -1,0 +1,98 @@
+"""The LLM Serve deployment: a thin wrapper that builds an engine from config and serves LLMServer.
+
+The ingress calls, through a DeploymentHandle:
+  - `handle.options(stream=True).generate_stream.remote(req)` -> lists of StreamItem
+    (first list is `[Started]`; then ChoiceDelta lists, coalesced every `stream_batch_ms`);
+  - `handle.generate.remote(req)` -> GenerationResult;
+  - `handle.count_tokens.remote(text)` -> int; `handle.stats.remote()` -> dict.
+When the caller's request is cancelled (client disconnect), Serve cancels `generate_stream` in the
+replica; the CancelledError closes the engine stream, which aborts the sequence in the engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from deployments.llm.engine import LLMEngine, build_engine, resolve_engine_kind
+from deployments.llm.server import LLMServer
+from deployments.llm.types import GenerationRequest, GenerationResult, StreamItem
+
+
+class LLMReplica:
+    """Plain class (no Ray): what the Serve deployment runs; tests build it with any engine."""
+
+    def __init__(
+        self,
+        model_config: dict[str, Any],
+        *,
+        work_dir: str | None = None,
+        stream_batch_ms: float = 20.0,
+        engine: LLMEngine | None = None,
+    ) -> None:
+        from serve_app.config import LLMModelConfig  # the one schema for model configs
+
+        cfg = LLMModelConfig.model_validate(model_config)
+        if stream_batch_ms < 0:
+            raise ValueError(f"stream_batch_ms must be >= 0, got {stream_batch_ms}")
+        if engine is None:
+            kind = resolve_engine_kind(cfg.engine)
+            kwargs = dict(cfg.engine_kwargs)
+            if work_dir is not None and kind == "vllm":  # vLLM/inductor caches inside the work dir
+                kwargs.setdefault("cache_dir", str(Path(work_dir) / "cache"))
+            engine = build_engine(cfg.model, engine=kind, max_model_len=cfg.max_model_len,
+                                  dtype=cfg.dtype, device=cfg.device, engine_kwargs=kwargs)
+        self.config = cfg
+        self.stream_batch_ms = stream_batch_ms
+        self.server = LLMServer(engine, model_name=cfg.name, default_max_tokens=cfg.default_max_tokens)
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def generate_stream(self, req: GenerationRequest) -> AsyncIterator[list[StreamItem]]:
+        stream = self.server.stream(req)
+        try:
+            # Started goes out at once (the caller waits on it to pick an HTTP status) ...
+            yield [await stream.__anext__()]
+            if self.stream_batch_ms == 0:
+                async for item in stream:
+                    yield [item]
+                return
+            # ... then deltas coalesced per interval: one Serve stream message per batch of
+            # tokens instead of one per token (RayLLM's Batcher; cancelling it cancels `stream`).
+            from ray.llm._internal.serve.utils.batcher import Batcher
+
+            async for batch in Batcher(stream, interval_ms=self.stream_batch_ms).stream():
+                yield list(batch)
+        finally:
+            await stream.aclose()
+
+    async def generate(self, req: GenerationRequest) -> GenerationResult:
+        return await self.server.generate(req)
+
+    async def count_tokens(self, text: str) -> int:
+        return self.server.count_tokens(text)
+
+    def stats(self) -> dict[str, Any]:
+        return self.server.stats()
+
+    async def check_health(self) -> None:
+        await self.server.check_health()
+
+    async def shutdown(self) -> None:
+        await self.server.engine.shutdown()
+
+
+@serve.deployment(name="LLM", max_ongoing_requests=64, health_check_period_s=10)
+class LLMDeployment(LLMReplica):
+    """`LLMDeployment.options(name=cfg.deployment_name).bind(cfg.model_dump(mode="json"), work_dir=...)`."""
+
+    async def __init__(self, model_config: dict[str, Any], *, work_dir: str | None = None,
+                       stream_batch_ms: float = 20.0) -> None:
+        LLMReplica.__init__(self, model_config, work_dir=work_dir, stream_batch_ms=stream_batch_ms)
+        await self.start()
+
+    async def __del__(self) -> None:
+        await self.shutdown()

@@ -1,0 +1,294 @@
+"""The transformers engine: micro-batched `model.generate` with per-row sampling and stopping.
+
+Requests that arrive within `batch_wait_ms` of each other (up to `max_batch_size`) share one
+left-padded `generate` call running in a worker thread; the next batch starts when it ends
+(static batching: vLLM does continuous batching, this is the fallback for hosts without it).
+`generate` runs greedy; sampling happens in `_RowSampler`, a logits processor that draws each
+row's token with that row's own `torch.Generator`, so a seed fixes a sequence whatever else
+shares its batch. `_RowStopper` (checked every step) ends rows that hit EOS, their max_tokens, a
+stop string, or an abort, so an aborted request stops decoding at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from deployments.llm.detok import IncrementalDetokenizer
+from deployments.llm.types import FinishReason, SamplingParams, TokenDelta
+
+logger = logging.getLogger("genserve.llm.transformers")
+
+
+@dataclass(eq=False)
+class _Seq:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    detok: IncrementalDetokenizer
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    generator: Any = None  # torch.Generator
+    aborted: bool = False
+    finish_reason: FinishReason | None = None
+
+    def push(self, delta: TokenDelta) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+
+    def finish(self, reason: FinishReason, new_ids: tuple[int, ...] = ()) -> None:
+        self.finish_reason = reason
+        self.push(TokenDelta(self.detok.flush(), new_ids, reason))
+
+
+class TransformersEngine:
+    name = "transformers"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        max_model_len: int = 2048,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_batch_size: int = 8,
+        batch_wait_ms: float = 5.0,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model_path = model
+        self.max_model_len = max_model_len
+        self._dtype = dtype
+        self._device = device
+        self._max_batch = max_batch_size
+        self._wait_s = batch_wait_ms / 1000
+        self._pending: list[_Seq] = []
+        self._batch: list[_Seq] = []
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._failure: BaseException | None = None
+        self._model: Any = None
+        self._tokenizer: Any = None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+        self._loop_task = asyncio.create_task(self._schedule())
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = self._device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = self._dtype
+        if dtype == "auto":
+            dtype = "float32" if device == "cpu" else "auto"
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        self._model = model.to(device).eval()
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and self.max_model_len > limit:
+            raise ValueError(
+                f"max_model_len ({self.max_model_len}) exceeds the model's "
+                f"max_position_embeddings ({limit}) for {self.model_path!r}"
+            )
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
+    ) -> AsyncIterator[TokenDelta]:
+        if self._model is None:
+            raise RuntimeError("engine not started: call start() first")
+        if self._failure is not None:
+            raise RuntimeError(f"transformers engine failed: {self._failure!r}")
+        import torch
+
+        gen = torch.Generator(device=self._model.device)
+        if sampling.seed is not None:
+            gen.manual_seed(sampling.seed)
+        else:
+            gen.seed()
+        seq = _Seq(request_id, list(prompt_token_ids), sampling,
+                   IncrementalDetokenizer(self._tokenizer, sampling.stop),
+                   asyncio.get_running_loop(), generator=gen)
+        self._pending.append(seq)
+        self._wake.set()
+        try:
+            while True:
+                delta = await seq.queue.get()
+                if isinstance(delta, BaseException):
+                    raise RuntimeError(f"generation failed for {request_id!r}") from delta
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            # Early close (client gone, CancelledError): stop decoding this row.
+            if seq.finish_reason is None:
+                seq.aborted = True
+                if seq in self._pending:
+                    self._pending.remove(seq)
+
+    async def abort(self, request_id: str) -> None:
+        for seq in [*self._pending, *self._batch]:
+            if seq.request_id == request_id:
+                seq.aborted = True
+                if seq in self._pending:
+                    self._pending.remove(seq)
+                    seq.finish("abort")
+
+    def num_running(self) -> int:
+        return len(self._pending) + sum(1 for s in self._batch if s.finish_reason is None)
+
+    async def check_health(self) -> None:
+        if self._model is None:
+            raise RuntimeError("transformers engine not started")
+        if self._failure is not None or (self._loop_task is not None and self._loop_task.done()):
+            raise RuntimeError(f"transformers engine scheduler stopped: {self._failure!r}")
+
+    async def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+
+    async def _schedule(self) -> None:
+        try:
+            while True:
+                while not self._pending:
+                    self._wake.clear()
+                    await self._wake.wait()
+                if len(self._pending) < self._max_batch and self._wait_s > 0:
+                    await asyncio.sleep(self._wait_s)  # let a burst of requests share the batch
+                batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
+                batch = [s for s in batch if not s.aborted]
+                if not batch:
+                    continue
+                self._batch = batch
+                try:
+                    await asyncio.to_thread(self._run_batch, batch)
+                except Exception as exc:  # one bad batch fails its requests, not the engine
+                    logger.exception("batch of %d failed", len(batch))
+                    for s in batch:
+                        if s.finish_reason is None:
+                            s.finish_reason = "abort"
+                            s.loop.call_soon_threadsafe(s.queue.put_nowait, exc)
+                finally:
+                    self._batch = []
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._failure = exc
+            raise
+
+    def _run_batch(self, batch: list[_Seq]) -> None:
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+        tok = self._tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        width = max(len(s.prompt_ids) for s in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, s in enumerate(batch):  # left padding: every row's next token is at the end
+            ids[i, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
+            mask[i, width - len(s.prompt_ids):] = 1
+        config = GenerationConfig(
+            do_sample=False,
+            max_new_tokens=max(s.sampling.max_tokens for s in batch),
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=pad,
+        )
+        rows = _Rows(batch, tok.eos_token_id)
+        with torch.inference_mode():
+            self._model.generate(
+                input_ids=ids.to(self._model.device),
+                attention_mask=mask.to(self._model.device),
+                generation_config=config,
+                logits_processor=LogitsProcessorList([_RowSampler(batch)]),
+                stopping_criteria=StoppingCriteriaList([_RowStopper(rows)]),
+                streamer=rows,
+            )
+        for s in batch:  # generate ended (all rows done, or its own max length)
+            if s.finish_reason is None:
+                s.finish("abort" if s.aborted else "length")
+
+
+class _Rows:
+    """The streamer: receives each step's tokens (one per row) and decides which rows are done."""
+
+    def __init__(self, batch: list[_Seq], eos_id: int | None) -> None:
+        self.batch = batch
+        self.eos_id = eos_id
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # generate() first puts the prompt
+            self._prompt_seen = True
+            return
+        for s, tid in zip(self.batch, value.reshape(-1).tolist()):
+            if s.finish_reason is not None:
+                continue
+            if s.aborted:
+                s.finish("abort")
+                continue
+            if tid == self.eos_id:
+                s.detok.token_ids.append(tid)
+                s.finish("stop", (tid,))
+                continue
+            text = s.detok.add(tid)
+            if s.detok.stopped:
+                s.finish("stop", (tid,))
+            elif len(s.detok.token_ids) >= s.sampling.max_tokens:
+                s.push(TokenDelta(text, (tid,)))
+                s.finish("length")
+            else:
+                s.push(TokenDelta(text, (tid,)))
+
+    def end(self) -> None:
+        pass
+
+    def done_mask(self) -> list[bool]:
+        for s in self.batch:
+            if s.finish_reason is None and s.aborted:
+                s.finish("abort")
+        return [s.finish_reason is not None for s in self.batch]
+
+
+class _RowStopper:
+    def __init__(self, rows: _Rows) -> None:
+        self.rows = rows
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.tensor(self.rows.done_mask(), dtype=torch.bool, device=input_ids.device)
+
+
+class _RowSampler:
+    """Samples each row with its own temperature/top_p/generator; greedy rows are left as is."""
+
+    def __init__(self, batch: list[_Seq]) -> None:
+        self.batch = batch
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        for i, s in enumerate(self.batch):
+            t = s.sampling.temperature
+            if t == 0 or s.finish_reason is not None:
+                continue
+            probs = torch.softmax(scores[i].float() / t, dim=-1)
+            if s.sampling.top_p < 1.0:
+                sorted_p, order = torch.sort(probs, descending=True)
+                # keep the smallest prefix whose mass reaches top_p (always the top token)
+                drop = torch.cumsum(sorted_p, dim=-1) - sorted_p >= s.sampling.top_p
+                sorted_p[drop] = 0
+                probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+            token = torch.multinomial(probs, 1, generator=s.generator)
+            row = torch.full_like(scores[i], float("-inf"))
+            row[token] = 0.0
+            scores[i] = row
+        return scores

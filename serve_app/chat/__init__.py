@@ -1,0 +1,1 @@
+"""OpenAI-compatible chat and text completions served by the LLM deployments."""

@@ -1,0 +1,128 @@
+"""Chat and completions end to end: the official `openai` client against the real app (ingress →
+LLM deployment, configs/local.yaml) on the shared local Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.ray
+
+
+def _llm_config() -> dict:
+    doc = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
+    models = doc["applications"][0]["args"].get("llm_models") or []
+    if not models:
+        pytest.skip("configs/local.yaml has no llm_models")
+    return models[0]
+
+
+@pytest.fixture(scope="module")
+def llm_model() -> str:
+    return _llm_config()["name"]
+
+
+@pytest.fixture(scope="module")
+def client(genserve_url: str, api_key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=genserve_url + "/v1", api_key=api_key, max_retries=0)
+
+
+def test_chat_streamed_and_not(client: openai.OpenAI, llm_model: str) -> None:
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a lighthouse at dawn"}]
+    full = client.chat.completions.create(model=llm_model, messages=msgs, max_tokens=12, temperature=0)
+    assert full.object == "chat.completion" and full.model == llm_model
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    assert full.choices[0].finish_reason in ("length", "stop")
+    stream = client.chat.completions.create(model=llm_model, messages=msgs, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_completions_n_seed_and_alias(client: openai.OpenAI, llm_model: str) -> None:
+    alias = (_llm_config().get("aliases") or [llm_model])[0]
+    a = client.completions.create(model=alias, prompt="hello", max_tokens=6, n=2, seed=11, user="u1")
+    b = client.completions.create(model=llm_model, prompt="hello", max_tokens=6, n=2, seed=11)
+    assert a.model == llm_model and [c.index for c in a.choices] == [0, 1]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    streamed = list(client.completions.create(model=llm_model, prompt="hello", max_tokens=6, stream=True))
+    assert streamed[-1].choices[0].finish_reason in ("length", "stop")
+
+
+def test_errors_through_the_client(client: openai.OpenAI, llm_model: str, genserve_url: str, auth: dict) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=llm_model, messages=[])
+    assert e.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=llm_model, messages=[{"role": "user", "content": "x"}],
+                                       temperature=-1)
+    ctx = _llm_config().get("max_model_len", 2048)
+    r = httpx.post(genserve_url + "/v1/completions", timeout=60, headers=auth,
+                   json={"model": llm_model, "prompt": "castle " * (ctx + 10), "stream": True})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = httpx.post(genserve_url + "/v1/chat/completions", timeout=60, headers=auth,
+                   json={"model": llm_model, "messages": [{"role": "oracle", "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"
+
+
+def test_client_disconnect_aborts_in_the_engine(genserve_url: str, llm_model: str, auth: dict) -> None:
+    from ray import serve
+
+    handle = serve.get_deployment_handle(f"LLM-{llm_model}", app_name="genserve")
+    ctx = _llm_config().get("max_model_len", 2048)
+    body = {"model": llm_model, "messages": [{"role": "user", "content": "go on"}], "stream": True,
+            "max_tokens": ctx - 64}
+    with httpx.stream("POST", genserve_url + "/v1/chat/completions", json=body, timeout=60, headers=auth) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
+        assert handle.stats.remote().result()["running"] >= 1
+    deadline = time.monotonic() + 20
+    while handle.stats.remote().result()["running"] > 0:
+        assert time.monotonic() < deadline, "generation kept running after the client left"
+        time.sleep(0.2)
+
+
+def test_streamed_and_plain_usage_land_in_the_ledger(client: openai.OpenAI, llm_model: str, genserve_url: str,
+                                                      auth: dict) -> None:
+    """The tenant's recorded tokens grow by exactly what the responses' own `usage` says."""
+    def tokens() -> tuple[int, int]:
+        today = httpx.get(genserve_url + "/v1/usage", headers=auth).json()["today"]
+        return today["prompt_tokens"], today["completion_tokens"]
+
+    msgs = [{"role": "user", "content": "count these tokens"}]
+    before = tokens()
+    plain = client.chat.completions.create(model=llm_model, messages=msgs, max_tokens=9, temperature=0)
+    stream = client.chat.completions.create(model=llm_model, messages=msgs, max_tokens=9, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    streamed_usage = [c.usage for c in stream if c.usage is not None][-1]
+    after = tokens()
+    assert after[0] - before[0] == plain.usage.prompt_tokens + streamed_usage.prompt_tokens
+    assert after[1] - before[1] == plain.usage.completion_tokens + streamed_usage.completion_tokens
+
+
+def test_enhance_chains_llm_then_diffusion(genserve_url: str, auth: dict) -> None:
+    """ingress → LLM (prompt expansion) → diffusion; the random model's prose is gibberish, so this
+    checks the plumbing: the drawn prompt is the LLM's text, and the image is generated."""
+    r = httpx.post(genserve_url + "/v1/images/generations", headers=auth, timeout=120,
+                   json={"prompt": "a red fox --enhance --seed 3", "model": "sdxl-tiny"})
+    assert r.status_code == 200, r.text
+    revised = r.json()["data"][0]["revised_prompt"]
+    assert revised and revised != "a red fox"
+    again = httpx.post(genserve_url + "/v1/images/generations", headers=auth, timeout=120,
+                       json={"prompt": "a red fox", "enhance": False, "seed": 3, "model": "sdxl-tiny"})
+    assert again.json()["data"][0]["revised_prompt"] == "a red fox"
