@@ -6,6 +6,9 @@ from fastapi import FastAPI
 
 from serve_app.api import health, models
 from serve_app.chat import router as chat
+from serve_app.jobs import router as jobs
+from serve_app.library import library_router
+from serve_app.storage import files_router
 from serve_app.errors import install_error_handlers
 from serve_app.images import router as images
 from serve_app.middleware import RequestGuard
@@ -18,6 +21,7 @@ def create_app(services: Services) -> FastAPI:
     app.state.services = services
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_body_bytes=services.config.limits.max_body_bytes)
-    for r in (health.router, models.router, images.router, chat.router, admin_router, usage_router):
+    for r in (health.router, models.router, images.router, chat.router, jobs.router, library_router, files_router,
+              admin_router, usage_router):
         app.include_router(r)
     return app

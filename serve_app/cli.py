@@ -20,9 +20,10 @@ def main() -> None:
 
 def _mount_feature_commands() -> None:
     """Each feature owns its commands; the CLI only gathers them."""
+    from serve_app.library.cli import templates
     from serve_app.tenancy.cli import keys, tenants, usage
 
-    for cmd in (tenants, keys, usage):
+    for cmd in (tenants, keys, usage, templates):
         main.add_command(cmd)
 
 

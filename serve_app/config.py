@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serve_app.jobs.config import JobsConfig
+from serve_app.storage.config import StorageConfig
 from serve_app.tenancy.config import TenancyConfig
 
 
@@ -110,6 +112,8 @@ class AppConfig(_Strict):
     templates: list[PromptTemplateConfig] = Field(default_factory=list)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     tenancy: TenancyConfig = Field(default_factory=TenancyConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
     work_dir: Path = Field(Path(".work"), description="Databases, results and caches (relative to cwd).")
 
     @model_validator(mode="after")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -9,9 +10,13 @@ from ray import serve
 
 from serve_app.app import create_app
 from serve_app.config import AppConfig, load_app_config
+from serve_app.jobs.service import JOBS_KEY, Jobs
+from serve_app.library import LIBRARY_KEY, Library
 from serve_app.prompts.render import ConfigTemplates
 from serve_app.state import Services
+from serve_app.storage import STORAGE_KEY, build_store
 from serve_app.tenancy import TENANCY_KEY, Tenancy, ensure_local_tenant
+from serve_app.webhooks import WebhookSender
 
 logger = logging.getLogger("genserve.ingress")
 
@@ -21,8 +26,13 @@ def build_services(cfg: AppConfig, diffusion: dict[str, Any], llm: dict[str, Any
     tenancy = Tenancy(cfg.tenancy, work_dir=cfg.work_dir)  # runs `alembic upgrade head` under a lock
     if cfg.tenancy.local_tenant.enabled:
         ensure_local_tenant(tenancy)
+    storage = build_store(cfg.storage, work_dir=cfg.work_dir)
+    library = Library(tenancy.engine, cfg.templates)
+    webhooks = WebhookSender(cfg.jobs.webhooks, work_dir=cfg.work_dir, engine=tenancy.engine)
+    jobs = Jobs(config=cfg.jobs, tenancy=tenancy, storage=storage, diffusion=dict(diffusion), library=library,
+                webhooks=webhooks)
     return Services(config=cfg, diffusion=dict(diffusion), llm=dict(llm), templates=ConfigTemplates(cfg),
-                    extras={TENANCY_KEY: tenancy})
+                    extras={TENANCY_KEY: tenancy, STORAGE_KEY: storage, LIBRARY_KEY: library, JOBS_KEY: jobs})
 
 
 @serve.deployment(
@@ -36,6 +46,13 @@ def build_services(cfg: AppConfig, diffusion: dict[str, Any], llm: dict[str, Any
 class Ingress:
     def __init__(self, config: AppConfig | dict, diffusion: dict[str, Any], llm: dict[str, Any] | None = None) -> None:
         self.services = build_services(load_app_config(config), diffusion, llm or {})
+        # Leases, heartbeats and the reaper of async jobs run on this replica's event loop.
+        self.services.extras[JOBS_KEY].runner.start()
 
     def __serve_build_asgi_app__(self):
         return create_app(self.services)
+
+    async def check_health(self) -> None:
+        """Unhealthy if the app database can't be reached: Serve then replaces this replica."""
+        tenancy = self.services.extras[TENANCY_KEY]
+        await asyncio.to_thread(tenancy.ping)

@@ -58,6 +58,7 @@ def ray_cluster(tiny_models_dir: Path):
 
 
 ADMIN_TOKEN = "test-admin-token"
+WEBHOOK_SECRET = "test-webhook-secret"
 
 
 def local_config_doc(port: int, work_dir: Path) -> dict:
@@ -67,6 +68,9 @@ def local_config_doc(port: int, work_dir: Path) -> dict:
     args = doc["applications"][0]["args"]
     args["work_dir"] = str(work_dir)
     args.setdefault("tenancy", {})["admin_token"] = ADMIN_TOKEN
+    # Short leases so lost jobs are re-run within seconds; webhooks may target this host.
+    args["jobs"] = {"lease_s": 4, "heartbeat_s": 1, "reap_interval_s": 1, "retry_backoff_s": 0.2,
+                    "webhooks": {"secret": WEBHOOK_SECRET, "allow_hosts": ["127.0.0.1"], "backoff_s": 0.2}}
     return doc
 
 

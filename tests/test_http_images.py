@@ -96,7 +96,7 @@ BAD = [
     ({"prompt": "x", "model": "unknown"}, 404, "model"),
     ({"prompt": "x --s 9999"}, 422, "--s"),
     ({"prompt": "x --wat"}, 422, "--wat"),
-    ({"prompt": "x", "response_format": "url"}, 400, "response_format"),
+    ({"prompt": "x", "response_format": "png"}, 400, "response_format"),
     ({"prompt": "x", "stepz": 3}, 400, "stepz"),
     ({"prompt": "x", "seed": -5}, 400, "seed"),
 ]

@@ -51,6 +51,10 @@ def test_template_defaults_and_override() -> None:
     r = render("ignored", template="portrait", variables={"subject": "an old fisherman"})
     assert r.prompt.startswith("Professional portrait of an old fisherman")
     assert r.parsed.params.aspect_ratio == (3, 4) and r.parsed.params.stylize == 250
+    # The user's own flags win over the template's defaults; the others stay; --no adds up.
+    r = render("x --s 50 --seed 4 --no blur", template="portrait", variables={"subject": "a cat"})
+    p = r.parsed.params
+    assert (p.stylize, p.aspect_ratio, p.seed, p.negative) == (50, (3, 4), 4, ("blur",))
     # The user's prompt is available to the template as {prompt}; missing variables name themselves.
     with pytest.raises(APIError) as e:
         render("x", template="portrait")

@@ -90,6 +90,9 @@ class DiffusionServer:
         self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.batches_run = 0
         self.images_done = 0
+        self.images_cancelled = 0
+        # Last denoising step each recent task reached (bounded), to show where a cancel stopped it.
+        self.last_step: dict[str, int] = {}
         logger.info("model %s (%s) loaded on %s in %.1fs", name, model, self.device, self.load_s)
 
     # Called in the engine's thread: cheap bookkeeping only.
@@ -97,6 +100,9 @@ class DiffusionServer:
         if task_id is None:
             return
         self._progress[task_id] = (step, total)
+        self.last_step[task_id] = step
+        if len(self.last_step) > 1024:
+            self.last_step.pop(next(iter(self.last_step)))
         listener = self._listeners.get(task_id)
         if listener is not None:
             loop, queue = listener
@@ -128,9 +134,11 @@ class DiffusionServer:
                 zip(images, items, strict=True)]
 
     async def finish(self, task: ImageTask, d: _Denoised) -> ImageResult:
-        from deployments.diffusion.engine import encode_png
+        from deployments.diffusion.engine import GenerationCancelled, encode_png
 
         if isinstance(d.image, BaseException):
+            if isinstance(d.image, GenerationCancelled):
+                self.images_cancelled += 1
             raise d.image
         params = {
             "prompt": task.prompt, "negative_prompt": task.negative_prompt, "seed": task.seed,
@@ -158,7 +166,8 @@ class DiffusionServer:
         return {"model": self.name, "device": self.device, "gpu_share": self.gpu_share,
                 "assigned_resources": ctx.get_assigned_resources(),
                 "gpu_ids": ctx.get_accelerator_ids().get("GPU", []),
-                "batches_run": self.batches_run, "images_done": self.images_done, "load_s": self.load_s}
+                "batches_run": self.batches_run, "images_done": self.images_done,
+                "images_cancelled": self.images_cancelled, "load_s": self.load_s}
 
 
 @serve.deployment(
@@ -233,6 +242,9 @@ class Diffusion:
 
     async def progress(self, task_id: str) -> tuple[int, int] | None:
         return self.server.progress(task_id)
+
+    async def last_step(self, task_id: str) -> int | None:
+        return self.server.last_step.get(task_id)
 
     async def cancel(self, task_id: str) -> None:
         self.server.cancel(task_id)

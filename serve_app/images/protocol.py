@@ -68,6 +68,7 @@ class GenerationInfo(BaseModel):
     negative_prompt: str
     tile: bool
     batch_sizes: list[int]
+    generation_id: str | None = Field(None, description="Rate it at POST /v1/generations/{id}/rating.")
 
 
 class ImageGenerationResponse(BaseModel):

@@ -11,21 +11,23 @@ from deployments.diffusion.types import ImageResult
 from serve_app.chat.enhance import Expansion, expand
 from serve_app.errors import APIError, bad_request, unavailable
 from serve_app.images.protocol import (GenerationInfo, ImageData, ImageGenerationRequest,
-                                       ImageGenerationResponse)
-from serve_app.prompts.render import RenderedImageRequest, render_image_request
+                                       ImageGenerationResponse, PromptRenderRequest)
+from serve_app.prompts.render import RenderedImageRequest, TemplateSource, render_image_request
+from serve_app.storage import ResultStore, StorageError, result_key
 from serve_app.state import Services
 
 
-def render(services: Services, req: ImageGenerationRequest) -> RenderedImageRequest:
+def render(services: Services, req: ImageGenerationRequest | PromptRenderRequest,
+           templates: TemplateSource) -> RenderedImageRequest:
     try:
         size = req.parsed_size()
     except ValueError as e:
         raise bad_request(str(e), param="size", code="invalid_size") from None
     return render_image_request(
-        config=services.config, templates=services.templates, prompt=req.prompt, model=req.model, n=req.n,
+        config=services.config, templates=templates, prompt=req.prompt, model=req.model, n=req.n,
         size=size, negative_prompt=req.negative_prompt, seed=req.seed, steps=req.steps,
         guidance_scale=req.guidance_scale, template=req.template, template_version=req.template_version,
-        variables=req.variables, enhance=req.enhance)
+        variables=req.variables, enhance=getattr(req, "enhance", False))
 
 
 async def enhance(services: Services, rendered: RenderedImageRequest) -> tuple[RenderedImageRequest, Expansion]:
@@ -67,17 +69,25 @@ def gpu_seconds(results: list[ImageResult]) -> float:
     return sum(r.compute_s / max(1, r.batch_size) for r in results)
 
 
-def to_response(rendered: RenderedImageRequest, results: list[ImageResult]) -> ImageGenerationResponse:
+async def store_results(store: ResultStore, tenant_id: int, results: list[ImageResult]) -> list[str]:
+    """Upload the PNGs (retried by the store; a StorageError becomes a 503 with its reason)."""
+    try:
+        return [await store.aput(result_key(tenant_id), r.png, "image/png") for r in results]
+    except StorageError as e:
+        raise unavailable(f"Could not store the images: {e.reason}", code="storage_failed") from None
+
+
+def to_response(rendered: RenderedImageRequest, results: list[ImageResult], *, urls: list[str] | None = None,
+                generation_id: str | None = None) -> ImageGenerationResponse:
     first = rendered.tasks[0]
-    data = [ImageData(b64_json=base64.b64encode(r.png).decode("ascii"), revised_prompt=rendered.prompt,
-                      seed=r.seed) for r in results]
+    if urls is not None:
+        data = [ImageData(url=u, revised_prompt=rendered.prompt, seed=r.seed) for u, r in zip(urls, results)]
+    else:
+        data = [ImageData(b64_json=base64.b64encode(r.png).decode("ascii"), revised_prompt=rendered.prompt,
+                          seed=r.seed) for r in results]
     info = GenerationInfo(model=rendered.model.name, width=first.width, height=first.height, steps=first.steps,
                           guidance_scale=first.guidance_scale, negative_prompt=rendered.negative_prompt,
-                          tile=first.tile, batch_sizes=[r.batch_size for r in results])
+                          tile=first.tile, batch_sizes=[r.batch_size for r in results],
+                          generation_id=generation_id)
     return ImageGenerationResponse(created=int(time.time()), data=data, genserve=info)
 
-
-def check_response_format(req: ImageGenerationRequest) -> None:
-    if req.response_format == "url":
-        raise bad_request("response_format 'url' needs result storage, which is not configured; "
-                          "use 'b64_json'.", param="response_format", code="unsupported_response_format")

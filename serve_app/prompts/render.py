@@ -15,7 +15,7 @@ from deployments.diffusion.types import ImageTask, WeightedPrompt
 from serve_app.config import AppConfig, DiffusionModelConfig
 from serve_app.errors import APIError, bad_request, not_found, unprocessable
 from serve_app.prompts import mapping
-from serve_app.prompts.params import ParsedPrompt, PromptParameterError, parse_prompt
+from serve_app.prompts.params import ParsedPrompt, PromptParameterError, PromptParams, parse_prompt
 from serve_app.prompts.templates import MissingVariableError, fill
 
 
@@ -63,24 +63,42 @@ class RenderedImageRequest:
         }
 
 
-def _apply_template(prompt: str, template: str | None, version: int | None, variables: dict[str, str],
-                    templates: TemplateSource) -> str:
+def _parse(text: str) -> ParsedPrompt:
+    try:
+        return parse_prompt(text)
+    except PromptParameterError as e:
+        raise unprocessable(e.message, param=e.param, code="invalid_prompt_parameter") from None
+
+
+def _merge_params(defaults: PromptParams, user: PromptParams) -> PromptParams:
+    """The user's flags win; the template's fill the ones the user didn't give; `--no` adds up."""
+    unset = PromptParams()
+    merged = {k: getattr(user, k) if getattr(user, k) != getattr(unset, k) else getattr(defaults, k)
+              for k in PromptParams.model_fields}
+    merged["negative"] = tuple(dict.fromkeys((*defaults.negative, *user.negative)))
+    return PromptParams(**merged)
+
+
+def _parse_with_template(prompt: str, template: str | None, version: int | None, variables: dict[str, str],
+                         templates: TemplateSource) -> ParsedPrompt:
+    user = _parse(prompt)
     if template is None:
-        return prompt
+        return user
     found = templates.get(template, version)
     if found is None:
         suffix = f" version {version}" if version else ""
         raise not_found(f"Template {template!r}{suffix} does not exist.", param="template",
                         code="template_not_found")
     text, defaults = found
-    # The request's prompt is available to the template as {prompt}; its flags still apply.
+    # The user's text (flags removed) is available to the template as {prompt}.
     try:
-        filled = fill(text, {"prompt": prompt, **variables})
+        filled = fill(text, {"prompt": user.text, **variables})
     except MissingVariableError as e:
         raise unprocessable(f"Template {template!r} needs variable {e.name!r}.",
                             param=f"variables.{e.name}", code="missing_variable") from None
-    # Template defaults first so that flags in the user's own prompt override them.
-    return f"{filled} {defaults}".strip() if defaults else filled
+    drawn = _parse(filled)
+    default_params = _merge_params(_parse(f"x {defaults}").params, drawn.params) if defaults else drawn.params
+    return ParsedPrompt(text=drawn.text, segments=drawn.segments, params=_merge_params(default_params, user.params))
 
 
 def _resolve_model(config: AppConfig, requested: str | None, flag: str | None) -> DiffusionModelConfig:
@@ -126,11 +144,7 @@ def render_image_request(
     if len(prompt) > config.limits.max_prompt_chars:
         raise bad_request(f"prompt is {len(prompt)} characters; the limit is {config.limits.max_prompt_chars}.",
                           param="prompt", code="prompt_too_long")
-    text = _apply_template(prompt, template, template_version, variables or {}, templates)
-    try:
-        parsed = parse_prompt(text)
-    except PromptParameterError as e:
-        raise unprocessable(e.message, param=e.param, code="invalid_prompt_parameter") from None
+    parsed = _parse_with_template(prompt, template, template_version, variables or {}, templates)
     p = parsed.params
     if not parsed.text.strip():
         raise bad_request("prompt has no text besides its parameters.", param="prompt", code="empty_prompt")

@@ -244,6 +244,23 @@ class Tenancy:
             lambda: self.admit_sync(ctx, route=route, model=model, images=images, est_tokens=est_tokens,
                                     est_gpu_seconds=est_gpu_seconds))
 
+    def ping(self) -> None:
+        """Raise if the app database is unreachable (the ingress health check)."""
+        with read_tx(self.engine) as conn:
+            conn.execute(select(1))
+
+    def record_usage(self, ctx: TenantContext, *, route: str, model: str, images: int = 0,
+                     prompt_tokens: int = 0, completion_tokens: int = 0, gpu_seconds: float = 0.0,
+                     status: str = "ok") -> None:
+        """Record usage of work admitted elsewhere (a job re-run after its replica died): the
+        ledger row and the month's spend, without taking rate units, a slot or a hold."""
+        now = time.time()
+        grant = Grant(window_start=window_start(now, self.config.rate_window_s), window_s=self.config.rate_window_s)
+        adm = Admission(self, ctx, route, model, grant, None, now)
+        adm.add(images=images, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                gpu_seconds=gpu_seconds)
+        adm.settle_sync(status)
+
     def _settle(self, adm: Admission) -> None:
         ctx, g = adm.ctx, adm.grant
         tokens = adm.prompt_tokens + adm.completion_tokens

@@ -1,0 +1,1 @@
+"""Async image jobs: durable records, leases that survive dead replicas, progress, cancel."""

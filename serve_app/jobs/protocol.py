@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from serve_app.images.protocol import ImageGenerationRequest
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class JobCreateRequest(ImageGenerationRequest):
+    """`POST /v1/jobs`: the body of `/v1/images/generations`, plus where to report the outcome."""
+
+    webhook_url: str | None = Field(None, max_length=2048)
+
+
+class JobResult(BaseModel):
+    url: str
+    seed: int | None = None
+
+
+class Job(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    status: JobStatus
+    model: str
+    progress: float
+    queue_position: int | None = None
+    estimated_seconds: float | None = None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None
+    results: list[JobResult] = Field(default_factory=list)
+    generation_id: str | None = None
+    prompt: str
+    params: dict
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Job]
+    has_more: bool
+    last_id: str | None = None

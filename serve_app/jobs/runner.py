@@ -1,0 +1,261 @@
+"""Runs jobs through the Serve graph from inside each ingress replica.
+
+No new queue: a job is executed by the replica that accepted it, as ordinary streaming calls to
+the diffusion deployment's handle (Serve routes, batches and applies backpressure). What a queue
+would add, durability, comes from the database: each active job is leased to one replica, which
+renews the lease while it works. A background loop in every replica:
+  - renews its leases and stops jobs whose cancel was requested (or whose lease it lost);
+  - claims jobs whose lease expired (their replica died), re-running them from their stored spec,
+    or failing them with a reason once `max_attempts` runs were used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from typing import Any
+
+import anyio
+
+from deployments.diffusion.types import ImageResult, ImageTask, WeightedPrompt
+from serve_app.jobs.config import JobsConfig
+from serve_app.jobs.store import JobRecord, JobStore
+from serve_app.prompts.render import RenderedImageRequest
+
+logger = logging.getLogger("genserve.jobs")
+
+# Serve's own "try again later" signals: the job goes back to the queue, no attempt is spent.
+_RETRY_LATER = ("BackPressureError", "DeploymentUnavailableError")
+
+
+def spec_of(rendered: RenderedImageRequest, *, tenant: str, base_url: str | None, extra: dict | None = None) -> dict:
+    """Everything a (re-)run needs, JSON-serializable: the tasks carry their seeds."""
+    return {
+        "model": rendered.model.name, "prompt": rendered.prompt, "negative_prompt": rendered.negative_prompt,
+        "tasks": [asdict(t) for t in rendered.tasks], "tenant": tenant, "base_url": base_url,
+        "params": rendered.describe(), **(extra or {}),
+    }
+
+
+def tasks_of(spec: dict, job_id: str, attempt: int) -> list[ImageTask]:
+    tasks = []
+    for i, t in enumerate(spec["tasks"]):
+        weighted = tuple(WeightedPrompt(**w) for w in t.get("weighted_prompts") or ())
+        # A fresh task id per attempt: a cancel mark of a dead attempt must not stop this one.
+        tasks.append(ImageTask(**{**t, "weighted_prompts": weighted, "task_id": f"{job_id}:{attempt}:{i}"}))
+    return tasks
+
+
+class JobRunner:
+    def __init__(self, store: JobStore, *, diffusion: dict[str, Any], config: JobsConfig,
+                 finish_hook: Callable[[JobRecord, list[ImageResult]], Awaitable[dict]] | None = None,
+                 terminal_hook: Callable[[JobRecord], Awaitable[None]] | None = None,
+                 orphan_usage: Callable[[JobRecord, list[ImageResult]], Awaitable[None]] | None = None,
+                 owner: str | None = None) -> None:
+        self.store = store
+        self.diffusion = diffusion
+        self.config = config
+        # Stores results and logs the generation; returns {"result_keys", "generation_id"}.
+        self.finish_hook = finish_hook
+        # Called once per job that this replica moved to a terminal state (webhooks, metrics).
+        self.terminal_hook = terminal_hook
+        # Records usage of a job this replica finished but did not accept (no admission here).
+        self.orphan_usage = orphan_usage
+        self.owner = owner or f"ingress-{uuid.uuid4().hex[:12]}"
+        self._running: dict[str, asyncio.Task] = {}
+        self._settle: dict[str, Callable[[str, list[ImageResult]], Awaitable[None]]] = {}
+        self._loop_task: asyncio.Task | None = None
+        self._seconds_per_image = config.default_seconds_per_image
+
+    # -- public --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._maintenance_loop())
+
+    async def stop(self) -> None:
+        for t in [self._loop_task, *self._running.values()]:
+            if t is not None:
+                t.cancel()
+
+    async def submit(self, *, tenant_id: int, model: str, spec: dict, webhook_url: str | None,
+                     settle: Callable[[str, list[ImageResult]], Awaitable[None]] | None = None) -> JobRecord:
+        job = await anyio.to_thread.run_sync(lambda: self.store.create(
+            tenant_id=tenant_id, model=model, spec=spec, owner=self.owner, lease_s=self.config.lease_s,
+            max_attempts=self.config.max_attempts, webhook_url=webhook_url))
+        if settle is not None:
+            self._settle[job.id] = settle
+        self._spawn(job.id)
+        return job
+
+    def estimated_seconds(self, queue_position: int, n_images: int) -> float:
+        return round((queue_position + 1) * n_images * self._seconds_per_image, 1)
+
+    @property
+    def running(self) -> list[str]:
+        return list(self._running)
+
+    # -- execution ------------------------------------------------------------------------------
+
+    def _spawn(self, job_id: str, delay_s: float = 0.0) -> None:
+        if job_id in self._running:
+            return
+        task = asyncio.get_running_loop().create_task(self._run(job_id, delay_s))
+        self._running[job_id] = task
+        task.add_done_callback(lambda t: self._running.get(job_id) is t and self._running.pop(job_id))
+
+    async def _run(self, job_id: str, delay_s: float) -> None:
+        try:
+            if delay_s:
+                await asyncio.sleep(delay_s)
+            job = await anyio.to_thread.run_sync(self.store.claim, job_id, self.owner, self.config.lease_s)
+        except asyncio.CancelledError:  # cancelled while waiting to (re)start
+            with anyio.CancelScope(shield=True):
+                await self._settle_usage(job_id, "cancelled", [])
+            raise
+        if job is None:  # cancelled while queued, or another replica holds it
+            await self._settle_usage(job_id, "cancelled", [])
+            return
+        started = time.monotonic()
+        try:
+            results = await self._execute(job)
+            outcome = await self.finish_hook(job, results) if self.finish_hook else {}
+        except asyncio.CancelledError:
+            # Our own heartbeat cancelled it: the client asked, or the lease went to someone else.
+            with anyio.CancelScope(shield=True):
+                await self._end(job, "cancelled", error="cancelled by the client")
+                await self._settle_usage(job_id, "cancelled", [])
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure ends as a retry or a reason
+            await self._on_failure(job, e)
+            return
+        n = max(1, len(results))
+        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * (time.monotonic() - started) / n
+        await self._end(job, "succeeded", **outcome)
+        if job_id in self._settle:
+            await self._settle_usage(job_id, "ok", results)
+        elif self.orphan_usage is not None:
+            await self._guarded(self.orphan_usage(job, results))
+
+    async def _execute(self, job: JobRecord) -> list[ImageResult]:
+        handle = self.diffusion.get(job.model)
+        if handle is None:
+            raise RuntimeError(f"model {job.model!r} has no deployment")
+        tasks = tasks_of(job.spec, job.id, job.attempts)
+        steps = [0.0] * len(tasks)
+        last_write = 0.0
+
+        async def one(i: int, task: ImageTask) -> ImageResult:
+            nonlocal last_write
+            result: ImageResult | None = None
+            async for event in handle.options(stream=True).generate_stream.remote(task):
+                if isinstance(event, dict):
+                    steps[i] = event["step"] / max(1, event["total"])
+                    now = time.monotonic()
+                    if now - last_write > 0.5:  # progress writes are throttled, not every step
+                        last_write = now
+                        progress = round(0.99 * sum(steps) / len(steps), 4)
+                        await anyio.to_thread.run_sync(self.store.set_progress, job.id, self.owner, progress)
+                else:
+                    result = event
+            if result is None:
+                raise RuntimeError("the diffusion stream ended without an image")
+            return result
+
+        return list(await asyncio.gather(*(one(i, t) for i, t in enumerate(tasks))))
+
+    async def _on_failure(self, job: JobRecord, exc: Exception) -> None:
+        name = type(exc).__name__
+        reason = f"{name}: {exc}".strip()[:500]
+        if name in _RETRY_LATER:
+            logger.info("job %s: model at capacity, back to the queue", job.id)
+            await anyio.to_thread.run_sync(lambda: self.store.release(job.id, self.owner, error=None))
+            self._respawn_later(job.id)
+            return
+        if job.attempts < job.max_attempts and not isinstance(exc, ValueError):
+            logger.warning("job %s attempt %d/%d failed (%s); retrying", job.id, job.attempts, job.max_attempts,
+                           reason)
+            await anyio.to_thread.run_sync(lambda: self.store.release(job.id, self.owner, error=reason))
+            self._respawn_later(job.id, self.config.retry_backoff_s * 2 ** (job.attempts - 1))
+            return
+        await self._end(job, "failed", error=f"failed after {job.attempts} attempt(s): {reason}")
+        await self._settle_usage(job.id, "error", [])
+
+    def _respawn_later(self, job_id: str, delay_s: float | None = None) -> None:
+        current = self._running.get(job_id)
+
+        def again() -> None:
+            if self._running.get(job_id) is current:
+                self._running.pop(job_id, None)
+            self._spawn(job_id, delay_s if delay_s is not None else self.config.retry_backoff_s)
+
+        asyncio.get_running_loop().call_soon(again)
+
+    async def _end(self, job: JobRecord, status: str, **fields: Any) -> None:
+        ok = await anyio.to_thread.run_sync(lambda: self.store.finish(job.id, self.owner, status, **fields))
+        if not ok:
+            logger.warning("job %s: lease lost before it could be marked %s", job.id, status)
+            return
+        if self.terminal_hook is not None:
+            final = await anyio.to_thread.run_sync(self.store.get, job.id)
+            if final is not None:
+                asyncio.get_running_loop().create_task(self._guarded(self.terminal_hook(final)))
+
+    async def _settle_usage(self, job_id: str, status: str, results: list[ImageResult]) -> None:
+        settle = self._settle.pop(job_id, None)
+        if settle is not None:
+            await settle(status, results)
+
+    @staticmethod
+    async def _guarded(coro: Awaitable[None]) -> None:
+        try:
+            await coro
+        except Exception:  # noqa: BLE001 - a hook's failure must not touch the job
+            logger.exception("job terminal hook failed")
+
+    # -- leases -----------------------------------------------------------------------------------
+
+    async def _maintenance_loop(self) -> None:
+        next_reap = 0.0
+        while True:
+            try:
+                await self._heartbeat()
+                if time.monotonic() >= next_reap:
+                    next_reap = time.monotonic() + self.config.reap_interval_s
+                    await self._reap()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a DB hiccup must not stop the loop
+                logger.exception("job maintenance failed; retrying")
+            await asyncio.sleep(self.config.heartbeat_s)
+
+    async def _heartbeat(self) -> None:
+        ids = list(self._running)
+        held = await anyio.to_thread.run_sync(self.store.heartbeat, ids, self.owner, self.config.lease_s)
+        for job_id in ids:
+            task = self._running.get(job_id)
+            # Cancel requested, or no longer ours (ended, or re-claimed after our lease lapsed).
+            if task is not None and held.get(job_id, True):
+                task.cancel()
+
+    async def _reap(self) -> None:
+        for job in await anyio.to_thread.run_sync(self.store.expired):
+            if job.id in self._running:
+                continue
+            if job.attempts >= job.max_attempts:
+                reason = (f"lease expired after {job.attempts} attempt(s): the replica running it stopped "
+                          f"(last owner {job.lease_owner})")
+                if await anyio.to_thread.run_sync(self.store.fail_exhausted, job.id, reason):
+                    logger.warning("job %s failed: %s", job.id, reason)
+                    if self.terminal_hook is not None:
+                        final = await anyio.to_thread.run_sync(self.store.get, job.id)
+                        if final is not None:
+                            await self._guarded(self.terminal_hook(final))
+                continue
+            logger.info("job %s: lease of %s expired; re-running", job.id, job.lease_owner)
+            self._spawn(job.id)
+
