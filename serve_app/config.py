@@ -31,6 +31,15 @@ class BatchingConfig(_Strict):
     )
 
 
+class OptimizeConfig(_Strict):
+    """Pipeline speed-ups (deployments/diffusion/optimize.py). Eager is the default: compiling costs
+    minutes per shape at replica start."""
+
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "none"
+    channels_last: bool = False
+    fuse_qkv: bool = False
+
+
 class DiffusionModelConfig(_Strict):
     name: str = Field(description="Public model name (the `model` field of requests).")
     family: Literal["sdxl", "wuerstchen"]
@@ -51,6 +60,7 @@ class DiffusionModelConfig(_Strict):
         None, description="Run the heavy models once per image so a seed gives the same pixels alone or "
         "in a batch (CPU kernels change with batch size). None = on for CPU, off for CUDA.")
     decoder_steps: int = Field(12, ge=1, le=100, description="Würstchen decoder steps (task steps are the prior's).")
+    optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
     description: str = ""
 
     @model_validator(mode="after")

@@ -21,7 +21,7 @@ def _diffusion_app(m, cfg: AppConfig) -> Application:
     return Diffusion.options(name=m.deployment_name).bind(
         name=m.name, family=m.family, model=m.model, dtype=m.dtype, device=m.device, variant=m.variant,
         max_batch_size=m.batching.max_batch_size, batch_wait_timeout_s=m.batching.batch_wait_timeout_s,
-        batch_invariant=m.batch_invariant, decoder_steps=m.decoder_steps)
+        batch_invariant=m.batch_invariant, decoder_steps=m.decoder_steps, optimize=m.optimize.model_dump())
 
 
 def _llm_apps(cfg: AppConfig) -> dict[str, Application]:

@@ -70,7 +70,7 @@ class DiffusionServer:
 
     def __init__(self, *, name: str, family: str, model: str, dtype: str = "float32", device: str = "auto",
                  variant: str | None = None, batch_invariant: bool | None = None, decoder_steps: int = 12,
-                 engine: Any = None) -> None:
+                 optimize: dict | None = None, engine: Any = None) -> None:
         from deployments.diffusion.engine import DiffusionEngine
 
         self.name = name
@@ -80,7 +80,7 @@ class DiffusionServer:
         t0 = time.monotonic()
         self.engine = engine or DiffusionEngine.from_pretrained(
             name, model, family, dtype=dtype, device=self.device, variant=variant, batch_invariant=batch_invariant,
-            decoder_steps=decoder_steps)
+            decoder_steps=decoder_steps, optimize=optimize)
         self.load_s = time.monotonic() - t0
         self._png_pool = ThreadPoolExecutor(max_workers=max(2, (os.cpu_count() or 2) // 2),
                                             thread_name_prefix="png")
@@ -183,9 +183,10 @@ class DiffusionServer:
 class Diffusion:
     def __init__(self, *, name: str, family: str, model: str, dtype: str = "float32", device: str = "auto",
                  variant: str | None = None, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.05,
-                 batch_invariant: bool | None = None, decoder_steps: int = 12) -> None:
+                 batch_invariant: bool | None = None, decoder_steps: int = 12, optimize: dict | None = None) -> None:
         self.server = DiffusionServer(name=name, family=family, model=model, dtype=dtype, device=device,
-                                      variant=variant, batch_invariant=batch_invariant, decoder_steps=decoder_steps)
+                                      variant=variant, batch_invariant=batch_invariant, decoder_steps=decoder_steps,
+                                      optimize=optimize)
         self._set_batching(max_batch_size, batch_wait_timeout_s)
 
     def _set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:

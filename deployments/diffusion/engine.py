@@ -23,6 +23,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from deployments.diffusion.loading import FAMILIES, load_pipeline
+from deployments.diffusion.optimize import OptimizeOptions
+from deployments.diffusion.optimize import apply as apply_optimizations
 from deployments.diffusion.types import ImageResult, ImageTask, WeightedPrompt
 
 OnStep = Callable[[str | None, int, int], None]
@@ -209,10 +211,12 @@ class DiffusionEngine:
         variant: str | None = None,
         decoder_steps: int = 12,
         batch_invariant: bool | None = None,
+        optimize: dict | OptimizeOptions | None = None,
     ) -> DiffusionEngine:
         pipeline = load_pipeline(
             model_id_or_path, family, dtype=dtype, device=device, variant=variant  # type: ignore[arg-type]
         )
+        pipeline = apply_optimizations(pipeline, family, OptimizeOptions.of(optimize))
         return cls(
             name, pipeline, family, decoder_steps=decoder_steps, batch_invariant=batch_invariant
         )
