@@ -1,0 +1,145 @@
+"""The web playground at `/`, driven by Debian's headless Chromium (Playwright) against the real
+app on the tiny models: key, live parameter parsing, template variables, generate with progress,
+gallery, rating, streamed chat. Screenshots go to tests/artifacts/."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from conftest import ARTIFACTS
+
+playwright_sync = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    if not shutil.which(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not found: apt-get install -y chromium")
+    with playwright_sync.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def test_page_and_assets_are_served_without_a_key(genserve_url: str) -> None:
+    r = httpx.get(genserve_url + "/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html"), (r.status_code, r.text[:200])
+    assert '<label for="api-key">' in r.text
+    for name, ctype in (("app.js", "javascript"), ("style.css", "text/css")):
+        a = httpx.get(f"{genserve_url}/static/{name}")
+        assert a.status_code == 200 and ctype in a.headers["content-type"], (name, a.status_code)
+    missing = httpx.get(f"{genserve_url}/static/secret.py")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "static_not_found"
+    assert httpx.get(f"{genserve_url}/v1/models").status_code == 401  # the API itself still needs a key
+
+
+def test_playground_generate_rate_and_chat(genserve_url: str, api_key: str, auth: dict, browser) -> None:
+    expect = playwright_sync.expect
+    tpl = f"pg_{uuid.uuid4().hex[:6]}"
+    r = httpx.post(f"{genserve_url}/v1/templates", headers=auth, json={
+        "name": tpl, "category": "test", "template": "A {animal} in a {place}, oil painting", "defaults": "--ar 2:1"})
+    assert r.status_code == 201, r.text
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport={"width": 1200, "height": 950})
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
+
+    def on_console(m) -> None:  # the 422 of the bad `--s 5000` preview is provoked below
+        if m.type == "error" and "status of 422" not in m.text:
+            problems.append(f"console.{m.type}: {m.text}")
+
+    page.on("console", on_console)
+
+    # The key, entered once, is kept in localStorage and survives a reload.
+    page.goto(genserve_url + "/")
+    expect(page.locator("#key-status")).to_contain_text("Enter your API key")
+    page.get_by_label("API key").fill(api_key)
+    page.get_by_role("button", name="Save key").click()
+    expect(page.locator("#key-status")).to_contain_text("accepted")
+    page.reload()
+    expect(page.locator("#key-status")).to_contain_text("accepted")
+    assert page.get_by_label("API key").input_value() == api_key
+    expect(page.locator("#model option[value='sdxl-tiny']")).to_have_count(1)
+    expect(page.locator("#model option[value='tiny-chat']")).to_have_count(0)  # chat models only in the chat tab
+
+    # Live parsing: what --ar, --no, --seed and :: weights became.
+    prompt = page.get_by_label("Prompt")
+    prompt.fill("a lighthouse::2 stormy sea::1 --ar 3:2 --no people, boats --seed 42")
+    parsed = page.locator("#parsed")
+    expect(parsed.locator("[data-param=aspect_ratio]")).to_contain_text("3:2 → 80×56")
+    expect(parsed.locator("[data-param=negative]")).to_have_text("people, boats")
+    expect(parsed.locator("[data-param=seed]")).to_have_text("42")
+    expect(parsed.locator("[data-param=weights] .chip")).to_have_text(["a lighthouse × 2", "stormy sea × 1"])
+    prompt.fill("a cat --s 5000")
+    expect(page.locator("#parsed-error")).to_contain_text("--s must be between 0 and 1000, got 5000")
+
+    # Template picker: its variables become labelled inputs; the preview shows the filled text.
+    page.get_by_label("Template").select_option(tpl)
+    page.get_by_label("animal").fill("otter")
+    page.get_by_label("place").fill("library")
+    prompt.fill("--seed 7")
+    expect(parsed.locator("[data-param=prompt]")).to_have_text("A otter in a library, oil painting")
+    expect(parsed.locator("[data-param=aspect_ratio]")).to_contain_text("2:1")
+    page.get_by_label("Template").select_option("")
+    expect(page.locator("#template-vars")).to_be_hidden()
+
+    # Generate: progress is shown (watched with a MutationObserver), then the image in the gallery.
+    prompt.fill("a lighthouse at dawn, watercolor --ar 3:2 --no people")
+    page.get_by_label("Seed").fill("42")
+    page.get_by_label("Steps").fill("4")
+    page.evaluate("""() => { window.__progress = [];
+        new MutationObserver(() => window.__progress.push(document.getElementById('progress-text').textContent))
+          .observe(document.getElementById('progress-text'), {childList: true, characterData: true, subtree: true}); }""")
+    page.get_by_role("button", name="Generate").click()
+    card = page.locator("#gallery li").first
+    expect(card).to_be_visible(timeout=120_000)
+    page.wait_for_function("() => { const i = document.querySelector('#gallery img'); return i && i.complete && i.naturalWidth > 0; }")
+    assert page.evaluate("document.querySelector('#gallery img').naturalWidth") == 80
+    seen = page.evaluate("window.__progress")
+    assert seen[0] == "Submitting…" and seen[-1] == "Done: 100 %", seen
+    assert any(s.startswith(("Queued", "Generating")) for s in seen), seen
+    assert page.locator("#progress").get_attribute("value") == "100"
+    expect(card.locator(".meta")).to_contain_text("sdxl-tiny · 80×56 · 4 steps")
+    expect(card.locator(".meta")).to_contain_text("seed 42")
+    expect(card.locator(".meta")).to_contain_text("no: people")
+
+    # Rate it 4/5 with the keyboard-reachable radio group; the server has the rating.
+    card.locator(".rating label").nth(3).click()
+    expect(card.locator(".rating [role=status]")).to_have_text("rated 4/5")
+    job = httpx.get(f"{genserve_url}/v1/jobs/{card.get_attribute('data-job')}", headers=auth).json()
+    gen = httpx.get(f"{genserve_url}/v1/generations/{job['generation_id']}", headers=auth).json()
+    assert gen["rating"] == 4, gen
+    page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
+
+    # Chat tab via the keyboard (ARIA tabs: arrow keys), then a streamed reply.
+    page.locator("#tab-images").focus()
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#panel-chat")).to_be_visible()
+    expect(page.locator("#tab-chat")).to_be_focused()
+    expect(page.get_by_label("Chat model")).to_have_value("tiny-chat")
+    page.evaluate("""() => { window.__chunks = 0;
+        new MutationObserver(() => window.__chunks++).observe(document.getElementById('chat-log'),
+          {childList: true, characterData: true, subtree: true}); }""")
+    page.get_by_label("Message").fill("Tell me about lighthouses")
+    page.keyboard.press("Enter")
+    expect(page.locator("#chat-status")).to_contain_text("tokens", timeout=60_000)
+    reply = page.locator("#chat-log li.assistant").first.text_content() or ""
+    assert reply.strip(), "the assistant bubble stayed empty"
+    assert page.evaluate("window.__chunks") >= 4, "the reply arrived in one piece, not streamed"
+    expect(page.locator("#chat-log li.user")).to_have_text("Tell me about lighthouses")
+    page.screenshot(path=str(ARTIFACTS / "playground-chat.png"), full_page=True)
+
+    assert not problems, problems
+    context.close()
