@@ -160,7 +160,7 @@ def phase_raw(args: argparse.Namespace, path: Path) -> dict:
 
 
 def _serve_doc(path: Path, work: Path, *, port: int, batch: int, size: int, steps: int, device: str, dtype: str,
-               replicas: int, num_gpus: float, tiny: bool) -> dict:
+               replicas: int, num_gpus: float, tiny: bool, env: dict | None = None) -> dict:
     args = {
         "work_dir": str(work),
         "diffusion_models": [{
@@ -174,7 +174,9 @@ def _serve_doc(path: Path, work: Path, *, port: int, batch: int, size: int, step
                                "max_steps": None, "monthly_budget_usd": None, "priority": 1}],
                     "default_plan": "bench"},
     }
-    actor = {"num_cpus": 1}
+    actor: dict[str, Any] = {"num_cpus": 1}
+    if env:
+        actor["runtime_env"] = {"env_vars": env}
     if device == "cuda":
         actor["num_gpus"] = num_gpus
     return {
@@ -182,9 +184,11 @@ def _serve_doc(path: Path, work: Path, *, port: int, batch: int, size: int, step
         "applications": [{
             "name": "bench", "route_prefix": "/", "import_path": "serve_app.graph:build_app", "args": args,
             "deployments": [
-                {"name": "Ingress", "num_replicas": 1, "max_ongoing_requests": 1024,
+                {"name": "Ingress", "num_replicas": 2, "max_ongoing_requests": 1024,
                  "ray_actor_options": {"num_cpus": 1}},
-                {"name": "Diffusion-bench", "num_replicas": replicas, "max_ongoing_requests": 3 * batch,
+                # Room for a batch running, one gathering and one finishing (PNG + return): below
+                # that, batches stop filling (measured: 3x batch gave a mean batch of 5.3 of 8).
+                {"name": "Diffusion-bench", "num_replicas": replicas, "max_ongoing_requests": 6 * batch,
                  "max_queued_requests": 4096, "ray_actor_options": actor},
             ],
         }],
@@ -192,7 +196,7 @@ def _serve_doc(path: Path, work: Path, *, port: int, batch: int, size: int, step
 
 
 def run_graph(args: argparse.Namespace, path: Path, *, batch: int, size: int, steps: int, replicas: int,
-              num_gpus: float, images: int, label: str) -> dict:
+              num_gpus: float, images: int, label: str, env: dict | None = None) -> dict:
     import ray
     from ray import serve
 
@@ -202,7 +206,7 @@ def run_graph(args: argparse.Namespace, path: Path, *, batch: int, size: int, st
     work = Path(tempfile.mkdtemp(prefix=f"gs-{label}-"))
     port = _free_port()
     doc = _serve_doc(path, work, port=port, batch=batch, size=size, steps=steps, device=args.device,
-                     dtype=args.dtype, replicas=replicas, num_gpus=num_gpus, tiny=args.tiny)
+                     dtype=args.dtype, replicas=replicas, num_gpus=num_gpus, tiny=args.tiny, env=env)
     ray.init(num_cpus=max(8, os.cpu_count() or 2), num_gpus=1 if args.device == "cuda" else 0,
              include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k in ("PYTHONPATH", "PATH")}})
@@ -217,7 +221,7 @@ def run_graph(args: argparse.Namespace, path: Path, *, batch: int, size: int, st
         body = {"prompt": PROMPT, "model": "bench", "size": f"{size}x{size}", "steps": steps, "response_format": "url"}
         first = asyncio.run(closed_loop_images(url, body, total_requests=1, concurrency=1, headers=headers))
         cold_start_s = time.perf_counter() - t0
-        concurrency = args.concurrency or 4 * batch * replicas
+        concurrency = args.concurrency or 8 * batch * replicas
         asyncio.run(closed_loop_images(url, body, total_requests=2 * batch * replicas, concurrency=concurrency,
                                        headers=headers))  # warm-up: every replica's kernels and batch shape
         with GpuSampler() as gpu:
@@ -249,12 +253,20 @@ def phase_serve(args: argparse.Namespace, path: Path) -> dict:
         torch.cuda.empty_cache()
     graph = run_graph(args, path, batch=batch, size=size, steps=steps, replicas=1, num_gpus=1.0,
                       images=args.serve_images, label="graph_1x1.0")
+    extra = {}
+    if args.diagnose:
+        # Same graph with the denoising loop run on the replica's event-loop thread (nothing else
+        # in that process runs meanwhile): isolates GIL contention inside the replica.
+        extra["graph_denoise_on_loop"] = run_graph(
+            args, path, batch=batch, size=size, steps=steps, replicas=1, num_gpus=1.0, images=args.serve_images,
+            label="graph_1x1.0_denoise_on_loop", env={"GENSERVE_DENOISE_ON_LOOP": "1"})
     pipe = load_raw(path, args.device, args.dtype)
     after = time_raw(pipe, args.device, batch=batch, size=size, steps=steps, reps=reps)
     del pipe
     raw_ips = statistics.mean([before["images_per_s"], after["images_per_s"]])
-    return {"raw_before": {**before, "gpu": g1.summary()}, "raw_after": after, "graph": graph,
-            "ratio_graph_over_raw": round(graph["images_per_s"] / raw_ips, 4)}
+    return {"raw_before": {**before, "gpu": g1.summary()}, "raw_after": after, "graph": graph, **extra,
+            "ratio_graph_over_raw": round(graph["images_per_s"] / raw_ips, 4),
+            **{f"ratio_{k}_over_raw": round(v["images_per_s"] / raw_ips, 4) for k, v in extra.items()}}
 
 
 def phase_fractional(args: argparse.Namespace, path: Path) -> dict:
@@ -324,6 +336,7 @@ def main() -> None:
     ap.add_argument("--serve-batch", type=int, default=8)
     ap.add_argument("--serve-images", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=None)
+    ap.add_argument("--diagnose", action="store_true", help="serve phase: also run with denoising on the loop")
     ap.add_argument("--optimize-shape", type=lambda s: _pairs(s)[0], default=None)
     ap.add_argument("--optimize-batch", type=int, default=1)
     ap.add_argument("--optimize-reps", type=int, default=3)
