@@ -6,6 +6,7 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v promtool >/dev/null || need+=(prometheus)  # promtool checks the alert rules
 command -v npm >/dev/null || need+=(nodejs npm)       # s3rver, the S3 server that enforces URL expiry
+command -v chromium >/dev/null || need+=(chromium fonts-liberation)  # the playground's browser test
 install_node_modules() {
   # npm packages the tests run (tests/node/package-lock.json pins them).
   [ -d tests/node/node_modules ] || npm ci --prefix tests/node --no-audit --no-fund --loglevel=error

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from serve_app import playground
 from serve_app.api import health, models
 from serve_app.chat import router as chat
-from serve_app.jobs import router as jobs
-from serve_app.library import library_router
-from serve_app.storage import files_router
 from serve_app.errors import install_error_handlers
 from serve_app.images import router as images
+from serve_app.jobs import router as jobs
+from serve_app.library import library_router
 from serve_app.middleware import RequestGuard
 from serve_app.state import Services
+from serve_app.storage import files_router
+from serve_app.telemetry.middleware import TelemetryMiddleware
 from serve_app.tenancy import admin_router, usage_router
+
+ROUTERS = (health.router, models.router, images.router, chat.router, jobs.router, library_router, files_router,
+           admin_router, usage_router, playground.router)
 
 
 def create_app(services: Services) -> FastAPI:
@@ -21,7 +26,8 @@ def create_app(services: Services) -> FastAPI:
     app.state.services = services
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_body_bytes=services.config.limits.max_body_bytes)
-    for r in (health.router, models.router, images.router, chat.router, jobs.router, library_router, files_router,
-              admin_router, usage_router):
+    # Outermost: request id, root span, latency and access log also for what the guard rejects.
+    app.add_middleware(TelemetryMiddleware, access_log=services.config.telemetry.access_log)
+    for r in ROUTERS:
         app.include_router(r)
     return app

@@ -20,10 +20,13 @@ def main() -> None:
 
 def _mount_feature_commands() -> None:
     """Each feature owns its commands; the CLI only gathers them."""
+    from clients.telegram.cli import bot
+    from serve_app.bench_cli import bench
     from serve_app.library.cli import templates
+    from serve_app.telemetry.status import status
     from serve_app.tenancy.cli import keys, tenants, usage
 
-    for cmd in (tenants, keys, usage, templates):
+    for cmd in (tenants, keys, usage, templates, status, bot, bench):
         main.add_command(cmd)
 
 

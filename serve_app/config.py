@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serve_app.jobs.config import JobsConfig
 from serve_app.storage.config import StorageConfig
+from serve_app.telemetry.config import TelemetryConfig
 from serve_app.tenancy.config import TenancyConfig
 
 
@@ -29,6 +30,27 @@ class BatchingConfig(_Strict):
     batch_wait_timeout_s: float = Field(
         0.05, ge=0.0, le=10.0, description="How long a partial batch waits for more requests."
     )
+    priority_aging_s: float = Field(
+        10.0, gt=0.0, le=3600.0, description="Plan priority aging: each second waited adds 1/aging_s to "
+        "an image's priority, so a low plan waits at most ~aging_s x priority gap (docs/priority-and-quality.md).")
+
+
+class AdaptiveQualityConfig(_Strict):
+    """Fewer steps under load for requests that allow it (deployments/diffusion/quality.py).
+    Load = (images queued + running on the replica) / max_batch_size."""
+
+    enabled: bool = False
+    high_water: float = Field(1.5, ge=0.0, description="Degrade when load exceeds this.")
+    low_water: float = Field(0.5, ge=0.0, description="Restore once load stays at or below this for hold_s.")
+    hold_s: float = Field(5.0, ge=0.0, le=600.0)
+    min_steps_fraction: float = Field(0.5, gt=0.0, le=1.0, description="Degraded steps = ceil(steps x this).")
+    min_steps: int = Field(1, ge=1, le=200, description="Never fewer steps than this.")
+
+    @model_validator(mode="after")
+    def _check_marks(self) -> "AdaptiveQualityConfig":
+        if self.low_water > self.high_water:
+            raise ValueError(f"low_water ({self.low_water}) must be <= high_water ({self.high_water})")
+        return self
 
 
 class OptimizeConfig(_Strict):
@@ -61,6 +83,7 @@ class DiffusionModelConfig(_Strict):
         "in a batch (CPU kernels change with batch size). None = on for CPU, off for CUDA.")
     decoder_steps: int = Field(12, ge=1, le=100, description="Würstchen decoder steps (task steps are the prior's).")
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
+    adaptive_quality: AdaptiveQualityConfig = Field(default_factory=AdaptiveQualityConfig)
     description: str = ""
 
     @model_validator(mode="after")
@@ -124,6 +147,7 @@ class AppConfig(_Strict):
     tenancy: TenancyConfig = Field(default_factory=TenancyConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     work_dir: Path = Field(Path(".work"), description="Databases, results and caches (relative to cwd).")
 
     @model_validator(mode="after")

@@ -15,13 +15,18 @@ from ray.serve import Application
 
 from deployments.diffusion.deployment import Diffusion
 from serve_app.config import AppConfig, load_app_config
+from serve_app.telemetry import telemetry_of
 
 
 def _diffusion_app(m, cfg: AppConfig) -> Application:
-    return Diffusion.options(name=m.deployment_name).bind(
+    # Batching goes through `user_config`: a `serve deploy` that changes it reconfigures the running
+    # replicas in place (Diffusion.reconfigure) instead of replacing them.
+    batching = {"max_batch_size": m.batching.max_batch_size, "batch_wait_timeout_s": m.batching.batch_wait_timeout_s}
+    return Diffusion.options(name=m.deployment_name, user_config=batching).bind(
         name=m.name, family=m.family, model=m.model, dtype=m.dtype, device=m.device, variant=m.variant,
-        max_batch_size=m.batching.max_batch_size, batch_wait_timeout_s=m.batching.batch_wait_timeout_s,
-        batch_invariant=m.batch_invariant, decoder_steps=m.decoder_steps, optimize=m.optimize.model_dump())
+        batch_invariant=m.batch_invariant, decoder_steps=m.decoder_steps, optimize=m.optimize.model_dump(),
+        telemetry=telemetry_of(cfg).model_dump(), adaptive_quality=m.adaptive_quality.model_dump(),
+        priority_aging_s=m.batching.priority_aging_s)
 
 
 def _llm_apps(cfg: AppConfig) -> dict[str, Application]:
@@ -30,7 +35,8 @@ def _llm_apps(cfg: AppConfig) -> dict[str, Application]:
     from deployments.llm.deployment import LLMDeployment
 
     return {m.name: LLMDeployment.options(name=m.deployment_name).bind(m.model_dump(mode="json"),
-                                                                      work_dir=str(cfg.work_dir))
+                                                                      work_dir=str(cfg.work_dir),
+                                                                      telemetry=telemetry_of(cfg).model_dump())
             for m in cfg.llm_models}
 
 

@@ -15,6 +15,7 @@ from serve_app.library import LIBRARY_KEY, Library
 from serve_app.prompts.render import ConfigTemplates
 from serve_app.state import Services
 from serve_app.storage import STORAGE_KEY, build_store
+from serve_app.telemetry import setup_telemetry, telemetry_of
 from serve_app.tenancy import TENANCY_KEY, Tenancy, ensure_local_tenant
 from serve_app.webhooks import WebhookSender
 
@@ -45,7 +46,9 @@ def build_services(cfg: AppConfig, diffusion: dict[str, Any], llm: dict[str, Any
 @serve.ingress()
 class Ingress:
     def __init__(self, config: AppConfig | dict, diffusion: dict[str, Any], llm: dict[str, Any] | None = None) -> None:
-        self.services = build_services(load_app_config(config), diffusion, llm or {})
+        cfg = load_app_config(config)
+        setup_telemetry(telemetry_of(cfg), component="Ingress")
+        self.services = build_services(cfg, diffusion, llm or {})
         # Leases, heartbeats and the reaper of async jobs run on this replica's event loop.
         self.services.extras[JOBS_KEY].runner.start()
 

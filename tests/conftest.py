@@ -48,13 +48,21 @@ def ray_cluster(tiny_models_dir: Path):
     import ray
     from ray import serve
 
-    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=False,
+    # `_metrics_export_port`: the node's Prometheus endpoint (tests scrape it via `metrics_url`).
+    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=False, _metrics_export_port=free_port(),
              runtime_env={"env_vars": {"GENSERVE_WORK": str(WORK), "HF_HUB_OFFLINE": "1"}})
     yield ray
     try:
         serve.shutdown()
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def metrics_url(ray_cluster) -> str:
+    """The shared cluster's Prometheus endpoint (Ray's metrics agent; it refreshes every few seconds)."""
+    node = next(n for n in ray_cluster.nodes() if n["Alive"])
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
 
 
 ADMIN_TOKEN = "test-admin-token"

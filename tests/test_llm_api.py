@@ -22,6 +22,7 @@ from serve_app.chat import router as chat_router
 from serve_app.config import AppConfig
 from serve_app.errors import install_error_handlers
 from serve_app.state import Services
+from serve_app.tenancy import TENANCY_KEY, Tenancy
 
 WORK = Path(os.environ.get("GENSERVE_WORK", Path(__file__).resolve().parent.parent / ".work")).resolve()
 CTX = 256
@@ -69,29 +70,36 @@ class LocalHandle:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def app_url():
+async def app_url(tmp_path_factory):
     model = build_tiny_llm(WORK / "models" / "llm-tiny")
     llm_cfg = {"name": "tiny-chat", "model": str(model), "engine": "transformers", "max_model_len": CTX,
                "default_max_tokens": 8, "aliases": ["chat"]}
     config = AppConfig.model_validate({
         "diffusion_models": [{"name": "sdxl-tiny", "family": "sdxl", "model": "unused"}],
         "llm_models": [llm_cfg],
+        "tenancy": {"local_tenant": {"enabled": False}},
     })
+    # The routes authenticate and meter every request: a real tenancy DB (SQLite) and key.
+    tenancy = Tenancy(config.tenancy, work_dir=tmp_path_factory.mktemp("llm-api"))
+    tenancy.create_tenant("llm-tests", "enterprise")
+    auth = {"Authorization": f"Bearer {tenancy.create_key('llm-tests').key}"}
     replica = LLMReplica(llm_cfg, stream_batch_ms=10)
     await replica.start()
     app = FastAPI()
     install_error_handlers(app)
     app.include_router(chat_router.router)
-    app.state.services = Services(config=config, llm={"tiny-chat": LocalHandle(replica)})
+    app.state.services = Services(config=config, llm={"tiny-chat": LocalHandle(replica)},
+                                  extras={TENANCY_KEY: tenancy})
     app.state.replica = replica
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", replica
+    yield f"http://127.0.0.1:{port}", replica, auth
     server.should_exit = True
     await task
+    tenancy.close()
 
 
 def chat_body(**kw) -> dict:
@@ -108,8 +116,8 @@ async def sse_events(resp: httpx.Response) -> list:
 
 
 async def test_chat_non_streamed_and_streamed_agree(app_url):
-    url, _ = app_url
-    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+    url, _, auth = app_url
+    async with httpx.AsyncClient(base_url=url, timeout=60, headers=auth) as c:
         r = await c.post("/v1/chat/completions", json=chat_body(max_tokens=12, temperature=0))
         assert r.status_code == 200, r.text
         body = r.json()
@@ -131,8 +139,8 @@ async def test_chat_non_streamed_and_streamed_agree(app_url):
 
 
 async def test_completions_with_alias_n_and_stop(app_url):
-    url, _ = app_url
-    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+    url, _, auth = app_url
+    async with httpx.AsyncClient(base_url=url, timeout=60, headers=auth) as c:
         r = await c.post("/v1/completions", json={"model": "chat", "prompt": "hello", "n": 2, "max_tokens": 5,
                                                   "seed": 3, "stop": ["\n\n"], "user": "u1"})
         assert r.status_code == 200, r.text
@@ -162,8 +170,8 @@ async def test_completions_with_alias_n_and_stop(app_url):
     ],
 )
 async def test_bad_input_gets_openai_errors(app_url, body, status, param):
-    url, _ = app_url
-    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+    url, _, auth = app_url
+    async with httpx.AsyncClient(base_url=url, timeout=60, headers=auth) as c:
         for stream in (False, True):  # a streamed request is rejected before its stream starts
             r = await c.post("/v1/chat/completions", json={**body, "stream": stream})
             assert r.status_code == status, r.text
@@ -172,10 +180,10 @@ async def test_bad_input_gets_openai_errors(app_url, body, status, param):
 
 
 async def test_client_disconnect_aborts_generation(app_url):
-    url, replica = app_url
+    url, replica, auth = app_url
     engine = replica.server.engine
     body = chat_body(max_tokens=CTX - 40, stream=True)
-    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+    async with httpx.AsyncClient(base_url=url, timeout=60, headers=auth) as c:
         async with c.stream("POST", "/v1/chat/completions", json=body) as resp:
             lines = resp.aiter_lines()
             while not (await lines.__anext__()).startswith("data: "):
@@ -190,7 +198,7 @@ async def test_client_disconnect_aborts_generation(app_url):
 
 
 async def test_engine_failure_mid_stream_sends_an_error_chunk(app_url, monkeypatch):
-    url, replica = app_url
+    url, replica, auth = app_url
     engine = replica.server.engine
     real = engine.generate
 
@@ -203,7 +211,7 @@ async def test_engine_failure_mid_stream_sends_an_error_chunk(app_url, monkeypat
                 raise RuntimeError("engine fell over")
 
     monkeypatch.setattr(engine, "generate", failing)
-    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+    async with httpx.AsyncClient(base_url=url, timeout=60, headers=auth) as c:
         async with c.stream("POST", "/v1/chat/completions", json=chat_body(max_tokens=30, stream=True)) as resp:
             assert resp.status_code == 200
             events = await sse_events(resp)

@@ -1,14 +1,16 @@
 """The Serve deployment around `DiffusionEngine`: batching, GPU fraction, PNG off the hot path.
 
 One deployment per configured model (the graph builder names them `Diffusion-<model>`).
-Requests are single images (`ImageTask`); `@serve.batch` gathers them from all callers into one
-denoising call. The batch handler returns raw images and is free for the next batch at once:
-PNG encoding runs in a thread pool on each caller's own coroutine, overlapping the next batch.
+Requests are single images (`ImageTask`); the replica's batcher gathers them from all callers into
+one denoising call, formed when the GPU frees up (batcher.py says why not `@serve.batch`). The
+batch returns raw images and the GPU is free for the next batch at once: PNG encoding runs in a
+thread pool on each caller's own coroutine, overlapping the next batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -19,9 +21,17 @@ from typing import Any
 
 from ray import serve
 
+from deployments.diffusion.batcher import LazyBatcher
+from deployments.diffusion.quality import REASON_LOAD, AdaptiveQuality, QualitySettings
 from deployments.diffusion.types import ImageResult, ImageTask
+from serve_app.telemetry import metrics, setup_telemetry, tracing
 
 logger = logging.getLogger("genserve.diffusion")
+
+# zlib level 1: 3-5x faster than the default 6 for ~10-30 % larger files; encoding runs beside
+# the next batch on the replica's CPUs, so cheaper encoding leaves more CPU for launching kernels.
+PNG_COMPRESS_LEVEL = 1
+DENOISE_ON_LOOP = os.environ.get("GENSERVE_DENOISE_ON_LOOP") == "1"
 
 
 @dataclass
@@ -48,6 +58,8 @@ def _set_cpu_threads(device: str) -> None:
     import ray
     import torch
 
+    if ray._private.worker.global_worker.mode != ray.WORKER_MODE:
+        return  # not a Ray actor (Serve's local testing mode): no CPU share to size threads by
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
     torch.set_num_threads(max(1, int(cpus)))
 
@@ -93,10 +105,20 @@ class DiffusionServer:
         self.images_cancelled = 0
         # Last denoising step each recent task reached (bounded), to show where a cancel stopped it.
         self.last_step: dict[str, int] = {}
+        # (step, total) of the last step callback and when it came: step time = gap between steps.
+        self._step_key: tuple[int, int] | None = None
+        self._step_at = 0.0
         logger.info("model %s (%s) loaded on %s in %.1fs", name, model, self.device, self.load_s)
 
     # Called in the engine's thread: cheap bookkeeping only.
     def _on_step(self, task_id: str | None, step: int, total: int) -> None:
+        # The engine calls this once per task of the running group after each step; the first
+        # call of step s+1 ends step s+1, which began at the first call of step s.
+        if (step, total) != self._step_key:
+            now = time.perf_counter()
+            if self._step_key == (step - 1, total):
+                metrics.record_step(self.name, now - self._step_at)
+            self._step_key, self._step_at = (step, total), now
         if task_id is None:
             return
         self._progress[task_id] = (step, total)
@@ -127,9 +149,14 @@ class DiffusionServer:
     def denoise(self, items: list[tuple[ImageTask, float]]) -> list[_Denoised]:
         started = time.monotonic()
         tasks = [t for t, _ in items]
+        self._step_key = None
         images = self.engine.generate_images(tasks, on_step=self._on_step, should_cancel=self._should_cancel)
         compute_s = time.monotonic() - started
         self.batches_run += 1
+        groups: dict[tuple, int] = {}
+        for t in tasks:  # the engine runs one pipeline call per group key
+            groups[t.group_key()] = groups.get(t.group_key(), 0) + 1
+        metrics.record_batch(self.name, groups.values(), [max(0.0, started - enq) for _, enq in items])
         return [_Denoised(img, len(tasks), compute_s, max(0.0, started - enq)) for img, (_, enq) in
                 zip(images, items, strict=True)]
 
@@ -145,7 +172,8 @@ class DiffusionServer:
             "steps": task.steps, "guidance_scale": task.guidance_scale, "model": self.name,
             "width": task.width, "height": task.height,
         }
-        png = await asyncio.get_running_loop().run_in_executor(self._png_pool, encode_png, d.image, params)
+        png = await asyncio.get_running_loop().run_in_executor(
+            self._png_pool, functools.partial(encode_png, compress_level=PNG_COMPRESS_LEVEL), d.image, params)
         self.images_done += 1
         if task.task_id is not None:
             self._progress.pop(task.task_id, None)
@@ -158,6 +186,10 @@ class DiffusionServer:
 
     def cancel(self, task_id: str) -> None:
         self._cancelled.add(task_id)
+
+    def check_health(self) -> None:
+        """Raises once the engine is unusable (a CUDA OOM or other CUDA failure broke it)."""
+        self.engine.health()
 
     def stats(self) -> dict:
         import ray
@@ -183,15 +215,22 @@ class DiffusionServer:
 class Diffusion:
     def __init__(self, *, name: str, family: str, model: str, dtype: str = "float32", device: str = "auto",
                  variant: str | None = None, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.05,
-                 batch_invariant: bool | None = None, decoder_steps: int = 12, optimize: dict | None = None) -> None:
+                 batch_invariant: bool | None = None, decoder_steps: int = 12, optimize: dict | None = None,
+                 telemetry: dict | None = None, adaptive_quality: dict | None = None,
+                 priority_aging_s: float = 10.0) -> None:
+        setup_telemetry(telemetry, component=f"Diffusion-{name}")
         self.server = DiffusionServer(name=name, family=family, model=model, dtype=dtype, device=device,
                                       variant=variant, batch_invariant=batch_invariant, decoder_steps=decoder_steps,
                                       optimize=optimize)
+        self._batcher = LazyBatcher(self._run_batch, max_batch_size=int(max_batch_size),
+                                    wait_s=float(batch_wait_timeout_s),
+                                    priority_of=lambda item: item[0].priority, aging_s=float(priority_aging_s))
+        self.quality = AdaptiveQuality(QualitySettings(**(adaptive_quality or {})))
         self._set_batching(max_batch_size, batch_wait_timeout_s)
 
     def _set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
-        self._batch.set_max_batch_size(int(max_batch_size))
-        self._batch.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
+        self._batcher.set_max_batch_size(int(max_batch_size))
+        self._batcher.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
         self.max_batch_size = int(max_batch_size)
         self.batch_wait_timeout_s = float(batch_wait_timeout_s)
 
@@ -200,17 +239,35 @@ class Diffusion:
         self._set_batching(user_config.get("max_batch_size", self.max_batch_size),
                            user_config.get("batch_wait_timeout_s", self.batch_wait_timeout_s))
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _batch(self, items: list[tuple[ImageTask, float]]) -> list[_Denoised]:
+    async def _run_batch(self, items: list[tuple[ImageTask, float]]) -> list[_Denoised]:
+        if DENOISE_ON_LOOP:  # diagnosis switch (benchmarks): no other Python runs while denoising
+            return self.server.denoise(items)
         return await asyncio.to_thread(self.server.denoise, items)
 
+    def _load(self) -> float:
+        """Images queued + running per full batch: this replica's own measure of overload."""
+        return (self._batcher.queued + self._batcher.running) / max(1, self.max_batch_size)
+
     async def generate(self, task: ImageTask) -> ImageResult:
-        try:
-            denoised = await self._batch((task, time.monotonic()))
-        finally:
-            if task.task_id is not None:
-                self.server.done(task.task_id)
-        return await self.server.finish(task, denoised)
+        requested_steps = task.steps
+        task, degraded = self.quality.apply(task, self._load())
+        if degraded:
+            metrics.record_degraded(self.server.name, REASON_LOAD)
+        with tracing.continue_trace("diffusion.generate", task.trace_context, model=self.server.name,
+                                    steps=task.steps, width=task.width, height=task.height, seed=task.seed,
+                                    task_id=task.task_id) as span:
+            try:
+                denoised = await self._batcher.submit((task, time.monotonic()))
+            finally:
+                if task.task_id is not None:
+                    self.server.done(task.task_id)
+            tracing.set_attrs(span, batch_size=denoised.batch_size, queue_wait_s=round(denoised.queue_wait_s, 6),
+                              compute_s=round(denoised.compute_s, 6))
+            result = await self.server.finish(task, denoised)
+            result.requested_steps = requested_steps
+            if degraded:
+                result.degraded, result.degrade_reason = True, REASON_LOAD
+            return result
 
     async def generate_stream(self, task: ImageTask) -> AsyncIterator[dict | ImageResult]:
         """Step events `{"step", "total"}` while the image denoises, then the `ImageResult`.
@@ -252,7 +309,9 @@ class Diffusion:
 
     async def stats(self) -> dict:
         return {**self.server.stats(), "max_batch_size": self.max_batch_size,
-                "batch_wait_timeout_s": self.batch_wait_timeout_s}
+                "batch_wait_timeout_s": self.batch_wait_timeout_s, "queued": self._batcher.queued,
+                "running": self._batcher.running, "load": round(self._load(), 3),
+                "degraded": self.quality.degraded}
 
     def check_health(self) -> None:
-        self.server.engine.health()
+        self.server.check_health()

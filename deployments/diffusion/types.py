@@ -32,6 +32,13 @@ class ImageTask:
     weighted_prompts: tuple[WeightedPrompt, ...] = ()
     # Correlates progress callbacks and cancellation with a job (None for plain requests).
     task_id: str | None = None
+    # W3C `traceparent` + request id/tenant of the caller (serve_app.telemetry.tracing.outgoing);
+    # not part of equality or hashing: it says who asked, not what to draw.
+    trace_context: dict[str, str] | None = field(default=None, compare=False, hash=False)
+    # The tenant plan's priority: the replica's batch queue serves higher first (with aging).
+    priority: int = 0
+    # The replica may lower `steps` under load (adaptive quality); False for an explicit --q/steps.
+    quality_auto: bool = False
 
     def group_key(self) -> tuple:
         """Tasks with equal keys can share one denoising call."""
@@ -53,4 +60,8 @@ class ImageResult:
     # Seconds this image's batch spent denoising+decoding, and waiting in the replica's queue.
     compute_s: float = 0.0
     queue_wait_s: float = 0.0
+    # Adaptive quality: `steps` above is what ran; `requested_steps` what the task asked for.
+    degraded: bool = False
+    degrade_reason: str | None = None
+    requested_steps: int | None = None
     extra: dict = field(default_factory=dict)

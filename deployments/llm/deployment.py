@@ -18,7 +18,8 @@ from ray import serve
 
 from deployments.llm.engine import LLMEngine, build_engine, resolve_engine_kind
 from deployments.llm.server import LLMServer
-from deployments.llm.types import GenerationRequest, GenerationResult, StreamItem
+from deployments.llm.types import ChoiceDelta, GenerationRequest, GenerationResult, Started, StreamItem
+from serve_app.telemetry import setup_telemetry, tracing
 
 
 class LLMReplica:
@@ -53,11 +54,18 @@ class LLMReplica:
 
     async def generate_stream(self, req: GenerationRequest) -> AsyncIterator[list[StreamItem]]:
         stream = self.server.stream(req)
+        span = tracing.start_remote_span("llm.stream", req.trace_context, model=self.config.name, n=req.n,
+                                         max_tokens=req.max_tokens)
+        completion_tokens = 0
         try:
             # Started goes out at once (the caller waits on it to pick an HTTP status) ...
-            yield [await stream.__anext__()]
+            started = await stream.__anext__()
+            if isinstance(started, Started):
+                tracing.set_attrs(span, prompt_tokens=started.prompt_tokens)
+            yield [started]
             if self.stream_batch_ms == 0:
                 async for item in stream:
+                    completion_tokens += item.num_tokens if isinstance(item, ChoiceDelta) else 0
                     yield [item]
                 return
             # ... then deltas coalesced per interval: one Serve stream message per batch of
@@ -65,12 +73,23 @@ class LLMReplica:
             from ray.llm._internal.serve.utils.batcher import Batcher
 
             async for batch in Batcher(stream, interval_ms=self.stream_batch_ms).stream():
+                completion_tokens += sum(d.num_tokens for d in batch if isinstance(d, ChoiceDelta))
                 yield list(batch)
+        except Exception as exc:  # a disconnect (cancel) is not an error of the stream
+            tracing.record_error(span, exc)
+            raise
         finally:
+            tracing.set_attrs(span, completion_tokens=completion_tokens)
+            span.end()
             await stream.aclose()
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
-        return await self.server.generate(req)
+        with tracing.continue_trace("llm.generate", req.trace_context, model=self.config.name, n=req.n,
+                                    max_tokens=req.max_tokens) as span:
+            result = await self.server.generate(req)
+            tracing.set_attrs(span, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                              ttft_s=result.timings.get("ttft_s"))
+            return result
 
     async def count_tokens(self, text: str) -> int:
         return self.server.count_tokens(text)
@@ -90,7 +109,8 @@ class LLMDeployment(LLMReplica):
     """`LLMDeployment.options(name=cfg.deployment_name).bind(cfg.model_dump(mode="json"), work_dir=...)`."""
 
     async def __init__(self, model_config: dict[str, Any], *, work_dir: str | None = None,
-                       stream_batch_ms: float = 20.0) -> None:
+                       stream_batch_ms: float = 20.0, telemetry: dict | None = None) -> None:
+        setup_telemetry(telemetry, component=f"LLM-{model_config.get('name')}")
         LLMReplica.__init__(self, model_config, work_dir=work_dir, stream_batch_ms=stream_batch_ms)
         await self.start()
 

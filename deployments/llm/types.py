@@ -61,6 +61,8 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # W3C `traceparent` + request id/tenant of the caller (serve_app.telemetry.tracing.outgoing).
+    trace_context: dict[str, str] | None = field(default=None, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):

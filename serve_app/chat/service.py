@@ -7,6 +7,7 @@ replica rejects (prompt too long, ...) still gets its HTTP status instead of a b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -30,6 +31,8 @@ from serve_app.chat.protocol import (
 )
 from serve_app.errors import APIError, bad_request, not_found, unavailable
 from serve_app.state import Services
+from serve_app.telemetry import tracing
+from serve_app.telemetry.metrics import StreamTimer
 
 logger = logging.getLogger("genserve.chat")
 
@@ -87,13 +90,16 @@ def _check_max_tokens(target: LLMTarget, max_tokens: int | None) -> None:
 
 
 async def generate(target: LLMTarget, req: GenerationRequest) -> GenerationResult:
-    try:
-        return await target.handle.generate.remote(req)
-    except Exception as exc:
-        raise to_api_error(exc) from exc
+    with tracing.span("llm.call", kind=tracing.SpanKind.CLIENT, model=target.name):
+        try:
+            return await target.handle.generate.remote(dataclasses.replace(req, trace_context=tracing.outgoing()))
+        except Exception as exc:
+            raise to_api_error(exc) from exc
 
 
 async def open_stream(target: LLMTarget, req: GenerationRequest) -> tuple[Started, AsyncIterator[list]]:
+    # No client span: the stream outlives this call; the replica's span is the request span's child.
+    req = dataclasses.replace(req, trace_context=tracing.outgoing())
     gen = target.handle.options(stream=True).generate_stream.remote(req)
     try:
         first = await gen.__anext__()
@@ -146,6 +152,7 @@ async def chat_completion_stream(services: Services, body: ChatCompletionRequest
     target = resolve_llm(services, body.model)
     _check_max_tokens(target, body.max_tokens or body.max_completion_tokens)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
+    timer = StreamTimer(target.name)
     started, gen = await open_stream(target, body.to_generation_request(rid))
     if meter is not None:
         meter.add(prompt_tokens=started.prompt_tokens)
@@ -162,6 +169,7 @@ async def chat_completion_stream(services: Services, body: ChatCompletionRequest
             if d.text or d.finish_reason:
                 yield chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(content=d.text or None),
                                              finish_reason=finish_reason_for_api(d.finish_reason))])
+                timer.sent(d.num_tokens)
             if meter is not None:  # reached once the consumer came back, i.e. the chunk was sent
                 meter.add(completion_tokens=d.num_tokens)
         if body.include_usage:
@@ -192,6 +200,7 @@ async def completion_stream(services: Services, body: CompletionRequest,
     target = resolve_llm(services, body.model)
     _check_max_tokens(target, body.max_tokens)
     rid = f"cmpl-{uuid.uuid4().hex}"
+    timer = StreamTimer(target.name)
     started, gen = await open_stream(target, body.to_generation_request(rid))
     if meter is not None:
         meter.add(prompt_tokens=started.prompt_tokens)
@@ -209,6 +218,7 @@ async def completion_stream(services: Services, body: CompletionRequest,
             if d.text or d.finish_reason:
                 yield chunk([CompletionChoice(index=d.index, text=d.text,
                                               finish_reason=finish_reason_for_api(d.finish_reason))])
+                timer.sent(d.num_tokens)
             if meter is not None:
                 meter.add(completion_tokens=d.num_tokens)
         if body.include_usage:

@@ -68,7 +68,12 @@ class GenerationInfo(BaseModel):
     negative_prompt: str
     tile: bool
     batch_sizes: list[int]
+    queue_wait_s: list[float] = Field(default_factory=list, description="Per image: waiting in the replica's batch queue.")
+    compute_s: list[float] = Field(default_factory=list, description="Per image: its batch's denoise+decode time.")
     generation_id: str | None = Field(None, description="Rate it at POST /v1/generations/{id}/rating.")
+    steps_used: list[int] = Field(default_factory=list, description="Per image: steps actually run.")
+    degraded: bool = Field(False, description="Some image ran with fewer steps than asked (adaptive quality).")
+    reason: str | None = Field(None, description="Why it was degraded, e.g. `load`.")
 
 
 class ImageGenerationResponse(BaseModel):

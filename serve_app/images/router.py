@@ -9,7 +9,7 @@ import anyio
 from fastapi import APIRouter, Request, Response
 
 from serve_app.errors import bad_request
-from serve_app.images import service
+from serve_app.images import qos, service
 from serve_app.images.protocol import ImageGenerationRequest, ImageGenerationResponse, PromptRenderRequest
 from serve_app.library import LIBRARY_KEY
 from serve_app.prompts.render import RenderedImageRequest, render_image_request
@@ -41,6 +41,7 @@ async def create_image(body: ImageGenerationRequest, request: Request, services:
     # Everything that can reject the request runs before quota is taken.
     rendered, template = await render_for(services, ctx, body)
     check_plan(ctx, rendered)
+    rendered = qos.stamp(rendered, ctx.plan, body.quality, explicit_steps=body.steps is not None)
     admission = await tenancy.admit(ctx, route="images", model=rendered.model.name, images=len(rendered.tasks))
     async with admission:
         if rendered.enhance:

@@ -15,6 +15,7 @@ from serve_app.images.protocol import (GenerationInfo, ImageData, ImageGeneratio
 from serve_app.prompts.render import RenderedImageRequest, TemplateSource, render_image_request
 from serve_app.storage import ResultStore, StorageError, result_key
 from serve_app.state import Services
+from serve_app.telemetry import tracing
 
 
 def render(services: Services, req: ImageGenerationRequest | PromptRenderRequest,
@@ -43,10 +44,14 @@ async def run_tasks(services: Services, rendered: RenderedImageRequest) -> list[
     handle = services.diffusion.get(rendered.model.name)
     if handle is None:
         raise unavailable(f"Model {rendered.model.name!r} has no running deployment.")
-    try:
-        return list(await asyncio.gather(*(handle.generate.remote(t) for t in rendered.tasks)))
-    except Exception as e:  # noqa: BLE001 - mapped to the client-facing error below
-        raise map_backend_error(e, rendered.model.name) from None
+    with tracing.span("diffusion.call", kind=tracing.SpanKind.CLIENT, model=rendered.model.name,
+                      images=len(rendered.tasks)):
+        ctx = tracing.outgoing()
+        try:
+            return list(await asyncio.gather(*(handle.generate.remote(dataclasses.replace(t, trace_context=ctx))
+                                               for t in rendered.tasks)))
+        except Exception as e:  # noqa: BLE001 - mapped to the client-facing error below
+            raise map_backend_error(e, rendered.model.name) from None
 
 
 def map_backend_error(exc: Exception, model: str) -> APIError:
@@ -85,9 +90,14 @@ def to_response(rendered: RenderedImageRequest, results: list[ImageResult], *, u
     else:
         data = [ImageData(b64_json=base64.b64encode(r.png).decode("ascii"), revised_prompt=rendered.prompt,
                           seed=r.seed) for r in results]
-    info = GenerationInfo(model=rendered.model.name, width=first.width, height=first.height, steps=first.steps,
+    degraded = [r for r in results if r.degraded]
+    info = GenerationInfo(model=rendered.model.name, width=first.width, height=first.height,
+                          steps=results[0].steps if results else first.steps,
                           guidance_scale=first.guidance_scale, negative_prompt=rendered.negative_prompt,
                           tile=first.tile, batch_sizes=[r.batch_size for r in results],
-                          generation_id=generation_id)
+                          queue_wait_s=[round(r.queue_wait_s, 4) for r in results],
+                          compute_s=[round(r.compute_s, 4) for r in results],
+                          generation_id=generation_id, steps_used=[r.steps for r in results],
+                          degraded=bool(degraded), reason=degraded[0].degrade_reason if degraded else None)
     return ImageGenerationResponse(created=int(time.time()), data=data, genserve=info)
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from deployments.diffusion.types import ImageResult
 from serve_app.errors import not_found, unavailable
+from serve_app.images import qos
 from serve_app.images import service as images
 from serve_app.images.router import check_plan, render_for
 from serve_app.jobs.protocol import Job, JobCreateRequest, JobList
@@ -37,6 +38,7 @@ async def create_job(body: JobCreateRequest, request: Request, response: Respons
                      jobs: JobsDep, ctx: CurrentTenant, tenancy: TenancyDep) -> Job:
     rendered, template = await render_for(services, ctx, body)
     check_plan(ctx, rendered)
+    rendered = qos.stamp(rendered, ctx.plan, body.quality, explicit_steps=body.steps is not None)
     if body.webhook_url is not None and jobs.webhooks is not None:
         await jobs.webhooks.avalidate(body.webhook_url)
     backlog = await anyio.to_thread.run_sync(jobs.store.backlog)

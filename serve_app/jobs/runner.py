@@ -12,6 +12,7 @@ renews the lease while it works. A background loop in every replica:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -25,6 +26,7 @@ from deployments.diffusion.types import ImageResult, ImageTask, WeightedPrompt
 from serve_app.jobs.config import JobsConfig
 from serve_app.jobs.store import JobRecord, JobStore
 from serve_app.prompts.render import RenderedImageRequest
+from serve_app.telemetry import metrics, tracing
 
 logger = logging.getLogger("genserve.jobs")
 
@@ -104,7 +106,9 @@ class JobRunner:
     def _spawn(self, job_id: str, delay_s: float = 0.0) -> None:
         if job_id in self._running:
             return
-        task = asyncio.get_running_loop().create_task(self._run(job_id, delay_s))
+        # A span per run; spawned from a request, it continues that request's trace.
+        task = asyncio.get_running_loop().create_task(tracing.traced(self._run(job_id, delay_s), "job.run",
+                                                                     job_id=job_id, owner=self.owner))
         self._running[job_id] = task
         task.add_done_callback(lambda t: self._running.get(job_id) is t and self._running.pop(job_id))
 
@@ -145,7 +149,8 @@ class JobRunner:
         handle = self.diffusion.get(job.model)
         if handle is None:
             raise RuntimeError(f"model {job.model!r} has no deployment")
-        tasks = tasks_of(job.spec, job.id, job.attempts)
+        ctx = tracing.outgoing()
+        tasks = [dataclasses.replace(t, trace_context=ctx) for t in tasks_of(job.spec, job.id, job.attempts)]
         steps = [0.0] * len(tasks)
         last_write = 0.0
 
@@ -227,6 +232,7 @@ class JobRunner:
                 if time.monotonic() >= next_reap:
                     next_reap = time.monotonic() + self.config.reap_interval_s
                     await self._reap()
+                    metrics.set_jobs_in_state(await anyio.to_thread.run_sync(self.store.count_by_status))
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - a DB hiccup must not stop the loop

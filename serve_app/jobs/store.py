@@ -11,7 +11,8 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, func, insert, or_, select, update
 
-from serve_app.jobs.models import ACTIVE, Job
+from serve_app.jobs.models import ACTIVE, TERMINAL, Job
+from serve_app.telemetry.metrics import record_job_transition
 from serve_app.tenancy.db import read_tx, write_tx
 
 
@@ -62,6 +63,7 @@ class JobStore:
                 id=job_id, tenant_id=tenant_id, status="queued", model=model, spec=spec, progress=0.0, attempts=0,
                 max_attempts=max_attempts, lease_owner=owner, lease_expires_at=time.time() + lease_s,
                 cancel_requested=False, webhook_url=webhook_url, created_at=_now()))
+        record_job_transition("queued")
         return self.get(job_id)
 
     def get(self, job_id: str, tenant_id: int | None = None) -> JobRecord | None:
@@ -109,6 +111,7 @@ class JobStore:
                      attempts=Job.attempts + 1, started_at=func.coalesce(Job.started_at, _now())))
             if res.rowcount != 1:
                 return None
+        record_job_transition("running")
         return self.get(job_id)
 
     def heartbeat(self, job_ids: list[str], owner: str, lease_s: float) -> dict[str, bool]:
@@ -130,8 +133,11 @@ class JobStore:
     def release(self, job_id: str, owner: str, *, error: str | None = None) -> None:
         """Give the job back to the queue (e.g. the model was at capacity), lease expired now."""
         with write_tx(self.engine) as conn:
-            conn.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(ACTIVE))
-                         .values(status="queued", lease_expires_at=0.0, error=error))
+            released = conn.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
+                                                      Job.status.in_(ACTIVE))
+                                    .values(status="queued", lease_expires_at=0.0, error=error)).rowcount
+        if released == 1:
+            record_job_transition("queued")
 
     def finish(self, job_id: str, owner: str, status: str, *, error: str | None = None,
                result_keys: list | None = None, generation_id: str | None = None) -> bool:
@@ -141,18 +147,23 @@ class JobStore:
         if status == "succeeded":
             values.update(progress=1.0, result_keys=result_keys, generation_id=generation_id)
         with write_tx(self.engine) as conn:
-            res = conn.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
-                                                 Job.status.in_(ACTIVE)).values(**values))
-            return res.rowcount == 1
+            done = conn.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
+                                                  Job.status.in_(ACTIVE)).values(**values)).rowcount == 1
+        if done:
+            record_job_transition(status)
+        return done
 
     def request_cancel(self, job_id: str, tenant_id: int) -> JobRecord | None:
         """A queued job is cancelled at once; a running one is flagged for its owner to stop."""
         with write_tx(self.engine) as conn:
-            conn.execute(update(Job).where(Job.id == job_id, Job.tenant_id == tenant_id, Job.status == "queued")
-                         .values(status="cancelled", cancel_requested=True, finished_at=_now(), lease_owner=None,
-                                 lease_expires_at=None, error="cancelled by the client"))
+            cancelled = conn.execute(
+                update(Job).where(Job.id == job_id, Job.tenant_id == tenant_id, Job.status == "queued")
+                .values(status="cancelled", cancel_requested=True, finished_at=_now(), lease_owner=None,
+                        lease_expires_at=None, error="cancelled by the client")).rowcount
             conn.execute(update(Job).where(Job.id == job_id, Job.tenant_id == tenant_id, Job.status == "running")
                          .values(cancel_requested=True))
+        if cancelled == 1:
+            record_job_transition("cancelled")
         return self.get(job_id, tenant_id)
 
     def expired(self, limit: int = 50) -> list[JobRecord]:
@@ -165,8 +176,17 @@ class JobStore:
     def fail_exhausted(self, job_id: str, reason: str) -> bool:
         """Fail an expired job that used all its attempts (no owner can finish it any more)."""
         with write_tx(self.engine) as conn:
-            res = conn.execute(update(Job).where(
+            failed = conn.execute(update(Job).where(
                 Job.id == job_id, Job.status.in_(ACTIVE), Job.lease_expires_at < time.time(),
                 Job.attempts >= Job.max_attempts,
-            ).values(status="failed", error=reason, finished_at=_now(), lease_owner=None, lease_expires_at=None))
-            return res.rowcount == 1
+            ).values(status="failed", error=reason, finished_at=_now(), lease_owner=None,
+                     lease_expires_at=None)).rowcount == 1
+        if failed:
+            record_job_transition("failed")
+        return failed
+
+    def count_by_status(self) -> dict[str, int]:
+        """Jobs per status, every status present (0 included), for the jobs-in-state gauge."""
+        with read_tx(self.engine) as conn:
+            rows = conn.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+        return {**{s: 0 for s in (*ACTIVE, *TERMINAL)}, **{r[0]: int(r[1]) for r in rows}}

@@ -13,6 +13,8 @@ from typing import TypeVar
 
 import anyio
 
+from serve_app.telemetry import tracing
+
 logger = logging.getLogger("genserve.storage")
 
 T = TypeVar("T")
@@ -100,7 +102,8 @@ class ResultStore(ABC):
         """Remove `key`; deleting a missing key is not an error."""
 
     async def aput(self, key: str, data: bytes, content_type: str = "image/png") -> str:
-        return await anyio.to_thread.run_sync(lambda: self.put(key, data, content_type))
+        with tracing.span("storage.put", backend=self.backend, key=key, bytes=len(data)):
+            return await anyio.to_thread.run_sync(lambda: self.put(key, data, content_type))
 
     async def aexists(self, key: str) -> bool:
         return await anyio.to_thread.run_sync(self.exists, key)

@@ -8,7 +8,10 @@ Two sources:
 
 Ray exports every metric on each node's Prometheus endpoint (`metrics-export-port`, 8080 in
 `kuberay/rayservice.yaml`) with a `ray_` prefix; counters gain `_total` (a name that already ends
-in `_total` keeps it) and histograms expose `_bucket`, `_sum` and `_count`. Built-in names were
+in `_total` keeps it) and histograms expose `_bucket`, `_sum` and `_count` (checked against a live
+endpoint by tests/test_telemetry_metrics.py). Ray 2.60 ships histograms to its agent as bucket
+counts and rebuilds `_sum` from bucket midpoints: buckets and `_count` are exact, a mean from
+`_sum / _count` is only as fine as the buckets (a batch of 4 counts as 3.5). Built-in names were
 read from Ray 2.60's source (`serve/_private/request_ingress_metrics.py`, `router.py`,
 `deployment_state.py`, `application_state.py`, `dashboard/modules/reporter/reporter_agent.py`).
 """
@@ -82,12 +85,13 @@ GENSERVE_METRICS: dict[str, MetricSpec] = {
     "genserve_tenant_requests_total": _g(
         "counter", "API requests accepted per tenant and route.", ("tenant", "route")),
     "genserve_rate_limited_total": _g(
-        "counter", "Requests rejected with 429, by tenant and limit kind (rpm, tpm, ipm, concurrency, "
-        "budget).", ("tenant", "kind")),
+        "counter", "Requests rejected with 429, by tenant and the limit that refused: requests, tokens, "
+        "images (per window), concurrency, budget.", ("tenant", "kind")),
     "genserve_job_transitions_total": _g(
         "counter", "Async job state transitions, counted by the state entered.", ("state",)),
     "genserve_jobs_in_state": _g(
-        "gauge", "Async jobs currently in each state.", ("state",)),
+        "gauge", "Async jobs in each state, from the app database; every ingress replica reports the same "
+        "count, so aggregate with max, not sum.", ("state",)),
     "genserve_degraded_requests_total": _g(
         "counter", "Requests served in a degraded mode (fewer steps, fallback model, prompt "
         "expansion skipped), by reason.", ("model", "reason")),

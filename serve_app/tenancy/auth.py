@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 
 from serve_app.errors import APIError, bad_request
 from serve_app.state import ServicesDep
+from serve_app.telemetry.context import annotate
 from serve_app.tenancy.service import Tenancy, TenantContext
 
 TENANCY_KEY = "tenancy"
@@ -43,6 +44,7 @@ def api_key_from(request: Request) -> str | None:
 async def authenticate(request: Request, tenancy: TenancyDep) -> TenantContext:
     ctx = await tenancy.authenticate(api_key_from(request))
     request.state.tenant = ctx  # for access logs and metrics labels (the tenant name, never the key)
+    annotate(tenant=ctx.tenant)
     return ctx
 
 

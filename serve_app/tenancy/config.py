@@ -30,6 +30,8 @@ class PlanConfig(_Strict):
     max_steps: int | None = Field(50, ge=1)
     monthly_budget_usd: float | None = Field(10.0, ge=0.0)
     priority: int = Field(0, description="Higher is more important; the top plan is used for `local`.")
+    adaptive_quality: bool = Field(False, description="Requests without `quality` may get fewer steps under "
+                                   "load (`quality: \"auto\"` opts in on any plan; --q/steps never degrade).")
 
     def allows(self, model: str) -> bool:
         return self.allowed_models == "*" or model in self.allowed_models

@@ -22,6 +22,8 @@ import anyio
 from sqlalchemy import insert, select
 
 from serve_app.errors import APIError
+from serve_app.telemetry import metrics as telemetry_metrics
+from serve_app.telemetry.context import annotate
 from serve_app.tenancy import budget as budgetlib
 from serve_app.tenancy import keys as keylib
 from serve_app.tenancy import limits_sql, store
@@ -230,9 +232,12 @@ class Tenancy:
             else:
                 grant = Grant(window_start=window_start(now, cfg.rate_window_s), window_s=cfg.rate_window_s)
         except Rejected as r:
+            telemetry_metrics.record_rate_limited(ctx.tenant, r.kind)
             raise _rate_error(r) from None
         except budgetlib.OverBudget as e:
+            telemetry_metrics.record_rate_limited(ctx.tenant, "budget")
             raise _quota_error(e) from None
+        telemetry_metrics.record_tenant_request(ctx.tenant, route)
         return Admission(self, ctx, route, model, grant, hold, now)
 
     async def admit(self, ctx: TenantContext, *, route: str, model: str, images: int = 0, est_tokens: int = 0,
@@ -240,6 +245,7 @@ class Tenancy:
         """Take rate units, a concurrency slot and a budget hold, all or nothing; 429 if any is
         refused. `est_tokens` should be an upper bound (prompt + max_tokens): it is held from the
         token window and the budget and corrected to the actual count at settle."""
+        annotate(model=model)  # labels the request's latency metric, logs and span
         return await anyio.to_thread.run_sync(
             lambda: self.admit_sync(ctx, route=route, model=model, images=images, est_tokens=est_tokens,
                                     est_gpu_seconds=est_gpu_seconds))
@@ -263,6 +269,8 @@ class Tenancy:
 
     def _settle(self, adm: Admission) -> None:
         ctx, g = adm.ctx, adm.grant
+        telemetry_metrics.record_usage(model=adm.model, tenant=ctx.tenant, images=adm.images,
+                                       prompt_tokens=adm.prompt_tokens, completion_tokens=adm.completion_tokens)
         tokens = adm.prompt_tokens + adm.completion_tokens
         adjust: dict[str, int] = {}
         if ctx.plan.tokens_per_minute is not None:

@@ -1,0 +1,83 @@
+"""Adaptive quality: fewer denoising steps while this replica is overloaded.
+
+Load is the replica's own view: (images queued + images in the running batch) / max_batch_size,
+so 1.0 means "a full batch is waiting or running". Hysteresis keeps it from flapping: degrade
+once load exceeds `high_water`; restore only after load has stayed at or below `low_water` for
+`hold_s` seconds. Only tasks that allow it (`ImageTask.quality_auto`, never an explicit `--q` or
+`steps`) are changed, and only within bounds: steps = max(min_steps, ceil(steps · fraction)),
+never more than asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from deployments.diffusion.types import ImageTask
+
+REASON_LOAD = "load"
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    enabled: bool = False
+    high_water: float = 1.5
+    low_water: float = 0.5
+    hold_s: float = 5.0
+    min_steps_fraction: float = 0.5
+    min_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.low_water > self.high_water:
+            raise ValueError(f"low_water ({self.low_water}) must be <= high_water ({self.high_water})")
+        if not 0 < self.min_steps_fraction <= 1:
+            raise ValueError(f"min_steps_fraction must be in (0, 1], got {self.min_steps_fraction}")
+        if self.min_steps < 1:
+            raise ValueError(f"min_steps must be >= 1, got {self.min_steps}")
+        if self.hold_s < 0:
+            raise ValueError(f"hold_s must be >= 0, got {self.hold_s}")
+
+
+class AdaptiveQuality:
+    def __init__(self, settings: QualitySettings, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self._clock = clock
+        self.degraded = False
+        self._last_above_low = -math.inf  # last time load was seen above low_water
+        self.load = 0.0
+
+    def observe(self, load: float) -> bool:
+        """Feed the current load; returns whether new work is degraded."""
+        s = self.settings
+        now = self._clock()
+        self.load = load
+        if not s.enabled:
+            self.degraded = False
+            return False
+        if load > s.low_water:
+            self._last_above_low = now
+        if load > s.high_water:
+            self.degraded = True
+        elif self.degraded and load <= s.low_water and now - self._last_above_low >= s.hold_s:
+            self.degraded = False
+        return self.degraded
+
+    def steps_for(self, steps: int) -> int:
+        s = self.settings
+        return min(steps, max(s.min_steps, math.ceil(steps * s.min_steps_fraction)))
+
+    def apply(self, task: ImageTask, load: float) -> tuple[ImageTask, bool]:
+        """(the task to run, whether it was degraded). Observes `load` first."""
+        degraded = self.observe(load)
+        if not (degraded and task.quality_auto):
+            return task, False
+        steps = self.steps_for(task.steps)
+        if steps == task.steps:
+            return task, False
+        return dataclasses.replace(task, steps=steps), True
+
+
+__all__ = ["AdaptiveQuality", "QualitySettings", "REASON_LOAD"]

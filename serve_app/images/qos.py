@@ -1,0 +1,31 @@
+"""Per-request quality-of-service fields the ingress stamps on each `ImageTask`: the plan's priority
+(the diffusion replica's batch queue serves higher first) and whether adaptive quality may lower
+steps under load (docs/priority-and-quality.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from serve_app.prompts.render import RenderedImageRequest
+from serve_app.tenancy.config import PlanConfig
+
+
+def allows_auto_quality(plan: PlanConfig, quality: str | None, *, explicit_steps: bool, flag_q: bool) -> bool:
+    """`quality: "auto"` opts in on any plan; no `quality` opts in where the plan does. An explicit
+    `--q` or `steps` always wins: those requests run exactly as asked."""
+    if explicit_steps or flag_q:
+        return False
+    if quality == "auto":
+        return True
+    return quality is None and plan.adaptive_quality
+
+
+def stamp(rendered: RenderedImageRequest, plan: PlanConfig, quality: str | None, *,
+          explicit_steps: bool) -> RenderedImageRequest:
+    auto = allows_auto_quality(plan, quality, explicit_steps=explicit_steps,
+                               flag_q=rendered.parsed.params.quality is not None)
+    tasks = tuple(dataclasses.replace(t, priority=plan.priority, quality_auto=auto) for t in rendered.tasks)
+    return dataclasses.replace(rendered, tasks=tasks)
+
+
+__all__ = ["allows_auto_quality", "stamp"]

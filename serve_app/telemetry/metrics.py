@@ -1,0 +1,140 @@
+"""genserve's metrics, registered with `ray.serve.metrics` from the catalogue, and their recorders.
+
+Ray exports them on every node's Prometheus endpoint as `ray_<name>` (see catalog.py), with
+`deployment`, `replica` and `application` added by Serve inside a replica. Each process creates
+its metric objects once, on first use; a record is one Cython call (~5-10 µs), never I/O. Outside
+a Ray worker (unit tests, CLI) records go nowhere, so callers never need to check.
+
+Where each is recorded:
+  request_latency    ingress ASGI middleware (telemetry/middleware.py), route = route template
+  tenant_requests    Tenancy.admit (accepted), rate_limited: Tenancy.admit (429, by limit kind)
+  images, tokens     Tenancy settle: what was delivered and billed, streamed and job usage included
+  batch_size, queue_wait, diffusion_step   the diffusion replica (DiffusionServer)
+  ttft, inter_token  the ingress chat service, on the SSE stream: what the client sees
+  job_transitions    JobStore (each conditional UPDATE that took), jobs_in_state: the runner's reaper
+  degraded_requests  defined here; recorded where a request is served degraded (issue 9)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from serve_app.telemetry.catalog import GENSERVE_METRICS
+
+_lock = threading.Lock()
+_metrics: dict[str, Any] | None = None
+
+
+def _create() -> dict[str, Any]:
+    from ray.serve import metrics as sm
+
+    out: dict[str, Any] = {}
+    for name, spec in GENSERVE_METRICS.items():
+        if spec.type == "counter":
+            out[name] = sm.Counter(name, description=spec.description, tag_keys=spec.tag_keys)
+        elif spec.type == "gauge":
+            out[name] = sm.Gauge(name, description=spec.description, tag_keys=spec.tag_keys)
+        else:
+            out[name] = sm.Histogram(name, description=spec.description, boundaries=list(spec.boundaries),
+                                     tag_keys=spec.tag_keys)
+    return out
+
+
+def metric(name: str) -> Any:
+    """The process's metric object registered as `name` (a GENSERVE_METRICS key)."""
+    global _metrics
+    if _metrics is None:
+        with _lock:
+            if _metrics is None:
+                _metrics = _create()
+    return _metrics[name]
+
+
+def _inc(name: str, value: float, tags: dict[str, str]) -> None:
+    if value > 0:  # Ray refuses increments <= 0
+        metric(name).inc(value, tags=tags)
+
+
+# -- ingress ----------------------------------------------------------------------------------
+
+def record_request(route: str, model: str | None, status: int, seconds: float) -> None:
+    metric("genserve_request_latency_seconds").observe(
+        seconds, tags={"route": route, "model": model or "", "status": str(status)})
+
+
+def record_tenant_request(tenant: str, route: str) -> None:
+    _inc("genserve_tenant_requests_total", 1, {"tenant": tenant, "route": route})
+
+
+def record_rate_limited(tenant: str, kind: str) -> None:
+    """`kind`: requests, tokens, images, concurrency (the limit that refused) or budget."""
+    _inc("genserve_rate_limited_total", 1, {"tenant": tenant, "kind": kind})
+
+
+def record_usage(*, model: str, tenant: str, images: int = 0, prompt_tokens: int = 0,
+                 completion_tokens: int = 0) -> None:
+    _inc("genserve_images_generated_total", images, {"model": model, "tenant": tenant})
+    _inc("genserve_tokens_total", prompt_tokens, {"model": model, "tenant": tenant, "direction": "in"})
+    _inc("genserve_tokens_total", completion_tokens, {"model": model, "tenant": tenant, "direction": "out"})
+
+
+def record_degraded(model: str, reason: str) -> None:
+    """A request served in a degraded mode (fewer steps, fallback model, no prompt expansion)."""
+    _inc("genserve_degraded_requests_total", 1, {"model": model, "reason": reason})
+
+
+class StreamTimer:
+    """TTFT and inter-token latency of one streamed response, as its chunks leave the ingress.
+
+    `sent(n)` once per chunk handed to the client: the first chunk with tokens gives TTFT (from
+    the timer's creation, i.e. before the LLM was called); each later one gives the gap since the
+    previous chunk divided by its tokens (chunks coalesce tokens, ~20 ms each): one observation
+    per chunk, not per token."""
+
+    __slots__ = ("_tags", "_start", "_last")
+
+    def __init__(self, model: str) -> None:
+        self._tags = {"model": model}
+        self._start = time.perf_counter()
+        self._last: float | None = None
+
+    def sent(self, num_tokens: int) -> None:
+        if num_tokens <= 0:
+            return
+        now = time.perf_counter()
+        if self._last is None:
+            metric("genserve_ttft_seconds").observe(now - self._start, tags=dict(self._tags))
+        else:
+            metric("genserve_inter_token_latency_seconds").observe((now - self._last) / num_tokens,
+                                                                   tags=dict(self._tags))
+        self._last = now
+
+
+# -- diffusion replica ------------------------------------------------------------------------
+
+def record_batch(model: str, group_sizes: Iterable[int], queue_waits: Iterable[float]) -> None:
+    """One denoising call: the size of each group the engine ran, each request's queue wait."""
+    for size in group_sizes:
+        metric("genserve_batch_size").observe(size, tags={"model": model})
+    for wait in queue_waits:
+        metric("genserve_queue_wait_seconds").observe(wait, tags={"model": model})
+
+
+def record_step(model: str, seconds: float) -> None:
+    metric("genserve_diffusion_step_seconds").observe(seconds, tags={"model": model})
+
+
+# -- jobs -------------------------------------------------------------------------------------
+
+def record_job_transition(state: str) -> None:
+    _inc("genserve_job_transitions_total", 1, {"state": state})
+
+
+def set_jobs_in_state(counts: dict[str, int]) -> None:
+    """The app DB's job counts (every ingress replica reports the same: aggregate with max)."""
+    gauge = metric("genserve_jobs_in_state")
+    for state, n in counts.items():
+        gauge.set(n, tags={"state": state})

@@ -1,0 +1,78 @@
+"""The ingress's telemetry middleware: request id, the request's root span, latency, access log.
+
+Pure ASGI (a Starlette-style class), outermost in the app so 413s and error responses are
+counted too. Serve's proxy already accepts a client's `X-Request-ID` (or makes one), forwards it
+in the request headers and returns it; without a proxy in front (tests, local mode) this
+middleware makes one and returns it itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from opentelemetry.trace import SpanKind, StatusCode
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve_app.telemetry import metrics, tracing
+from serve_app.telemetry.context import RequestInfo, bind_request, unbind_request
+
+access_log = logging.getLogger("genserve.access")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def route_of(scope: Scope) -> str:
+    """The matched route's template (`/v1/jobs/{job_id}`): bounded label values, no ids."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
+class TelemetryMiddleware:
+    def __init__(self, app: ASGIApp, *, access_log: bool = True) -> None:
+        self.app = app
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        given = headers.get("x-request-id", "")
+        rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        info = RequestInfo(request_id=rid)
+        token = bind_request(info)
+        method, started, status = scope["method"], time.perf_counter(), 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if not given:
+                    MutableHeaders(scope=message).append("X-Request-ID", rid)
+            await send(message)
+
+        try:
+            with tracing.span(f"{method} {scope['path']}", kind=SpanKind.SERVER, parent=tracing.extract(headers),
+                              request_id=rid, **{"http.request.method": method, "url.path": scope["path"]}) as span:
+                info.span = span
+                try:
+                    await self.app(scope, receive, send_wrapper)
+                finally:
+                    route = route_of(scope)
+                    seconds = time.perf_counter() - started
+                    if span.is_recording():
+                        span.update_name(f"{method} {route}")
+                        span.set_attribute("http.route", route)
+                        span.set_attribute("http.response.status_code", status)
+                        if status >= 500:
+                            span.set_status(StatusCode.ERROR)
+                    metrics.record_request(route, info.model, status, seconds)
+                    if self.access_log:
+                        access_log.info("%s %s %d %.1fms", method, scope["path"], status, seconds * 1000,
+                                        extra={"fields": {"route": route, "status": status,
+                                                          "latency_ms": round(seconds * 1000, 2)}})
+        finally:
+            unbind_request(token)

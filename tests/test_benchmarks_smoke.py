@@ -1,0 +1,44 @@
+"""The benchmark suite runs end to end on the tiny CPU models and writes its JSON (no timings are
+asserted: speed is measured in benchmarks, never in tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.ray
+
+
+def test_serving_suite_smoke(tmp_path: Path, tiny_models_dir: Path) -> None:
+    env = {**os.environ, "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", str(tmp_path))}
+    cmd = [sys.executable, "-m", "benchmarks.serving_suite", "--tiny", "--device", "cpu", "--phases", "raw,serve",
+           "--batches", "1,4", "--raw-images", "8", "--serve-batch", "4", "--serve-images", "16",
+           "--models", str(tiny_models_dir), "--out", str(tmp_path), "--name", "smoke"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "smoke.json").read_text())
+    assert [c["batch"] for c in result["raw"]["curve"]] == [1, 4]
+    graph = result["serve"]["graph"]
+    assert graph["errors"] == 0 and graph["images"] == 16 and graph["max_batch"] <= 4
+    assert result["serve"]["ratio_graph_over_raw"] > 0
+
+
+def test_genserve_bench_closed_and_open_loop(genserve_url: str, api_key: str, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from serve_app.bench_cli import bench
+
+    for extra in (["--requests", "6", "--concurrency", "3"], ["--rate", "4", "--duration", "1.5"]):
+        result = CliRunner().invoke(bench, ["--url", genserve_url, "--api-key", api_key, "--size", "32x32",
+                                            "--out", str(tmp_path), *extra])
+        assert result.exit_code == 0, result.output
+    runs = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("bench-*.json"))]
+    assert sorted(r["mode"] for r in runs) == ["closed", "open"]
+    assert all(r["errors"] == 0 and r["images"] > 0 for r in runs)
