@@ -119,4 +119,5 @@ def test_genserve_metrics_reach_prometheus(genserve_url: str, auth: dict, metric
     # Every series the dashboards may query has its catalogue name (degraded_requests: issue 9).
     exported = {n.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count").removeprefix("ray_")
                 for n in series}
-    assert set(GENSERVE_METRICS) - exported == {"genserve_degraded_requests_total"}
+    # Degraded requests appear only once a test has overloaded a replica (adaptive quality).
+    assert set(GENSERVE_METRICS) - exported <= {"genserve_degraded_requests_total"}
