@@ -23,6 +23,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = Path(os.environ.get("GENSERVE_WORK", REPO / ".work")).resolve()
+BENCH_WORK = WORK / "llm-bench"  # the benchmark app's own DB and local key
 MESSAGES = ({"role": "user", "content": "a lighthouse on a cliff at dawn, oil painting"},)
 
 
@@ -77,7 +78,8 @@ async def bench_direct(model_cfg: dict, args: argparse.Namespace) -> dict[str, A
 
 
 def build_chat_app(model_cfg: dict, port: int):  # type: ignore[no-untyped-def]
-    """The chat route of the app, served by Serve, in front of the real LLM deployment."""
+    """The app's real ingress (auth, admission and metering, every router) in front of the real LLM
+    deployment; only the diffusion deployments are left out."""
     from fastapi import FastAPI
     from ray import serve
 
@@ -87,25 +89,23 @@ def build_chat_app(model_cfg: dict, port: int):  # type: ignore[no-untyped-def]
     @serve.ingress()
     class ChatIngress:
         def __init__(self, config: dict, llm: dict) -> None:
-            from serve_app.config import AppConfig
-            from serve_app.state import Services
+            from serve_app.config import load_app_config
+            from serve_app.ingress import build_services
 
-            self.services = Services(config=AppConfig.model_validate(config), llm=llm)
+            self.services = build_services(load_app_config(config), {}, llm)
 
         def __serve_build_asgi_app__(self) -> FastAPI:
-            from serve_app.chat.router import router
-            from serve_app.errors import install_error_handlers
+            from serve_app.app import create_app
 
-            app = FastAPI()
-            install_error_handlers(app)
-            app.include_router(router)
-            app.state.services = self.services
-            return app
+            return create_app(self.services)
 
-    config = {"diffusion_models": [{"name": "unused", "family": "sdxl", "model": "unused"}],
+    config = {"work_dir": str(BENCH_WORK), "diffusion_models": [{"name": "unused", "family": "sdxl", "model": "unused"}],
               "llm_models": [model_cfg]}
     name = model_cfg["name"]
-    llm = LLMDeployment.options(name=f"LLM-{name}").bind(model_cfg, work_dir=str(WORK))
+    import torch
+
+    gpu = {"num_gpus": 1} if torch.cuda.is_available() else {}
+    llm = LLMDeployment.options(name=f"LLM-{name}", ray_actor_options=gpu).bind(model_cfg, work_dir=str(WORK))
     return ChatIngress.bind(config, {name: llm})
 
 
@@ -116,15 +116,21 @@ async def bench_serve(model_cfg: dict, args: argparse.Namespace) -> dict[str, An
 
     port = args.port
     os.environ.setdefault("RAY_TMPDIR", str(WORK / "ray-llm"))
-    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "GENSERVE_WORK": str(WORK)}})
+    import torch
+
+    ray.init(num_cpus=args.ray_cpus, num_gpus=1 if torch.cuda.is_available() else 0, include_dashboard=False,
+             log_to_driver=False,
+             # Keep the caller's PYTHONPATH (on the GPU host Ray itself lives there).
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
+                 p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p), "GENSERVE_WORK": str(WORK)}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         t0 = time.perf_counter()
         serve.run(build_chat_app(model_cfg, port), name="llm-bench", route_prefix="/")
         deploy_s = time.perf_counter() - t0
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        async with httpx.AsyncClient(timeout=300) as client:
+        key = (BENCH_WORK / "local_api_key").read_text().strip()
+        async with httpx.AsyncClient(timeout=300, headers={"Authorization": f"Bearer {key}"}) as client:
 
             async def one(i: int) -> tuple[float, int]:
                 body = {"model": model_cfg["name"], "messages": list(MESSAGES), "max_tokens": args.max_tokens,
@@ -151,6 +157,33 @@ async def bench_serve(model_cfg: dict, args: argparse.Namespace) -> dict[str, An
         ray.shutdown()
 
 
+def build_full_llm(out_dir: Path) -> Path:
+    """TinyLlama-1.1B's shapes with random weights and the tiny model's offline tokenizer (its
+    vocabulary is small; the 22 decoder layers are what cost the time)."""
+    if (out_dir / "config.json").exists():
+        return out_dir
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from deployments.llm.tiny import build_tiny_llm
+
+    tiny = build_tiny_llm(WORK / "models" / "llm-tiny")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(cfg).half().eval()
+    model.generation_config.eos_token_id = None  # random weights: generate the full max_tokens
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
@@ -160,19 +193,26 @@ def main() -> None:
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--full", action="store_true", help="a 1.1B Llama architecture (TinyLlama shapes), random, on GPU")
     args = p.parse_args()
 
     from deployments.llm.tiny import build_tiny_llm
 
-    model = build_tiny_llm(WORK / "models" / "llm-tiny")
-    model_cfg = {"name": "tiny-chat", "model": str(model), "engine": args.engine, "dtype": "float32",
-                 "max_model_len": 512}
+    if args.full:
+        model = build_full_llm(WORK / "models" / "llm-1b")
+        model_cfg = {"name": "llm-1b", "model": str(model), "engine": args.engine, "dtype": "float16",
+                     "max_model_len": 2048}
+    else:
+        model = build_tiny_llm(WORK / "models" / "llm-tiny")
+        model_cfg = {"name": "tiny-chat", "model": str(model), "engine": args.engine, "dtype": "float32",
+                     "max_model_len": 512}
     direct = asyncio.run(bench_direct(model_cfg, args))
     served = asyncio.run(bench_serve(model_cfg, args))
     result = {
         "benchmark": "llm_overhead",
         "engine": args.engine,
-        "model": "tiny random-weight Llama (deployments/llm/tiny.py)",
+        "model": "1.1B Llama architecture, random weights, fp16" if args.full else
+                 "tiny random-weight Llama (deployments/llm/tiny.py)",
         "host": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "params": {k: v for k, v in vars(args).items() if k != "out"},
         "direct": direct,
