@@ -82,6 +82,12 @@ async def store_results(store: ResultStore, tenant_id: int, results: list[ImageR
         raise unavailable(f"Could not store the images: {e.reason}", code="storage_failed") from None
 
 
+def degradation(results: list[ImageResult]) -> tuple[bool, str | None]:
+    """(whether some image ran with fewer steps than asked, why: e.g. `load`)."""
+    degraded = [r for r in results if r.degraded]
+    return bool(degraded), degraded[0].degrade_reason if degraded else None
+
+
 def to_response(rendered: RenderedImageRequest, results: list[ImageResult], *, urls: list[str] | None = None,
                 generation_id: str | None = None) -> ImageGenerationResponse:
     first = rendered.tasks[0]
@@ -90,7 +96,7 @@ def to_response(rendered: RenderedImageRequest, results: list[ImageResult], *, u
     else:
         data = [ImageData(b64_json=base64.b64encode(r.png).decode("ascii"), revised_prompt=rendered.prompt,
                           seed=r.seed) for r in results]
-    degraded = [r for r in results if r.degraded]
+    degraded, reason = degradation(results)
     info = GenerationInfo(model=rendered.model.name, width=first.width, height=first.height,
                           steps=results[0].steps if results else first.steps,
                           guidance_scale=first.guidance_scale, negative_prompt=rendered.negative_prompt,
@@ -98,6 +104,6 @@ def to_response(rendered: RenderedImageRequest, results: list[ImageResult], *, u
                           queue_wait_s=[round(r.queue_wait_s, 4) for r in results],
                           compute_s=[round(r.compute_s, 4) for r in results],
                           generation_id=generation_id, steps_used=[r.steps for r in results],
-                          degraded=bool(degraded), reason=degraded[0].degrade_reason if degraded else None)
+                          degraded=degraded, reason=reason)
     return ImageGenerationResponse(created=int(time.time()), data=data, genserve=info)
 

@@ -35,6 +35,9 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     result_keys: Mapped[list | None] = mapped_column(JSON)
     generation_id: Mapped[str | None] = mapped_column(String(40))
+    # What the images were actually generated with, written when the job succeeds: model, size,
+    # steps used per image, degraded + reason (adaptive quality may lower steps under load).
+    used: Mapped[dict | None] = mapped_column(JSON)
     webhook_url: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -21,6 +21,19 @@ class JobResult(BaseModel):
     seed: int | None = None
 
 
+class JobUsed(BaseModel):
+    """What the images were actually generated with (the same facts as `genserve` in a
+    synchronous response): adaptive quality may run fewer steps than `params.steps` under load."""
+
+    model: str
+    width: int
+    height: int
+    steps_used: list[int] = Field(description="Per image: denoising steps actually run.")
+    requested_steps: list[int] = Field(description="Per image: steps the request asked for.")
+    degraded: bool = Field(description="Some image ran with fewer steps than asked (adaptive quality).")
+    reason: str | None = Field(None, description="Why it was degraded, e.g. `load`.")
+
+
 class Job(BaseModel):
     id: str
     object: Literal["job"] = "job"
@@ -37,7 +50,8 @@ class Job(BaseModel):
     results: list[JobResult] = Field(default_factory=list)
     generation_id: str | None = None
     prompt: str
-    params: dict
+    params: dict = Field(description="What was asked for (the rendered request).")
+    used: JobUsed | None = Field(None, description="What was actually used; set once the job succeeded.")
 
 
 class JobList(BaseModel):

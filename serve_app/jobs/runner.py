@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 
 from deployments.diffusion.types import ImageResult, ImageTask, WeightedPrompt
+from serve_app.images.service import degradation
 from serve_app.jobs.config import JobsConfig
 from serve_app.jobs.store import JobRecord, JobStore
 from serve_app.prompts.render import RenderedImageRequest
@@ -41,6 +42,19 @@ def spec_of(rendered: RenderedImageRequest, *, tenant: str, base_url: str | None
         "tasks": [asdict(t) for t in rendered.tasks], "tenant": tenant, "base_url": base_url,
         "params": rendered.describe(), **(extra or {}),
     }
+
+
+def used_of(results: list[ImageResult]) -> dict | None:
+    """What the images were actually generated with, for the job record (`Job.used`): adaptive
+    quality may have run fewer steps than the spec asked for."""
+    if not results:
+        return None
+    degraded, reason = degradation(results)
+    first = results[0]
+    return {"model": first.model, "width": first.width, "height": first.height,
+            "steps_used": [r.steps for r in results],
+            "requested_steps": [r.requested_steps or r.steps for r in results],
+            "degraded": degraded, "reason": reason}
 
 
 def tasks_of(spec: dict, job_id: str, attempt: int) -> list[ImageTask]:
@@ -139,7 +153,7 @@ class JobRunner:
             return
         n = max(1, len(results))
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * (time.monotonic() - started) / n
-        await self._end(job, "succeeded", **outcome)
+        await self._end(job, "succeeded", **outcome, used=used_of(results))
         if job_id in self._settle:
             await self._settle_usage(job_id, "ok", results)
         elif self.orphan_usage is not None:

@@ -11,7 +11,7 @@ import anyio
 
 from deployments.diffusion.types import ImageResult
 from serve_app.jobs.config import JobsConfig
-from serve_app.jobs.protocol import Job, JobResult
+from serve_app.jobs.protocol import Job, JobResult, JobUsed
 from serve_app.jobs.runner import JobRunner
 from serve_app.jobs.store import JobRecord, JobStore
 from serve_app.library import ResolvedTemplate
@@ -80,4 +80,4 @@ class Jobs:
                    queue_position=queue_position, estimated_seconds=eta, attempts=job.attempts,
                    created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
                    error=job.error, results=results, generation_id=job.generation_id, prompt=job.spec["prompt"],
-                   params=job.spec.get("params", {}))
+                   params=job.spec.get("params", {}), used=JobUsed(**job.used) if job.used else None)

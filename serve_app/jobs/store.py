@@ -40,6 +40,7 @@ class JobRecord:
     error: str | None
     result_keys: list | None
     generation_id: str | None
+    used: dict | None
     webhook_url: str | None
     created_at: datetime
     started_at: datetime | None
@@ -140,12 +141,12 @@ class JobStore:
             record_job_transition("queued")
 
     def finish(self, job_id: str, owner: str, status: str, *, error: str | None = None,
-               result_keys: list | None = None, generation_id: str | None = None) -> bool:
+               result_keys: list | None = None, generation_id: str | None = None, used: dict | None = None) -> bool:
         """Terminal state, only by the lease owner. False if the lease was lost meanwhile."""
         values: dict[str, Any] = dict(status=status, error=error, finished_at=_now(), lease_owner=None,
                                       lease_expires_at=None)
         if status == "succeeded":
-            values.update(progress=1.0, result_keys=result_keys, generation_id=generation_id)
+            values.update(progress=1.0, result_keys=result_keys, generation_id=generation_id, used=used)
         with write_tx(self.engine) as conn:
             done = conn.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner,
                                                   Job.status.in_(ACTIVE)).values(**values)).rowcount == 1
