@@ -42,3 +42,34 @@ def test_genserve_bench_closed_and_open_loop(genserve_url: str, api_key: str, tm
     runs = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("bench-*.json"))]
     assert sorted(r["mode"] for r in runs) == ["closed", "open"]
     assert all(r["errors"] == 0 and r["images"] > 0 for r in runs)
+
+
+def _run_benchmark(module: str, tmp_path: Path, *args: str) -> dict:
+    env = {**os.environ, "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", str(tmp_path))}
+    cmd = [sys.executable, "-m", module, "--out", str(tmp_path), "--name", "smoke", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "smoke.png").exists()
+    return json.loads((tmp_path / "smoke.json").read_text())
+
+
+def test_adaptive_quality_benchmark_smoke(tmp_path: Path, tiny_models_dir: Path) -> None:
+    """Both sides in one run: the fixed plan always runs full steps; the auto plan degrades
+    within [min_steps, steps] under the load step (6 clients x 4 images = 3 batches queued)."""
+    result = _run_benchmark("benchmarks.adaptive_quality", tmp_path, "--models", str(tiny_models_dir),
+                            "--calm-s", "1", "--load-s", "4", "--clients", "6", "--hold-s", "1")
+    fixed, auto = result["summary"]["fixed"], result["summary"]["auto"]
+    assert all(ph["errors"] == 0 for side in (fixed, auto) for ph in side.values())
+    assert fixed["load"]["steps_min"] == fixed["load"]["steps_max"] == 16 and fixed["load"]["degraded_requests"] == 0
+    assert auto["load"]["degraded_requests"] > 0 and auto["load"]["steps_min"] == 4
+    assert auto["load"]["steps_within_bounds"] and "p95_under_target" in auto["load"]
+    assert {r["clients"] for r in result["timeline"]["auto"]} == {1, 6}
+
+
+def test_priority_benchmark_smoke(tmp_path: Path, tiny_models_dir: Path) -> None:
+    result = _run_benchmark("benchmarks.priority", tmp_path, "--models", str(tiny_models_dir), "--bulk-clients", "4",
+                            "--unloaded-s", "2", "--settle-s", "1", "--saturated-s", "3")
+    s = result["summary"]
+    assert all(s[k]["errors"] == 0 for k in ("vip_unloaded", "vip_saturated", "peer_saturated", "bulk_saturated"))
+    assert s["bulk_saturated"]["images_per_s_while_probed"] > 0  # the low plan keeps progressing
+    assert s["ratio_vip_saturated_over_unloaded_p95"] > 0
