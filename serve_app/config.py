@@ -30,6 +30,11 @@ class BatchingConfig(_Strict):
     batch_wait_timeout_s: float = Field(
         0.05, ge=0.0, le=10.0, description="How long a partial batch waits for more requests."
     )
+    max_batch_megapixels: float | None = Field(
+        None, gt=0.0, le=1000.0, description="Most pixels one batch may hold (sum over its images, in "
+        "megapixels): the replica's GPU memory cap. The batcher closes a batch before it would exceed this, "
+        "the ingress refuses (422) an image larger than it, and on CUDA the replica runs this worst case once "
+        "at start. None: max_batch_size images at the model's native resolution.")
     priority_aging_s: float = Field(
         10.0, gt=0.0, le=3600.0, description="Plan priority aging: each second waited adds 1/aging_s to "
         "an image's priority, so a low plan waits at most ~aging_s x priority gap (docs/priority-and-quality.md).")
@@ -84,6 +89,12 @@ class DiffusionModelConfig(_Strict):
     decoder_steps: int = Field(12, ge=1, le=100, description="Würstchen decoder steps (task steps are the prior's).")
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
     adaptive_quality: AdaptiveQualityConfig = Field(default_factory=AdaptiveQualityConfig)
+    vae_slicing: bool = Field(
+        True, description="SDXL: decode a batch's latents one image at a time. The VAE decode of a whole "
+        "batch is the memory peak at large sizes; slicing cuts it at a small cost (benchmarks/README.md).")
+    probe_memory: bool = Field(
+        True, description="On CUDA, run the largest batch the limits allow (1 step) when the replica starts, "
+        "so a budget that does not fit the replica's GPU share fails the deploy instead of a request later.")
     description: str = ""
 
     @model_validator(mode="after")
@@ -95,6 +106,9 @@ class DiffusionModelConfig(_Strict):
                 f"native_resolution ({self.native_resolution}) must be a multiple of "
                 f"size_multiple ({self.size_multiple})"
             )
+        if self.native_resolution**2 / 1e6 > self.batch_megapixels:
+            raise ValueError(f"batching.max_batch_megapixels ({self.batch_megapixels:g}) is smaller than one image at "
+                             f"the native resolution ({self.native_resolution}px): every default request would be refused")
         if self.default_steps > self.max_steps:
             raise ValueError(f"default_steps ({self.default_steps}) must be <= max_steps ({self.max_steps})")
         return self
@@ -102,6 +116,13 @@ class DiffusionModelConfig(_Strict):
     @property
     def deployment_name(self) -> str:
         return f"Diffusion-{self.name}"
+
+    @property
+    def batch_megapixels(self) -> float:
+        """The batch pixel budget in megapixels (see `BatchingConfig.max_batch_megapixels`)."""
+        if self.batching.max_batch_megapixels is not None:
+            return self.batching.max_batch_megapixels
+        return self.batching.max_batch_size * self.native_resolution**2 / 1e6
 
 
 class LLMModelConfig(_Strict):

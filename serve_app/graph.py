@@ -1,6 +1,6 @@
 """The application graph: `serve_app.graph:build_app` is what Serve configs import.
 
-    HTTP ─> Ingress ─┬─> Diffusion-<model> (one deployment per image model, @serve.batch)
+    HTTP ─> Ingress ─┬─> Diffusion-<model> (one deployment per image model, batching)
                      └─> LLM-<model>       (one per chat model)
 
 `args` (the Serve config's `applications[].args`) are validated as `AppConfig` before anything
@@ -20,13 +20,16 @@ from serve_app.telemetry import telemetry_of
 
 def _diffusion_app(m, cfg: AppConfig) -> Application:
     # Batching goes through `user_config`: a `serve deploy` that changes it reconfigures the running
-    # replicas in place (Diffusion.reconfigure) instead of replacing them.
-    batching = {"max_batch_size": m.batching.max_batch_size, "batch_wait_timeout_s": m.batching.batch_wait_timeout_s}
+    # replicas in place (Diffusion.reconfigure, which also proves a larger memory budget fits).
+    batching = {"max_batch_size": m.batching.max_batch_size, "batch_wait_timeout_s": m.batching.batch_wait_timeout_s,
+                "max_batch_megapixels": m.batch_megapixels}
+    probe = ({"native_side": m.native_resolution, "max_side": m.max_side, "size_multiple": m.size_multiple}
+             if m.probe_memory else None)
     return Diffusion.options(name=m.deployment_name, user_config=batching).bind(
         name=m.name, family=m.family, model=m.model, dtype=m.dtype, device=m.device, variant=m.variant,
         batch_invariant=m.batch_invariant, decoder_steps=m.decoder_steps, optimize=m.optimize.model_dump(),
         telemetry=telemetry_of(cfg).model_dump(), adaptive_quality=m.adaptive_quality.model_dump(),
-        priority_aging_s=m.batching.priority_aging_s)
+        priority_aging_s=m.batching.priority_aging_s, vae_slicing=m.vae_slicing, probe=probe)
 
 
 def _llm_apps(cfg: AppConfig) -> dict[str, Application]:

@@ -76,6 +76,9 @@ def local_config_doc(port: int, work_dir: Path) -> dict:
     args = doc["applications"][0]["args"]
     args["work_dir"] = str(work_dir)
     args.setdefault("tenancy", {})["admin_token"] = ADMIN_TOKEN
+    # A GPU-memory budget below one 256² Würstchen image, so the 422 for oversize images is testable.
+    wurst = next(m for m in args["diffusion_models"] if m["name"] == "wuerstchen-tiny")
+    wurst["batching"]["max_batch_megapixels"] = 0.05
     # Short leases so lost jobs are re-run within seconds; webhooks may target this host.
     args["jobs"] = {"lease_s": 4, "heartbeat_s": 1, "reap_interval_s": 1, "retry_backoff_s": 0.2,
                     "webhooks": {"secret": WEBHOOK_SECRET, "allow_hosts": ["127.0.0.1"], "backoff_s": 0.2}}

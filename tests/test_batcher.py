@@ -73,3 +73,38 @@ def test_reconfigure_validates() -> None:
     assert (b.max_batch_size, b.wait_s) == (16, 0.0)
     with pytest.raises(ValueError, match="got 0"):
         b.set_max_batch_size(0)
+
+
+async def test_cost_budget_closes_batches_in_rank_order() -> None:
+    """Items cost their megapixels: a batch never exceeds the budget, a lone item larger than the
+    rest still runs alone, and an item that does not fit is first in the next batch."""
+    seen: list[list[float]] = []
+    gate = asyncio.Event()
+
+    async def run(items: list[float]) -> list[float]:
+        seen.append(list(items))
+        await gate.wait()
+        return items
+
+    b = LazyBatcher(run, max_batch_size=8, wait_s=0.0, cost_of=lambda mp: mp, max_batch_cost=1.0)
+    first = asyncio.ensure_future(b.submit(0.1))  # occupies the worker while the rest queue up
+    await asyncio.sleep(0.01)
+    rest = [asyncio.ensure_future(b.submit(mp)) for mp in (0.5, 0.4, 0.3, 0.2, 1.0, 0.25)]
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(first, *rest)
+    assert seen[0] == [0.1]
+    assert seen[1:] == [[0.5, 0.4], [0.3, 0.2], [1.0], [0.25]]
+    assert all(sum(batch) <= 1.0 for batch in seen)
+
+
+async def test_cost_budget_counts_as_full_batch_for_the_wait() -> None:
+    """A queue that fills the budget is a full batch: the worker does not wait `wait_s` for more."""
+    async def run(items: list[float]) -> list[float]:
+        return items
+
+    b = LazyBatcher(run, max_batch_size=8, wait_s=30.0, cost_of=lambda mp: mp, max_batch_cost=1.0)
+    # Two items of 0.5 fill the budget: with wait_s=30 this only returns in time if they run at once.
+    assert await asyncio.wait_for(asyncio.gather(b.submit(0.5), b.submit(0.5)), timeout=10) == [0.5, 0.5]
+    with pytest.raises(ValueError):
+        b.set_max_batch_cost(0)

@@ -159,3 +159,19 @@ def test_usage_is_recorded_per_request(genserve_url: str, auth: dict) -> None:
     after = httpx.get(genserve_url + "/v1/usage", headers=auth).json()
     assert after["today"]["images"] - before["today"]["images"] == 3
     assert after["today"]["requests"] - before["today"]["requests"] == 1
+
+
+def test_image_over_the_replica_memory_budget_is_refused_before_it_runs(genserve_url: str, auth: dict) -> None:
+    # conftest caps wuerstchen-tiny's batch at 0.05 MP: 256² (0.066 MP) could never fit one batch.
+    before = httpx.get(genserve_url + "/v1/usage", headers=auth).json()
+    for path, body in [("/v1/images/generations", {"prompt": "x", "model": "wuerstchen-tiny", "size": "256x256"}),
+                       ("/v1/jobs", {"prompt": "x", "model": "wuerstchen-tiny", "size": "256x256"})]:
+        r = httpx.post(genserve_url + path, json=body, headers=auth, timeout=60)
+        assert r.status_code == 422, r.text
+        err = r.json()["error"]
+        assert err["code"] == "exceeds_memory_budget" and err["param"] == "size" and "0.05" in err["message"]
+    ok = _post(genserve_url, {"prompt": "x", "model": "wuerstchen-tiny", "size": "128x128", "n": 4}, auth)
+    assert ok.status_code == 200, ok.text
+    assert max(ok.json()["genserve"]["batch_sizes"]) <= 3  # 3 x 0.016 MP per batch at most
+    after = httpx.get(genserve_url + "/v1/usage", headers=auth).json()
+    assert after["today"]["requests"] - before["today"]["requests"] == 1  # the refused ones cost nothing

@@ -92,3 +92,26 @@ def test_placeholders_are_plain_substitution() -> None:
     assert placeholders("{x} {y} {x} {0} {x.y}") == ["x", "y"]
     with pytest.raises(MissingVariableError):
         fill("{missing}", {})
+
+
+def test_image_larger_than_the_replica_memory_budget_is_refused_422() -> None:
+    args = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "local.yaml").read_text())
+    args = args["applications"][0]["args"]
+    wurst = next(m for m in args["diffusion_models"] if m["name"] == "wuerstchen-tiny")
+    wurst["batching"]["max_batch_megapixels"] = 0.05  # 128² (0.016 MP) fits, 256² (0.066 MP) does not
+    cfg = load_app_config(args)
+    ok = render_image_request(config=cfg, templates=ConfigTemplates(cfg), prompt="x --model fast", size=(128, 128), n=8)
+    assert len(ok.tasks) == 8  # many images are fine: the replica batches them 3 at a time
+    with pytest.raises(APIError) as e:
+        render_image_request(config=cfg, templates=ConfigTemplates(cfg), prompt="x --model fast", size=(256, 256))
+    assert e.value.status == 422 and e.value.code == "exceeds_memory_budget" and e.value.param == "size"
+    # Without the override the default budget is 8 native images, which 256² fits.
+    assert render("x --model fast", size=(256, 256)).tasks[0].width == 256
+
+
+def test_budget_below_one_native_image_is_a_config_error() -> None:
+    args = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "local.yaml").read_text())
+    args = args["applications"][0]["args"]
+    args["diffusion_models"][0]["batching"]["max_batch_megapixels"] = 0.001  # < 64² px
+    with pytest.raises(ValueError, match="max_batch_megapixels"):
+        load_app_config(args)

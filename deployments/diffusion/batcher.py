@@ -12,6 +12,10 @@ Which queued items form the batch: highest effective priority first, where effec
 `priority_of(item) + waited_s / aging_s` (ties: arrival order). A higher plan jumps the queue,
 and aging bounds a low plan's wait: an item that waited `aging_s · Δpriority` outranks every
 newcomer Δpriority above it (docs/priority-and-quality.md).
+
+How many: up to `max_batch_size` items and, with `cost_of`, up to `max_batch_cost` (the replica's
+memory budget in megapixels): a batch is closed before an item would push it over, and that item
+waits for the next one (a batch always takes at least one item; the ingress refuses larger ones).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ R = TypeVar("R")
 
 class LazyBatcher(Generic[T, R]):
     def __init__(self, run: Callable[[list[T]], Awaitable[list[R]]], *, max_batch_size: int, wait_s: float,
-                 priority_of: Callable[[T], int] | None = None, aging_s: float = 10.0) -> None:
+                 priority_of: Callable[[T], int] | None = None, aging_s: float = 10.0,
+                 cost_of: Callable[[T], float] | None = None, max_batch_cost: float | None = None) -> None:
         if aging_s <= 0:
             raise ValueError(f"aging_s must be > 0, got {aging_s}")
         self._run = run
@@ -36,6 +41,8 @@ class LazyBatcher(Generic[T, R]):
         self.wait_s = wait_s
         self.priority_of = priority_of
         self.aging_s = aging_s
+        self.cost_of = cost_of
+        self.max_batch_cost = max_batch_cost
         # (item, future, rank) where rank sorts ascending = served first (see _rank).
         self._queue: list[tuple[T, asyncio.Future, tuple[float, int]]] = []
         self._seq = itertools.count()
@@ -53,6 +60,11 @@ class LazyBatcher(Generic[T, R]):
         if s < 0:
             raise ValueError(f"batch_wait_timeout_s must be >= 0, got {s}")
         self.wait_s = s
+
+    def set_max_batch_cost(self, cost: float | None) -> None:
+        if cost is not None and cost <= 0:
+            raise ValueError(f"max_batch_cost must be > 0, got {cost}")
+        self.max_batch_cost = cost
 
     @property
     def queued(self) -> int:
@@ -75,17 +87,33 @@ class LazyBatcher(Generic[T, R]):
     def _live(self) -> int:
         return sum(not f.done() for _, f, _ in self._queue)
 
+    def _cost(self, item: T) -> float:
+        return self.cost_of(item) if self.cost_of is not None else 0.0
+
+    def _full(self) -> bool:
+        """Enough is queued for a whole batch (by count, or by cost where a budget is set)."""
+        live = [item for item, f, _ in self._queue if not f.done()]
+        if len(live) >= self.max_batch_size:
+            return True
+        return self.max_batch_cost is not None and sum(map(self._cost, live)) >= self.max_batch_cost
+
     def _take(self) -> list[tuple[T, asyncio.Future]]:
-        """The best `max_batch_size` live items, removed from the queue."""
+        """The best live items that fit one batch, removed from the queue (rank order: an item that
+        does not fit closes the batch, so nothing behind it overtakes it)."""
         live = sorted((e for e in self._queue if not e[1].done()), key=lambda e: e[2])
-        batch, rest = live[:self.max_batch_size], live[self.max_batch_size:]
-        self._queue = rest
-        return [(item, fut) for item, fut, _ in batch]
+        n, cost = 0, 0.0
+        for item, _, _ in live[:self.max_batch_size]:
+            c = self._cost(item)
+            if n and self.max_batch_cost is not None and cost + c > self.max_batch_cost:
+                break
+            n, cost = n + 1, cost + c
+        self._queue = live[n:]
+        return [(item, fut) for item, fut, _ in live[:n]]
 
     async def _fill(self) -> None:
         """Wait (at most wait_s) until a full batch is queued."""
         deadline = time.monotonic() + self.wait_s
-        while self._live() < self.max_batch_size:
+        while not self._full():
             left = deadline - time.monotonic()
             if left <= 0:
                 return
@@ -101,7 +129,7 @@ class LazyBatcher(Generic[T, R]):
                 self._queue.clear()
                 self._arrived.clear()
                 await self._arrived.wait()
-            if self._live() < self.max_batch_size and self.wait_s > 0:
+            if not self._full() and self.wait_s > 0:
                 await self._fill()
             batch = self._take()
             if not batch:

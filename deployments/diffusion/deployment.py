@@ -82,7 +82,7 @@ class DiffusionServer:
 
     def __init__(self, *, name: str, family: str, model: str, dtype: str = "float32", device: str = "auto",
                  variant: str | None = None, batch_invariant: bool | None = None, decoder_steps: int = 12,
-                 optimize: dict | None = None, engine: Any = None) -> None:
+                 optimize: dict | None = None, vae_slicing: bool = False, engine: Any = None) -> None:
         from deployments.diffusion.engine import DiffusionEngine
 
         self.name = name
@@ -92,7 +92,8 @@ class DiffusionServer:
         t0 = time.monotonic()
         self.engine = engine or DiffusionEngine.from_pretrained(
             name, model, family, dtype=dtype, device=self.device, variant=variant, batch_invariant=batch_invariant,
-            decoder_steps=decoder_steps, optimize=optimize)
+            decoder_steps=decoder_steps, optimize=optimize, vae_slicing=vae_slicing)
+        self.memory_probe: dict | None = None
         self.load_s = time.monotonic() - t0
         self._png_pool = ThreadPoolExecutor(max_workers=max(2, (os.cpu_count() or 2) // 2),
                                             thread_name_prefix="png")
@@ -181,6 +182,17 @@ class DiffusionServer:
                            guidance_scale=task.guidance_scale, model=self.name, batch_size=d.batch_size,
                            compute_s=d.compute_s, queue_wait_s=d.queue_wait_s)
 
+    def probe_memory(self, *, native_side: int, max_side: int, size_multiple: int, max_batch_size: int,
+                     max_batch_megapixels: float) -> None:
+        """On CUDA: run the worst-case batches once (deployments/diffusion/memory.py)."""
+        if self.device != "cuda":
+            return
+        from deployments.diffusion import memory
+
+        shapes = memory.worst_case_shapes(native_side=native_side, max_side=max_side, size_multiple=size_multiple,
+                                          max_batch_size=max_batch_size, max_batch_megapixels=max_batch_megapixels)
+        self.memory_probe = memory.probe(self.engine, shapes, share=self.gpu_share)
+
     def progress(self, task_id: str) -> tuple[int, int] | None:
         return self._progress.get(task_id)
 
@@ -199,7 +211,8 @@ class DiffusionServer:
                 "assigned_resources": ctx.get_assigned_resources(),
                 "gpu_ids": ctx.get_accelerator_ids().get("GPU", []),
                 "batches_run": self.batches_run, "images_done": self.images_done,
-                "images_cancelled": self.images_cancelled, "load_s": self.load_s}
+                "images_cancelled": self.images_cancelled, "load_s": self.load_s,
+                "memory_probe": self.memory_probe}
 
 
 @serve.deployment(
@@ -217,27 +230,42 @@ class Diffusion:
                  variant: str | None = None, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.05,
                  batch_invariant: bool | None = None, decoder_steps: int = 12, optimize: dict | None = None,
                  telemetry: dict | None = None, adaptive_quality: dict | None = None,
-                 priority_aging_s: float = 10.0) -> None:
+                 priority_aging_s: float = 10.0, max_batch_megapixels: float | None = None,
+                 vae_slicing: bool = True, probe: dict | None = None) -> None:
         setup_telemetry(telemetry, component=f"Diffusion-{name}")
         self.server = DiffusionServer(name=name, family=family, model=model, dtype=dtype, device=device,
                                       variant=variant, batch_invariant=batch_invariant, decoder_steps=decoder_steps,
-                                      optimize=optimize)
+                                      optimize=optimize, vae_slicing=vae_slicing)
         self._batcher = LazyBatcher(self._run_batch, max_batch_size=int(max_batch_size),
                                     wait_s=float(batch_wait_timeout_s),
-                                    priority_of=lambda item: item[0].priority, aging_s=float(priority_aging_s))
+                                    priority_of=lambda item: item[0].priority, aging_s=float(priority_aging_s),
+                                    cost_of=lambda item: item[0].megapixels)
         self.quality = AdaptiveQuality(QualitySettings(**(adaptive_quality or {})))
-        self._set_batching(max_batch_size, batch_wait_timeout_s)
+        self._probe = probe
+        self._probed: tuple[int, float] | None = None  # (max_batch_size, megapixels) proven to fit
+        self._set_batching(max_batch_size, batch_wait_timeout_s, max_batch_megapixels)
 
-    def _set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+    def _set_batching(self, max_batch_size: int, batch_wait_timeout_s: float,
+                      max_batch_megapixels: float | None) -> None:
         self._batcher.set_max_batch_size(int(max_batch_size))
         self._batcher.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
+        self._batcher.set_max_batch_cost(max_batch_megapixels)
         self.max_batch_size = int(max_batch_size)
         self.batch_wait_timeout_s = float(batch_wait_timeout_s)
+        self.max_batch_megapixels = max_batch_megapixels
 
     def reconfigure(self, user_config: dict) -> None:
-        """`user_config: {max_batch_size, batch_wait_timeout_s}` changes batching without a restart."""
-        self._set_batching(user_config.get("max_batch_size", self.max_batch_size),
-                           user_config.get("batch_wait_timeout_s", self.batch_wait_timeout_s))
+        """`user_config: {max_batch_size, batch_wait_timeout_s, max_batch_megapixels}` changes batching
+        without a restart. Serve calls this before the replica takes traffic, and again on each
+        `serve deploy` that changes it: a budget larger than the one proven is probed first, so a
+        replica never takes a batch its GPU share has not held (a failed probe fails the update)."""
+        size = int(user_config.get("max_batch_size", self.max_batch_size))
+        budget = user_config.get("max_batch_megapixels", self.max_batch_megapixels)
+        if self._probe is not None and budget is not None and (
+                self._probed is None or size > self._probed[0] or budget > self._probed[1]):
+            self.server.probe_memory(**self._probe, max_batch_size=size, max_batch_megapixels=float(budget))
+            self._probed = (size, float(budget))
+        self._set_batching(size, user_config.get("batch_wait_timeout_s", self.batch_wait_timeout_s), budget)
 
     async def _run_batch(self, items: list[tuple[ImageTask, float]]) -> list[_Denoised]:
         if DENOISE_ON_LOOP:  # diagnosis switch (benchmarks): no other Python runs while denoising
@@ -309,7 +337,8 @@ class Diffusion:
 
     async def stats(self) -> dict:
         return {**self.server.stats(), "max_batch_size": self.max_batch_size,
-                "batch_wait_timeout_s": self.batch_wait_timeout_s, "queued": self._batcher.queued,
+                "batch_wait_timeout_s": self.batch_wait_timeout_s, "max_batch_megapixels": self.max_batch_megapixels,
+                "queued": self._batcher.queued,
                 "running": self._batcher.running, "load": round(self._load(), 3),
                 "degraded": self.quality.degraded}
 

@@ -179,6 +179,7 @@ class DiffusionEngine:
         *,
         decoder_steps: int = 12,
         batch_invariant: bool | None = None,
+        vae_slicing: bool = False,
     ) -> None:
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -195,6 +196,9 @@ class DiffusionEngine:
         self.batch_invariant = batch_invariant
         self.size_multiple, self.min_size = self._size_rules()
         pipeline.set_progress_bar_config(disable=True)
+        if vae_slicing and family == "sdxl":
+            # Decode one image at a time: a whole batch's VAE decode is the memory peak at 1024².
+            pipeline.vae.enable_slicing()
         # One pipeline call at a time: calls mutate the pipeline (scheduler state, tiling, flags).
         self._lock = threading.Lock()
         self._broken: str | None = None
@@ -212,13 +216,15 @@ class DiffusionEngine:
         decoder_steps: int = 12,
         batch_invariant: bool | None = None,
         optimize: dict | OptimizeOptions | None = None,
+        vae_slicing: bool = False,
     ) -> DiffusionEngine:
         pipeline = load_pipeline(
             model_id_or_path, family, dtype=dtype, device=device, variant=variant  # type: ignore[arg-type]
         )
         pipeline = apply_optimizations(pipeline, family, OptimizeOptions.of(optimize))
         return cls(
-            name, pipeline, family, decoder_steps=decoder_steps, batch_invariant=batch_invariant
+            name, pipeline, family, decoder_steps=decoder_steps, batch_invariant=batch_invariant,
+            vae_slicing=vae_slicing,
         )
 
     # -- limits and checks ---------------------------------------------------------------------

@@ -40,6 +40,11 @@ class ImageTask:
     # The replica may lower `steps` under load (adaptive quality); False for an explicit --q/steps.
     quality_auto: bool = False
 
+    @property
+    def megapixels(self) -> float:
+        """What this image costs the replica's batch memory budget."""
+        return self.width * self.height / 1e6
+
     def group_key(self) -> tuple:
         """Tasks with equal keys can share one denoising call."""
         return (self.width, self.height, self.steps, float(self.guidance_scale), self.tile)

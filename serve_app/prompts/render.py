@@ -122,6 +122,11 @@ def _validate_size(model: DiffusionModelConfig, width: int, height: int) -> None
     if not (lo <= width <= hi and lo <= height <= hi):
         raise bad_request(f"`width` and `height` must be between {lo} and {hi} for model {model.name!r} "
                           f"but are {width} and {height}.", param="size", code="invalid_size")
+    if width * height / 1e6 > model.batch_megapixels:
+        # Larger than a whole batch of this model's replica may hold: it would not fit its GPU share.
+        raise unprocessable(f"A {width}x{height} image needs more GPU memory than a replica of model {model.name!r} "
+                            f"may use ({model.batch_megapixels:g} megapixels per batch); ask for a smaller size.",
+                            param="size", code="exceeds_memory_budget")
 
 
 def render_image_request(
