@@ -2,7 +2,8 @@
 
 The ingress calls, through a DeploymentHandle:
   - `handle.options(stream=True).generate_stream.remote(req)` -> lists of StreamItem
-    (first list is `[Started]`; then ChoiceDelta lists, coalesced every `stream_batch_ms`);
+    (first list is `[Started]`; then the first ChoiceDelta at once, the rest coalesced every
+    `stream_batch_ms`);
   - `handle.generate.remote(req)` -> GenerationResult;
   - `handle.count_tokens.remote(text)` -> int; `handle.stats.remote()` -> dict.
 When the caller's request is cancelled (client disconnect), Serve cancels `generate_stream` in the
@@ -16,6 +17,7 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
+from deployments.llm.coalesce import coalesce
 from deployments.llm.engine import LLMEngine, build_engine, resolve_engine_kind
 from deployments.llm.server import LLMServer
 from deployments.llm.types import ChoiceDelta, GenerationRequest, GenerationResult, Started, StreamItem
@@ -68,13 +70,11 @@ class LLMReplica:
                     completion_tokens += item.num_tokens if isinstance(item, ChoiceDelta) else 0
                     yield [item]
                 return
-            # ... then deltas coalesced per interval: one Serve stream message per batch of
-            # tokens instead of one per token (RayLLM's Batcher; cancelling it cancels `stream`).
-            from ray.llm._internal.serve.utils.batcher import Batcher
-
-            async for batch in Batcher(stream, interval_ms=self.stream_batch_ms).stream():
+            # ... then deltas: the first at once (TTFT), the rest coalesced per interval, one
+            # Serve stream message per batch of tokens instead of one per token.
+            async for batch in coalesce(stream, self.stream_batch_ms / 1000):
                 completion_tokens += sum(d.num_tokens for d in batch if isinstance(d, ChoiceDelta))
-                yield list(batch)
+                yield batch
         except Exception as exc:  # a disconnect (cancel) is not an error of the stream
             tracing.record_error(span, exc)
             raise

@@ -3,6 +3,10 @@
 Requests that arrive within `batch_wait_ms` of each other (up to `max_batch_size`) share one
 left-padded `generate` call running in a worker thread; the next batch starts when it ends
 (static batching: vLLM does continuous batching, this is the fallback for hosts without it).
+After a batch of k rows ends, up to k requests are expected back soon (their clients read the
+answer and ask again): the next batch waits up to `regroup_wait_ms` for them. Without that, one
+late arrival splits the group and every later batch runs partly empty — measured on an H100 behind
+Serve: at 4 clients, 0.55x the direct tokens/s and a TTFT p50 of 2.8 s.
 `generate` runs greedy; sampling happens in `_RowSampler`, a logits processor that draws each
 row's token with that row's own `torch.Generator`, so a seed fixes a sequence whatever else
 shares its batch. `_RowStopper` (checked every step) ends rows that hit EOS, their max_tokens, a
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -54,6 +59,7 @@ class TransformersEngine:
         device: str = "auto",
         max_batch_size: int = 8,
         batch_wait_ms: float = 5.0,
+        regroup_wait_ms: float = 50.0,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -63,6 +69,10 @@ class TransformersEngine:
         self._device = device
         self._max_batch = max_batch_size
         self._wait_s = batch_wait_ms / 1000
+        self._regroup_s = regroup_wait_ms / 1000
+        self._last_batch = 0  # rows of the batch that ended last: how many requests to expect back
+        self._last_end = float("-inf")  # when it ended (loop time)
+        self.batch_sizes: deque[int] = deque(maxlen=256)  # recent batches' rows (stats, tests)
         self._pending: list[_Seq] = []
         self._batch: list[_Seq] = []
         self._wake = asyncio.Event()
@@ -160,13 +170,13 @@ class TransformersEngine:
                 while not self._pending:
                     self._wake.clear()
                     await self._wake.wait()
-                if len(self._pending) < self._max_batch and self._wait_s > 0:
-                    await asyncio.sleep(self._wait_s)  # let a burst of requests share the batch
+                await self._gather()
                 batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
                 batch = [s for s in batch if not s.aborted]
                 if not batch:
                     continue
                 self._batch = batch
+                self.batch_sizes.append(len(batch))
                 try:
                     await asyncio.to_thread(self._run_batch, batch)
                 except Exception as exc:  # one bad batch fails its requests, not the engine
@@ -177,11 +187,32 @@ class TransformersEngine:
                             s.loop.call_soon_threadsafe(s.queue.put_nowait, exc)
                 finally:
                     self._batch = []
+                    self._last_batch, self._last_end = len(batch), asyncio.get_running_loop().time()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
             self._failure = exc
             raise
+
+    async def _gather(self) -> None:
+        """Wait for the batch to fill: within `regroup_wait_ms` of the last batch's end, for as many
+        requests as it had; otherwise for a burst (`batch_wait_ms`); never past `max_batch_size`."""
+        loop = asyncio.get_running_loop()
+        regroup_until = self._last_end + self._regroup_s
+        expected = min(self._max_batch, self._last_batch) if loop.time() < regroup_until else 0
+        if len(self._pending) < expected:
+            deadline, target = regroup_until, expected
+        else:
+            deadline, target = loop.time() + self._wait_s, self._max_batch
+        while len(self._pending) < target:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except asyncio.TimeoutError:
+                return
 
     def _run_batch(self, batch: list[_Seq]) -> None:
         import torch
