@@ -1,4 +1,4 @@
-"""Full-size SDXL architecture with random weights, built from config (no download possible).
+"""Full-size SDXL and Würstchen architectures with random weights, built from config (no download possible).
 
 Same shapes, so the same FLOPs and bytes as stabilityai/stable-diffusion-xl-base-1.0: what a
 throughput benchmark needs. The configs below are that model's published component configs. The
@@ -64,4 +64,52 @@ def build_full_sdxl(out_dir: Path, device: str = "cuda") -> Path:
     del pipe
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    return out_dir
+
+
+# Würstchen v2 (warp-ai/wuerstchen): prior = WuerstchenPrior(c=1536, c_cond=1280, depth=32, nhead=24)
+# with a CLIP ViT-bigG text encoder; decoder = WuerstchenDiffNeXt's defaults (the released stage B)
+# with a CLIP ViT-H text encoder; PaellaVQModel's defaults (stage A).
+WUERSTCHEN_PRIOR = dict(c_in=16, c=1536, c_cond=1280, c_r=64, depth=32, nhead=24, dropout=0.1)
+CLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+              max_position_embeddings=77, vocab_size=49408, hidden_act="gelu", projection_dim=1024,
+              bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
+def full_wuerstchen_pipeline(device: str = "cuda", dtype: torch.dtype = torch.float16):
+    from diffusers.pipelines.deprecated.wuerstchen import (
+        PaellaVQModel, WuerstchenCombinedPipeline, WuerstchenDiffNeXt, WuerstchenPrior,
+    )
+    from diffusers import DDPMWuerstchenScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from deployments.diffusion.tokenizer import build_byte_clip_tokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        prior = WuerstchenPrior(**WUERSTCHEN_PRIOR)
+        decoder = WuerstchenDiffNeXt()
+        vqgan = PaellaVQModel()
+        prior_te = CLIPTextModel(CLIPTextConfig(**CLIP_BIGG))
+        te = CLIPTextModel(CLIPTextConfig(**CLIP_H))
+    pipe = WuerstchenCombinedPipeline(
+        tokenizer=build_byte_clip_tokenizer(), text_encoder=te, decoder=decoder, scheduler=DDPMWuerstchenScheduler(),
+        vqgan=vqgan, prior_tokenizer=build_byte_clip_tokenizer(), prior_text_encoder=prior_te, prior_prior=prior,
+        prior_scheduler=DDPMWuerstchenScheduler())
+    return pipe.to(device=device, dtype=dtype)
+
+
+def build_full_wuerstchen(out_dir: Path, device: str = "cuda") -> Path:
+    """Save the random full-size Würstchen pipeline (fp16) for from_pretrained."""
+    out_dir = Path(out_dir)
+    if (out_dir / "model_index.json").exists():
+        return out_dir
+    if device == "cpu":  # CPU smoke runs: the tiny pipeline, same code path
+        from deployments.diffusion.tiny import build_tiny_wuerstchen
+
+        return build_tiny_wuerstchen(out_dir)
+    pipe = full_wuerstchen_pipeline(device)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    del pipe
+    torch.cuda.empty_cache()
     return out_dir

@@ -1,7 +1,7 @@
 """Tokens/s and time-to-first-token: the LLM engine called directly vs through Serve (HTTP proxy →
 ingress with the real chat router → LLM deployment, streamed SSE), same model, same machine, one run.
 
-    python -m benchmarks.llm_overhead --engine transformers --concurrency 4 --requests 16
+    python -m benchmarks.llm_overhead --engine transformers --concurrency 1,4 --requests 4
 
 Direct: `LLMServer.stream` in this process (templating, token counting and the engine, no Ray).
 Serve: a one-route ingress built from `serve_app.chat.router` in front of `LLMDeployment`
@@ -53,7 +53,7 @@ async def _run_concurrent(one, n: int, concurrency: int) -> dict[str, Any]:  # t
     return _summary([r[0] for r in results], sum(r[1] for r in results), wall)
 
 
-async def bench_direct(model_cfg: dict, args: argparse.Namespace) -> dict[str, Any]:
+async def bench_direct(model_cfg: dict, args: argparse.Namespace) -> dict[int, dict[str, Any]]:
     from deployments.llm.deployment import LLMReplica
     from deployments.llm.types import ChoiceDelta, GenerationRequest
 
@@ -72,7 +72,7 @@ async def bench_direct(model_cfg: dict, args: argparse.Namespace) -> dict[str, A
         return ttft or 0.0, tokens
 
     try:
-        return await _run_concurrent(one, args.requests, args.concurrency)
+        return {c: await _run_concurrent(one, args.requests * c, c) for c in args.concurrency}
     finally:
         await replica.shutdown()
 
@@ -109,7 +109,7 @@ def build_chat_app(model_cfg: dict, port: int):  # type: ignore[no-untyped-def]
     return ChatIngress.bind(config, {name: llm})
 
 
-async def bench_serve(model_cfg: dict, args: argparse.Namespace) -> dict[str, Any]:
+async def bench_serve(model_cfg: dict, args: argparse.Namespace) -> dict[int, dict[str, Any]]:
     import httpx
     import ray
     from ray import serve
@@ -149,8 +149,9 @@ async def bench_serve(model_cfg: dict, args: argparse.Namespace) -> dict[str, An
                             ttft = time.perf_counter() - t0
                 return ttft or 0.0, tokens
 
-            out = await _run_concurrent(one, args.requests, args.concurrency)
-        out["deploy_s"] = round(deploy_s, 1)
+            out = {c: await _run_concurrent(one, args.requests * c, c) for c in args.concurrency}
+        for o in out.values():
+            o["deploy_s"] = round(deploy_s, 1)
         return out
     finally:
         serve.shutdown()
@@ -184,11 +185,18 @@ def build_full_llm(out_dir: Path) -> Path:
     return out_dir
 
 
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
-    p.add_argument("--requests", type=int, default=16)
-    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--requests", type=int, default=4, help="requests per client (per concurrency level)")
+    p.add_argument("--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=[1, 4],
+                   help="comma-separated concurrency levels, each measured on both sides")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--port", type=int, default=8765)
@@ -214,14 +222,16 @@ def main() -> None:
         "model": "1.1B Llama architecture, random weights, fp16" if args.full else
                  "tiny random-weight Llama (deployments/llm/tiny.py)",
         "host": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "device": _device_name(),
+        "serve_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")},
         "params": {k: v for k, v in vars(args).items() if k != "out"},
-        "direct": direct,
-        "serve": served,
-        "serve_vs_direct": {
-            "tokens_per_s_ratio": round(served["tokens_per_s"] / direct["tokens_per_s"], 3),
-            "ttft_p50_ratio": round(served["ttft_ms_p50"] / max(direct["ttft_ms_p50"], 1e-3), 2),
-            "ttft_p50_added_ms": round(served["ttft_ms_p50"] - direct["ttft_ms_p50"], 1),
-        },
+        "runs": [{
+            "concurrency": c, "direct": direct[c], "serve": served[c],
+            "serve_vs_direct": {
+                "tokens_per_s_ratio": round(served[c]["tokens_per_s"] / direct[c]["tokens_per_s"], 3),
+                "ttft_p50_ratio": round(served[c]["ttft_ms_p50"] / max(direct[c]["ttft_ms_p50"], 1e-3), 2),
+                "ttft_p50_added_ms": round(served[c]["ttft_ms_p50"] - direct[c]["ttft_ms_p50"], 1),
+            }} for c in args.concurrency],
     }
     out = args.out or REPO / "benchmarks" / "results" / f"llm_overhead-{args.engine}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

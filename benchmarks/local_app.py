@@ -127,7 +127,9 @@ def machine() -> dict[str, Any]:
     import torch
 
     return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "ray": ray.__version__, "model": "tiny SDXL (random weights), CPU"}
+            "torch": torch.__version__, "ray": ray.__version__, "model": "tiny SDXL (random weights), CPU",
+            # Other work on a shared machine shifts absolute latencies (ratios much less): say how busy it was.
+            "loadavg_1_5_15_at_end": [round(x, 2) for x in os.getloadavg()]}
 
 
 def p95(xs: list[float]) -> float:

@@ -12,6 +12,10 @@ Phases (each writes its part of one JSON file under --out):
   fractional  two replicas at num_gpus 0.5 vs one replica at num_gpus 1.0, same load; GPU idle.
   optimize    eager vs the optimized engine (torch.compile, channels-last, fused QKV) at the
               large size: images/s, compile time, fidelity on the same seeds (PSNR, max |Δ|).
+  curve       batching curve THROUGH the graph: max_batch_size changed in place by `serve deploy`,
+              images/s, p95 and the replica's memory probe per batch size; an oversize image → 422.
+  memory      peak GPU memory and images/s with the VAE decoding whole batches vs one image at a time.
+  wuerstchen  the Würstchen v2 architecture through genserve's engine: images/s, peak memory per batch.
 
 `--tiny --device cpu` runs the same code on the tiny CPU models (the CI smoke test); only the
 ratios measured in one run, on one machine, mean anything.
@@ -106,10 +110,15 @@ def model_dir(args: argparse.Namespace) -> Path:
     return build_full_sdxl(args.models / "sdxl-full", device=args.device)
 
 
-def load_raw(path: Path, device: str, dtype: str):
+def load_raw(path: Path, device: str, dtype: str, *, vae_slicing: bool = True):
+    """The plain diffusers pipeline; VAE slicing as the engine's default (`vae_slicing: true`), so
+    raw and graph decode the same way."""
     from deployments.diffusion.loading import load_pipeline
 
-    return load_pipeline(str(path), "sdxl", dtype=dtype, device=device)
+    pipe = load_pipeline(str(path), "sdxl", dtype=dtype, device=device)
+    if vae_slicing:
+        pipe.vae.enable_slicing()
+    return pipe
 
 
 def raw_batch(pipe, *, batch: int, size: int, steps: int, seed0: int = 0, guidance: float = 5.0):
@@ -160,14 +169,17 @@ def phase_raw(args: argparse.Namespace, path: Path) -> dict:
 
 
 def _serve_doc(path: Path, work: Path, *, port: int, batch: int, size: int, steps: int, device: str, dtype: str,
-               replicas: int, num_gpus: float, tiny: bool, env: dict | None = None) -> dict:
+               replicas: int, num_gpus: float, tiny: bool, env: dict | None = None, native: int | None = None,
+               user_config: dict | None = None) -> dict:
+    native = native or (64 if tiny else 1024)
     args = {
         "work_dir": str(work),
         "diffusion_models": [{
             "name": "bench", "family": "sdxl", "model": str(path), "dtype": dtype, "device": device,
-            "native_resolution": 64 if tiny else 1024, "size_multiple": 8, "min_side": 32, "max_side": 2048,
+            "native_resolution": native, "size_multiple": 8, "min_side": 32, "max_side": 2048,
             "default_steps": steps, "max_steps": 200, "batch_invariant": False,
-            "batching": {"max_batch_size": batch, "batch_wait_timeout_s": 0.05},
+            "batching": {"max_batch_size": batch, "batch_wait_timeout_s": 0.05,
+                         "max_batch_megapixels": batch * max(size, native) ** 2 / 1e6},
         }],
         "tenancy": {"plans": [{"name": "bench", "requests_per_minute": None, "tokens_per_minute": None,
                                "images_per_minute": None, "max_concurrent_requests": None, "max_image_side": None,
@@ -189,7 +201,8 @@ def _serve_doc(path: Path, work: Path, *, port: int, batch: int, size: int, step
                 # Room for a batch running, one gathering and one finishing (PNG + return): below
                 # that, batches stop filling (measured: 3x batch gave a mean batch of 5.3 of 8).
                 {"name": "Diffusion-bench", "num_replicas": replicas, "max_ongoing_requests": 6 * batch,
-                 "max_queued_requests": 4096, "ray_actor_options": actor},
+                 "max_queued_requests": 4096, "ray_actor_options": actor,
+                 **({"user_config": user_config} if user_config else {})},
             ],
         }],
     }
@@ -279,6 +292,133 @@ def phase_fractional(args: argparse.Namespace, path: Path) -> dict:
     return {"one_full": one, "two_half": two, "ratio_two_half_over_one": round(two["images_per_s"] / one["images_per_s"], 4)}
 
 
+def phase_curve(args: argparse.Namespace, path: Path) -> dict:
+    """Batching curve through the whole graph: one deployment per (size, steps), `max_batch_size`
+    changed in place by `serve deploy` (user_config), images/s and request p95 per batch size, and
+    the replica's own memory probe (peak GPU memory of a full batch of that shape) at each size."""
+    import ray
+    from ray import serve
+
+    from benchmarks.loadgen import closed_loop_images
+    from serve_app import launcher
+
+    out: dict[str, Any] = {"points": [], "oversize": []}
+    for size, steps in args.curve:
+        work = Path(tempfile.mkdtemp(prefix="gs-curve-"))
+        port = _free_port()
+        mp = size * size / 1e6
+
+        def doc(b: int) -> dict:
+            # Only user_config changes between points (app args fixed at the largest batch).
+            return _serve_doc(path, work, port=port, batch=max(args.batches), size=size, steps=steps, device=args.device,
+                              dtype=args.dtype, replicas=1, num_gpus=1.0, tiny=args.tiny, native=size,
+                              user_config={"max_batch_size": b, "batch_wait_timeout_s": 0.05,
+                                           "max_batch_megapixels": b * mp})
+
+        ray.init(num_cpus=max(8, os.cpu_count() or 2), num_gpus=1 if args.device == "cuda" else 0,
+                 include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k in ("PYTHONPATH", "PATH")}})
+        try:
+            launcher.deploy(doc(args.batches[0]))
+            launcher.wait_running("bench", timeout_s=900)
+            key = (work / "local_api_key").read_text().strip()
+            url, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
+            body = {"prompt": PROMPT, "model": "bench", "size": f"{size}x{size}", "steps": steps,
+                    "response_format": "url"}
+            handle = serve.get_deployment_handle("Diffusion-bench", app_name="bench")
+            for b in args.batches:
+                t0 = time.perf_counter()
+                launcher.deploy(doc(b))  # user_config only: the replica is reconfigured, not replaced
+                while handle.stats.remote().result()["max_batch_size"] != b:
+                    time.sleep(0.5)
+                reconfigure_s = time.perf_counter() - t0
+                images = max(2 * b, args.curve_images if size <= 512 else args.curve_images // 8)
+                asyncio.run(closed_loop_images(url, body, total_requests=b, concurrency=b, headers=headers))
+                with GpuSampler() as gpu:
+                    res = asyncio.run(closed_loop_images(url, body, total_requests=images, concurrency=2 * b,
+                                                         headers=headers))
+                stats = handle.stats.remote().result()
+                probe = stats.get("memory_probe") or {}
+                point = {"size": size, "steps": steps, "max_batch_size": b, "concurrency": 2 * b, **res.summary(),
+                         "reconfigure_s": round(reconfigure_s, 2), "gpu": gpu.summary(),
+                         "memory_probe": probe.get("shapes"), "memory_cap_gib": probe.get("cap_gib")}
+                out["points"].append(point)
+                print("curve", point, flush=True)
+            # An image larger than the replica's whole budget is refused before it reaches the GPU.
+            import httpx
+
+            big = max(2048, size * 2)
+            r = httpx.post(f"{url}/v1/images/generations", headers=headers, timeout=60,
+                           json={**body, "size": f"{big}x{big}"})
+            out["oversize"].append({"size": f"{big}x{big}", "budget_mp": round(args.batches[-1] * mp, 3),
+                                    "status": r.status_code, "code": r.json().get("error", {}).get("code")})
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+            shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def phase_memory(args: argparse.Namespace, path: Path) -> dict:
+    """Peak GPU memory with the VAE decoding the whole batch vs one image at a time (vae_slicing),
+    and what slicing costs in images/s, raw pipeline, same process."""
+    pipe = load_raw(path, args.device, args.dtype)
+    out: dict[str, Any] = {"rows": []}
+    for size, steps, batch in args.memory_shapes:
+        for slicing in (False, True):
+            if slicing:
+                pipe.vae.enable_slicing()
+            else:
+                pipe.vae.disable_slicing()
+            try:
+                row = time_raw(pipe, args.device, batch=batch, size=size, steps=steps, reps=args.memory_reps)
+            except torch.cuda.OutOfMemoryError:
+                row = {"batch": batch, "size": size, "steps": steps, "error": "CUDA out of memory"}
+                torch.cuda.empty_cache()
+            row["vae_slicing"] = slicing
+            out["rows"].append(row)
+            print("memory", row, flush=True)
+    del pipe
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def phase_wuerstchen(args: argparse.Namespace, path: Path) -> dict:
+    """Würstchen v2 architecture (random weights) through genserve's engine: images/s vs batch size."""
+    from benchmarks.full_models import build_full_wuerstchen
+    from deployments.diffusion.engine import DiffusionEngine
+    from deployments.diffusion.types import ImageTask
+
+    wpath = build_full_wuerstchen(args.models / "wuerstchen-full", device=args.device)
+    engine = DiffusionEngine.from_pretrained("wuerstchen", str(wpath), "wuerstchen", dtype=args.dtype,
+                                             device=args.device, decoder_steps=args.wuerstchen_decoder_steps)
+    size, steps = args.wuerstchen_shape
+    rows = []
+    for b in args.wuerstchen_batches:
+        tasks = [ImageTask(prompt=PROMPT, negative_prompt="", seed=i, width=size, height=size, steps=steps,
+                           guidance_scale=4.0) for i in range(b)]
+        engine.generate_images(tasks)  # warm-up
+        _sync(args.device)
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        lat = []
+        for _ in range(args.wuerstchen_reps):
+            t0 = time.perf_counter()
+            out = engine.generate_images(tasks)
+            _sync(args.device)
+            lat.append(time.perf_counter() - t0)
+            if any(isinstance(o, Exception) for o in out):
+                raise next(o for o in out if isinstance(o, Exception))
+        row = {"batch": b, "size": size, "prior_steps": steps, "decoder_steps": args.wuerstchen_decoder_steps,
+               "images_per_s": round(b * len(lat) / sum(lat), 4), "batch_p50_s": round(statistics.median(lat), 4)}
+        if args.device == "cuda":
+            row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        rows.append(row)
+        print("wuerstchen", row, flush=True)
+    return {"rows": rows}
+
+
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
@@ -342,6 +482,15 @@ def main() -> None:
     ap.add_argument("--optimize-reps", type=int, default=3)
     ap.add_argument("--optimize-variants", type=json.loads,
                     default=[{"compile": "default", "channels_last": True, "fuse_qkv": True}])
+    ap.add_argument("--curve-images", type=int, default=64, help="curve phase: images per point at <=512 px "
+                    "(1/8 of it above)")
+    ap.add_argument("--memory-shapes", type=lambda s: [tuple(int(x) for x in p.split(":")) for p in s.split(",")],
+                    default=None, help="SIZE:STEPS:BATCH,... for the memory phase")
+    ap.add_argument("--memory-reps", type=int, default=2)
+    ap.add_argument("--wuerstchen-shape", type=lambda s: _pairs(s)[0], default=None)
+    ap.add_argument("--wuerstchen-batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 4])
+    ap.add_argument("--wuerstchen-reps", type=int, default=2)
+    ap.add_argument("--wuerstchen-decoder-steps", type=int, default=12)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--name", default=None)
     a = ap.parse_args()
@@ -350,6 +499,10 @@ def main() -> None:
     a.curve = a.curve or ([(64, 2)] if a.tiny else [(512, 4), (1024, 30)])
     a.serve_shape = a.serve_shape or ((64, 2) if a.tiny else (512, 4))
     a.optimize_shape = a.optimize_shape or ((64, 2) if a.tiny else (1024, 30))
+    a.memory_shapes = a.memory_shapes or ([(64, 2, 4)] if a.tiny else [(1024, 2, 8), (512, 4, 8)])
+    a.wuerstchen_shape = a.wuerstchen_shape or ((128, 2) if a.tiny else (1024, 30))
+    if a.tiny:
+        a.wuerstchen_decoder_steps = 2
 
     started = time.perf_counter()
     path = model_dir(a)
@@ -358,12 +511,14 @@ def main() -> None:
         "machine": {"device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu",
                     "cpu_count": os.cpu_count(), "platform": platform.platform()},
         "versions": _versions(), "model": "tiny SDXL (random)" if a.tiny else "SDXL architecture, random weights",
-        "dtype": a.dtype, "model_build_s": round(time.perf_counter() - started, 1),
+        "dtype": a.dtype, "model_build_s": round(time.perf_counter() - started, 1), "vae_slicing": True,
+        "serve_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")},
     }
     name = a.name or f"serving_suite-{'tiny-cpu' if a.tiny else result['machine']['device'].replace(' ', '_')}"
     a.out.mkdir(parents=True, exist_ok=True)
     out = a.out / f"{name}.json"
-    phases = {"raw": phase_raw, "serve": phase_serve, "fractional": phase_fractional, "optimize": phase_optimize}
+    phases = {"raw": phase_raw, "serve": phase_serve, "fractional": phase_fractional, "optimize": phase_optimize,
+              "curve": phase_curve, "memory": phase_memory, "wuerstchen": phase_wuerstchen}
     for ph in a.phases.split(","):
         t0 = time.perf_counter()
         result[ph] = phases[ph](a, path)
