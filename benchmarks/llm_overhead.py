@@ -27,9 +27,10 @@ BENCH_WORK = WORK / "llm-bench"  # the benchmark app's own DB and local key
 MESSAGES = ({"role": "user", "content": "a lighthouse on a cliff at dawn, oil painting"},)
 
 
-def _summary(ttfts: list[float], tokens: int, wall: float) -> dict[str, Any]:
+def _summary(ttfts: list[float], tokens: int, wall: float, first_events: list[float] | None = None) -> dict[str, Any]:
     ttfts = sorted(ttfts)
-    return {
+    extra = {"first_event_ms_p50": round(1000 * statistics.median(first_events), 1)} if first_events else {}
+    return {**extra,
         "requests": len(ttfts),
         "completion_tokens": tokens,
         "wall_s": round(wall, 3),
@@ -50,7 +51,8 @@ async def _run_concurrent(one, n: int, concurrency: int) -> dict[str, Any]:  # t
     t0 = time.perf_counter()
     results = await asyncio.gather(*(guarded(i) for i in range(n)))
     wall = time.perf_counter() - t0
-    return _summary([r[0] for r in results], sum(r[1] for r in results), wall)
+    firsts = [r[2] for r in results if len(r) > 2]
+    return _summary([r[0] for r in results], sum(r[1] for r in results), wall, firsts)
 
 
 async def bench_direct(model_cfg: dict, args: argparse.Namespace) -> dict[int, dict[str, Any]]:
@@ -72,12 +74,14 @@ async def bench_direct(model_cfg: dict, args: argparse.Namespace) -> dict[int, d
         return ttft or 0.0, tokens
 
     try:
-        return {c: await _run_concurrent(one, args.requests * c, c) for c in args.concurrency}
+        out = {c: await _run_concurrent(one, args.requests * c, c) for c in args.concurrency}
+        out[0] = {"recent_batch_sizes": replica.server.stats().get("recent_batch_sizes")}
+        return out
     finally:
         await replica.shutdown()
 
 
-def build_chat_app(model_cfg: dict, port: int):  # type: ignore[no-untyped-def]
+def build_chat_app(model_cfg: dict, port: int, stream_ms: float):  # type: ignore[no-untyped-def]
     """The app's real ingress (auth, admission and metering, every router) in front of the real LLM
     deployment; only the diffusion deployments are left out."""
     from fastapi import FastAPI
@@ -105,12 +109,13 @@ def build_chat_app(model_cfg: dict, port: int):  # type: ignore[no-untyped-def]
     import torch
 
     gpu = {"num_gpus": 1} if torch.cuda.is_available() else {}
-    llm = LLMDeployment.options(name=f"LLM-{name}", ray_actor_options=gpu).bind(model_cfg, work_dir=str(WORK))
+    llm = LLMDeployment.options(name=f"LLM-{name}", ray_actor_options=gpu).bind(
+        model_cfg, work_dir=str(WORK), stream_batch_ms=stream_ms)
     return ChatIngress.bind(config, {name: llm})
 
 
-async def bench_serve(model_cfg: dict, args: argparse.Namespace) -> dict[int, dict[str, Any]]:
-    import httpx
+async def bench_serve(model_cfg: dict, args: argparse.Namespace) -> dict[float, dict[int, dict[str, Any]]]:
+    """Per stream interval (the LLM deployment redeployed with each), per concurrency level."""
     import ray
     from ray import serve
 
@@ -125,37 +130,50 @@ async def bench_serve(model_cfg: dict, args: argparse.Namespace) -> dict[int, di
                  p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p), "GENSERVE_WORK": str(WORK)}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        t0 = time.perf_counter()
-        serve.run(build_chat_app(model_cfg, port), name="llm-bench", route_prefix="/")
-        deploy_s = time.perf_counter() - t0
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        key = (BENCH_WORK / "local_api_key").read_text().strip()
-        async with httpx.AsyncClient(timeout=300, headers={"Authorization": f"Bearer {key}"}) as client:
-
-            async def one(i: int) -> tuple[float, int]:
-                body = {"model": model_cfg["name"], "messages": list(MESSAGES), "max_tokens": args.max_tokens,
-                        "temperature": 1.0, "seed": max(i, 0), "stream": True,
-                        "stream_options": {"include_usage": True}}
-                t0, ttft, tokens = time.perf_counter(), None, 0
-                async with client.stream("POST", url, json=body) as resp:
-                    resp.raise_for_status()
-                    async for line in resp.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        chunk = json.loads(line[6:])
-                        if chunk.get("usage"):
-                            tokens = chunk["usage"]["completion_tokens"]
-                        elif ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                            ttft = time.perf_counter() - t0
-                return ttft or 0.0, tokens
-
-            out = {c: await _run_concurrent(one, args.requests * c, c) for c in args.concurrency}
-        for o in out.values():
-            o["deploy_s"] = round(deploy_s, 1)
-        return out
+        results: dict[float, dict[int, dict[str, Any]]] = {}
+        for stream_ms in args.stream_ms:
+            t0 = time.perf_counter()
+            serve.run(build_chat_app(model_cfg, port, stream_ms), name="llm-bench", route_prefix="/")
+            deploy_s = time.perf_counter() - t0
+            out = await _serve_levels(model_cfg, args, port)
+            stats = serve.get_deployment_handle(f"LLM-{model_cfg['name']}", app_name="llm-bench").stats.remote()
+            batches = (await stats).get("recent_batch_sizes")
+            for o in out.values():
+                o["deploy_s"] = round(deploy_s, 1)
+            out[0] = {"recent_batch_sizes": batches}  # type: ignore[index]
+            results[stream_ms] = out
+        return results
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+async def _serve_levels(model_cfg: dict, args: argparse.Namespace, port: int) -> dict[int, dict[str, Any]]:
+    import httpx
+
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    key = (BENCH_WORK / "local_api_key").read_text().strip()
+    async with httpx.AsyncClient(timeout=300, headers={"Authorization": f"Bearer {key}"}) as client:
+
+        async def one(i: int) -> tuple[float, int, float]:
+            body = {"model": model_cfg["name"], "messages": list(MESSAGES), "max_tokens": args.max_tokens,
+                    "temperature": 1.0, "seed": max(i, 0), "stream": True, "stream_options": {"include_usage": True}}
+            t0, ttft, first_event, tokens = time.perf_counter(), None, None, 0
+            async with client.stream("POST", url, json=body) as resp:
+                resp.raise_for_status()
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    if first_event is None:  # the role chunk: sent once the replica said Started
+                        first_event = time.perf_counter() - t0
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    elif ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        ttft = time.perf_counter() - t0
+            return ttft or 0.0, tokens, first_event or 0.0
+
+        return {c: await _run_concurrent(one, args.requests * c, c) for c in args.concurrency}
 
 
 def build_full_llm(out_dir: Path) -> Path:
@@ -198,6 +216,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=[1, 4],
                    help="comma-separated concurrency levels, each measured on both sides")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--stream-ms", type=lambda v: [float(x) for x in v.split(",")], default=[50.0],
+                   help="stream coalescing intervals of the LLM deployment, each measured")
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--out", type=Path, default=None)
@@ -226,12 +246,14 @@ def main() -> None:
         "serve_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")},
         "params": {k: v for k, v in vars(args).items() if k != "out"},
         "runs": [{
-            "concurrency": c, "direct": direct[c], "serve": served[c],
+            "concurrency": c, "stream_interval_ms": ms, "direct": direct[c], "serve": served[ms][c],
             "serve_vs_direct": {
-                "tokens_per_s_ratio": round(served[c]["tokens_per_s"] / direct[c]["tokens_per_s"], 3),
-                "ttft_p50_ratio": round(served[c]["ttft_ms_p50"] / max(direct[c]["ttft_ms_p50"], 1e-3), 2),
-                "ttft_p50_added_ms": round(served[c]["ttft_ms_p50"] - direct[c]["ttft_ms_p50"], 1),
-            }} for c in args.concurrency],
+                "tokens_per_s_ratio": round(served[ms][c]["tokens_per_s"] / direct[c]["tokens_per_s"], 3),
+                "ttft_p50_ratio": round(served[ms][c]["ttft_ms_p50"] / max(direct[c]["ttft_ms_p50"], 1e-3), 2),
+                "ttft_p50_added_ms": round(served[ms][c]["ttft_ms_p50"] - direct[c]["ttft_ms_p50"], 1),
+            }} for ms in args.stream_ms for c in args.concurrency],
+        "engine_batches": {"direct": direct[0]["recent_batch_sizes"],
+                           **{f"serve_{ms:g}ms": served[ms][0]["recent_batch_sizes"] for ms in args.stream_ms}},
     }
     out = args.out or REPO / "benchmarks" / "results" / f"llm_overhead-{args.engine}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -134,6 +134,10 @@ class LLMModelConfig(_Strict):
     max_model_len: int = Field(2048, ge=16, le=1_048_576)
     default_max_tokens: int = Field(256, ge=1)
     engine_kwargs: dict = Field(default_factory=dict, description="Passed to the engine as-is.")
+    stream_interval_ms: float = Field(
+        50.0, ge=0.0, le=1000.0, description="Streamed tokens after the first leave the replica in one message "
+        "per interval (0: one per token). Each message costs the replica, ingress and proxy a round of Python; "
+        "the first token is always sent at once.")
     aliases: list[str] = Field(default_factory=list)
     description: str = ""
 

@@ -39,6 +39,7 @@ def _llm_apps(cfg: AppConfig) -> dict[str, Application]:
 
     return {m.name: LLMDeployment.options(name=m.deployment_name).bind(m.model_dump(mode="json"),
                                                                       work_dir=str(cfg.work_dir),
+                                                                      stream_batch_ms=m.stream_interval_ms,
                                                                       telemetry=telemetry_of(cfg).model_dump())
             for m in cfg.llm_models}
 

@@ -32,7 +32,7 @@ class LLMReplica:
         model_config: dict[str, Any],
         *,
         work_dir: str | None = None,
-        stream_batch_ms: float = 20.0,
+        stream_batch_ms: float = 50.0,
         engine: LLMEngine | None = None,
     ) -> None:
         from serve_app.config import LLMModelConfig  # the one schema for model configs
@@ -109,7 +109,7 @@ class LLMDeployment(LLMReplica):
     """`LLMDeployment.options(name=cfg.deployment_name).bind(cfg.model_dump(mode="json"), work_dir=...)`."""
 
     async def __init__(self, model_config: dict[str, Any], *, work_dir: str | None = None,
-                       stream_batch_ms: float = 20.0, telemetry: dict | None = None) -> None:
+                       stream_batch_ms: float = 50.0, telemetry: dict | None = None) -> None:
         setup_telemetry(telemetry, component=f"LLM-{model_config.get('name')}")
         LLMReplica.__init__(self, model_config, work_dir=work_dir, stream_batch_ms=stream_batch_ms)
         await self.start()

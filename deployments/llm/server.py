@@ -141,8 +141,11 @@ class LLMServer:
                                 {"total_s": time.perf_counter() - t0, "ttft_s": ttft or 0.0})
 
     def stats(self) -> dict[str, Any]:
-        return {"model": self.model_name, "engine": self.engine.name, "running": self.engine.num_running(),
-                "max_model_len": self.engine.max_model_len}
+        out = {"model": self.model_name, "engine": self.engine.name, "running": self.engine.num_running(),
+               "max_model_len": self.engine.max_model_len}
+        if hasattr(self.engine, "batch_sizes"):  # the transformers engine's recent static batches
+            out["recent_batch_sizes"] = list(self.engine.batch_sizes)[-32:]
+        return out
 
     async def check_health(self) -> None:
         await self.engine.check_health()
