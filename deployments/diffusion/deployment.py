@@ -268,6 +268,9 @@ class Diffusion:
         self._set_batching(size, user_config.get("batch_wait_timeout_s", self.batch_wait_timeout_s), budget)
 
     async def _run_batch(self, items: list[tuple[ImageTask, float]]) -> list[_Denoised]:
+        # Load falls while the queue drains, with no arrival to see it: observing it here too keeps
+        # that drain from counting as calm (hysteresis restores only after hold_s at low water).
+        self.quality.observe(self._load())
         if DENOISE_ON_LOOP:  # diagnosis switch (benchmarks): no other Python runs while denoising
             return self.server.denoise(items)
         return await asyncio.to_thread(self.server.denoise, items)
