@@ -1,7 +1,7 @@
 """Adaptive quality under a load step, with it off and on, in ONE run: offered load, steps used
 and p95 latency over time, and the load phase's p95 of each side against a p95 target.
 
-    python -m benchmarks.adaptive_quality [--clients 12 --load-s 15 --p95-target-s 4.0]
+    python -m benchmarks.adaptive_quality [--clients 12 --load-s 20 --p95-target-s 4.0]
 
 Starts its own local Ray cluster and app (benchmarks/local_app.py: tiny SDXL on CPU, one
 diffusion replica, batches of 8, `--steps` default steps, adaptive quality enabled on the model
@@ -56,8 +56,10 @@ async def run_side(app: local_app.LocalApp, side: str, a: argparse.Namespace,
     body = {"prompt": "a lighthouse at dusk", "size": a.size, "n": a.n}
     async with httpx.AsyncClient(base_url=app.url, headers=app.auth(side), timeout=600) as http:
         for phase, clients, seconds in phases:
-            windows.append({"phase": phase, "clients": clients, "start_t": round(time.monotonic() - t0, 3)})
-            end = time.monotonic() + seconds
+            start = time.monotonic()
+            windows.append({"phase": phase, "clients": clients, "start_t": round(start - t0, 3),
+                            "end_t": round(start + seconds - t0, 3)})
+            end = start + seconds
 
             async def client() -> None:
                 while time.monotonic() < end:
@@ -70,13 +72,13 @@ async def run_side(app: local_app.LocalApp, side: str, a: argparse.Namespace,
                                     "steps_used": info.get("steps_used", []), "degraded": bool(info.get("degraded"))})
 
             await asyncio.gather(*(client() for _ in range(clients)))
-            windows[-1]["end_t"] = round(time.monotonic() - t0, 3)
+            windows[-1]["drained_t"] = round(time.monotonic() - t0, 3)  # its clients' last answers came back
     return samples, windows
 
 
 def clients_at(windows: list[dict], t: float) -> int:
-    """Clients sending at time t (the offered load)."""
-    return next((w["clients"] for w in windows if w["start_t"] <= t < w["end_t"]), windows[-1]["clients"])
+    """Clients sending at time t (the offered load; during a phase's drain, the phase's)."""
+    return next((w["clients"] for w in windows if w["start_t"] <= t < w["drained_t"]), windows[-1]["clients"])
 
 
 def timeline(samples: list[dict], windows: list[dict]) -> list[dict]:
@@ -95,24 +97,36 @@ def timeline(samples: list[dict], windows: list[dict]) -> list[dict]:
     return rows
 
 
-def summary(samples: list[dict], a: argparse.Namespace) -> dict:
-    out: dict = {}
-    for phase in ("calm", "load", "after"):
-        xs = [s for s in samples if s["phase"] == phase]
-        ok = [s for s in xs if s["status"] == 200]
-        steps = [st for s in ok for st in s["steps_used"]]
-        span = (max(s["t"] for s in xs) - min(s["sent_t"] for s in xs)) if xs else 0.0
-        out[phase] = {"requests": len(xs), "errors": len(xs) - len(ok),
-                      "p50_s": round(sorted(s["latency_s"] for s in ok)[len(ok) // 2], 4) if ok else None,
-                      "p95_s": round(p95([s["latency_s"] for s in ok]), 4),
-                      "images_per_s": round(len(steps) / span, 3) if span else None,
-                      "steps_min": min(steps, default=None), "steps_max": max(steps, default=None),
-                      "steps_mean": round(sum(steps) / len(steps), 2) if steps else None,
-                      "degraded_requests": sum(s["degraded"] for s in ok)}
-    load = out["load"]
-    load["p95_under_target"] = load["p95_s"] <= a.p95_target_s
-    load["steps_within_bounds"] = bool(load["steps_min"] is not None and
-                                       a.min_steps <= load["steps_min"] <= load["steps_max"] <= a.steps)
+def _stats(xs: list[dict], all_samples: list[dict], window: tuple[float, float]) -> dict:
+    """Latency of the requests `xs`; throughput = images of any request finished inside `window`."""
+    ok = [s for s in xs if s["status"] == 200]
+    steps = [st for s in ok for st in s["steps_used"]]
+    lo, hi = window
+    done = sum(len(s["steps_used"]) for s in all_samples if lo <= s["t"] < hi)
+    return {"requests": len(xs), "errors": len(xs) - len(ok),
+            "p50_s": round(sorted(s["latency_s"] for s in ok)[len(ok) // 2], 4) if ok else None,
+            "p95_s": round(p95([s["latency_s"] for s in ok]), 4),
+            "images_per_s": round(done / (hi - lo), 3) if hi > lo else None,
+            "steps_min": min(steps, default=None), "steps_max": max(steps, default=None),
+            "steps_mean": round(sum(steps) / len(steps), 2) if steps else None,
+            "degraded_requests": sum(s["degraded"] for s in ok)}
+
+
+def summary(samples: list[dict], windows: list[dict], a: argparse.Namespace) -> dict:
+    """Per phase (requests sent in it); `load` includes the onset (images queued at full steps
+    before the replica degraded), `load_steady` only requests sent after its first
+    --steady-after-s seconds."""
+    w = {x["phase"]: x for x in windows}
+    out = {ph: _stats([s for s in samples if s["phase"] == ph], samples, (w[ph]["start_t"], w[ph]["end_t"]))
+           for ph in ("calm", "load", "after")}
+    steady_from = w["load"]["start_t"] + a.steady_after_s
+    out["load_steady"] = _stats([s for s in samples if s["phase"] == "load" and s["sent_t"] >= steady_from],
+                                samples, (steady_from, w["load"]["end_t"]))
+    for key in ("load", "load_steady"):
+        ph = out[key]
+        ph["p95_under_target"] = ph["p95_s"] <= a.p95_target_s
+        ph["steps_within_bounds"] = bool(ph["steps_min"] is not None and
+                                         a.min_steps <= ph["steps_min"] <= ph["steps_max"] <= a.steps)
     return out
 
 
@@ -150,8 +164,9 @@ def main() -> None:
     ap.add_argument("--hold-s", type=float, default=2.0, help="calm time before full quality returns")
     ap.add_argument("--clients", type=int, default=12)
     ap.add_argument("--calm-s", type=float, default=4.0)
-    ap.add_argument("--load-s", type=float, default=15.0)
+    ap.add_argument("--load-s", type=float, default=20.0)
     ap.add_argument("--p95-target-s", type=float, default=4.0, help="latency target of the load phase")
+    ap.add_argument("--steady-after-s", type=float, default=5.0, help="load_steady: sent after this much load")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--name", default="adaptive_quality-tiny-cpu")
     a = ap.parse_args()
@@ -173,21 +188,26 @@ def main() -> None:
         "machine": local_app.machine(), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
         "p95_target_s": a.p95_target_s, "p95_target_from": "benchmark argument --p95-target-s",
         "adaptive_quality": model_entry(a)["adaptive_quality"], "wall_s": round(time.monotonic() - started, 1),
-        "summary": {side: summary(xs, a) for side, xs in samples.items()},
+        "summary": {side: summary(samples[side], windows[side], a) for side in SIDES},
         "phases": windows, "timeline": timelines, "samples": samples,
     }
     fixed, auto = result["summary"]["fixed"]["load"], result["summary"]["auto"]["load"]
     result["load_p95_ratio_auto_over_fixed"] = round(auto["p95_s"] / fixed["p95_s"], 3)
+    result["load_steady_p95_ratio_auto_over_fixed"] = round(
+        result["summary"]["auto"]["load_steady"]["p95_s"] / result["summary"]["fixed"]["load_steady"]["p95_s"], 3)
     for side in SIDES:
         print(f"[{side}] {'t':>4} {'clients':>7} {'reqs':>5} {'steps':>6} {'degr':>5} {'p95_s':>7}")
         for r in timelines[side]:
             print(f"[{side}] {r['t']:>4} {r['clients']:>7} {r['requests']:>5} {r['steps_mean']!s:>6} "
                   f"{r['degraded']:>5} {r['p95_s']:>7}")
-    for side, s in (("fixed", fixed), ("auto", auto)):
-        print(f"{side}: load p95 {s['p95_s']} s (target {a.p95_target_s} s: "
-              f"{'under' if s['p95_under_target'] else 'OVER'}), steps {s['steps_min']}..{s['steps_max']} "
-              f"(mean {s['steps_mean']}), {s['images_per_s']} images/s, {s['errors']} errors")
-    print(f"load p95 auto/fixed = {result['load_p95_ratio_auto_over_fixed']}")
+    for side in SIDES:
+        for key in ("load", "load_steady"):
+            s = result["summary"][side][key]
+            print(f"{side} {key}: p95 {s['p95_s']} s (target {a.p95_target_s} s: "
+                  f"{'under' if s['p95_under_target'] else 'OVER'}), steps {s['steps_min']}..{s['steps_max']} "
+                  f"(mean {s['steps_mean']}), {s['images_per_s']} images/s, {s['errors']} errors")
+    print(f"p95 auto/fixed: load {result['load_p95_ratio_auto_over_fixed']}, "
+          f"load_steady {result['load_steady_p95_ratio_auto_over_fixed']}")
     a.out.mkdir(parents=True, exist_ok=True)
     out = a.out / f"{a.name}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -57,7 +57,8 @@ def test_adaptive_quality_benchmark_smoke(tmp_path: Path, tiny_models_dir: Path)
     """Both sides in one run: the fixed plan always runs full steps; the auto plan degrades
     within [min_steps, steps] under the load step (6 clients x 4 images = 3 batches queued)."""
     result = _run_benchmark("benchmarks.adaptive_quality", tmp_path, "--models", str(tiny_models_dir),
-                            "--calm-s", "1", "--load-s", "4", "--clients", "6", "--hold-s", "1")
+                            "--calm-s", "1", "--load-s", "4", "--clients", "6", "--hold-s", "1",
+                            "--steady-after-s", "1")
     fixed, auto = result["summary"]["fixed"], result["summary"]["auto"]
     assert all(ph["errors"] == 0 for side in (fixed, auto) for ph in side.values())
     assert fixed["load"]["steps_min"] == fixed["load"]["steps_max"] == 16 and fixed["load"]["degraded_requests"] == 0
