@@ -131,7 +131,8 @@ def plot(samples: list[dict], depth: list[dict], path: Path) -> bool:
     except ImportError:
         return False
     fig, (lat_ax, q_ax) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
-    styles = {"bulk": ("tab:gray", "bulk (low plan, many clients)"), "peer": ("tab:orange", "peer (low plan, 1 client)"),
+    styles = {"bulk": ("tab:gray", "bulk (low plan, many clients)"),
+              "peer": ("tab:orange", "peer (low plan, 1 client)"),
               "vip": ("tab:blue", "vip (high plan, 1 client)")}
     for tenant, (color, label) in styles.items():
         xs = [s for s in samples if s["tenant"] == tenant and s["phase"] != "warmup"]
