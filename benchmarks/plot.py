@@ -56,11 +56,36 @@ def serving(result: dict, out: Path) -> Path:
     return path
 
 
+def serve_curve(result: dict, out: Path) -> Path:
+    """The batching curve measured through the graph (phase `curve`): images/s and request p95."""
+    pts = result["curve"]["points"]
+    shapes = sorted({(p["size"], p["steps"]) for p in pts})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for size, steps in shapes:
+        row = [p for p in pts if (p["size"], p["steps"]) == (size, steps)]
+        b = [p["max_batch_size"] for p in row]
+        axes[0].plot(b, [p["images_per_s"] for p in row], marker="o", label=f"{size}² / {steps} steps")
+        axes[1].plot(b, [p["p95_s"] for p in row], marker="o", label=f"{size}² / {steps} steps")
+    axes[0].set(xscale="log", xlabel="max_batch_size", ylabel="images/s", title="Through the graph (HTTP, 2 x batch clients)")
+    axes[1].set(xscale="log", yscale="log", xlabel="max_batch_size", ylabel="request p95 (s)", title="Latency")
+    for ax in axes:
+        ax.set_xticks([1, 2, 4, 8, 16], labels=["1", "2", "4", "8", "16"])
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{result['machine']['device']}, {result['model']}, {result['dtype']}")
+    fig.tight_layout()
+    path = out / "serve_curve.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/gpu")
     raw = json.loads((folder / "h200-part1.json").read_text())
     served = json.loads((folder / "h200-part4.json").read_text())
-    for p in (batching_curve(raw, folder), serving(served, folder)):
+    curve = json.loads((folder / "h100-curve.json").read_text())
+    for p in (batching_curve(raw, folder), serving(served, folder), serve_curve(curve, folder)):
         print("wrote", p)
 
 

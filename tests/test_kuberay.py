@@ -73,7 +73,7 @@ def test_cli_render_check(tmp_path: Path) -> None:
     written = runner.invoke(cli, args)
     assert written.exit_code == 0, written.output
     assert runner.invoke(cli, [*args, "--check"]).exit_code == 0
-    out.write_text(out.read_text().replace("max_batch_size: 8", "max_batch_size: 4", 1))
+    out.write_text(out.read_text().replace("max_batch_size: 4", "max_batch_size: 2", 1))
     stale = runner.invoke(cli, [*args, "--check"])
     assert stale.exit_code == 1 and "stale" in stale.output
 
