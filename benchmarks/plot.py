@@ -15,27 +15,33 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def batching_curve(result: dict, out: Path) -> Path:
-    curve = [c for c in result["raw"]["curve"] if "images_per_s" in c]
-    shapes = sorted({(c["size"], c["steps"]) for c in curve})
+def _curve(result: dict, rows: list[dict], *, batch_key: str, latency_key: str, titles: tuple[str, str],
+           xlabel: str, path: Path) -> Path:
+    """images/s and a latency vs batch size, one line per (size, steps)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for size, steps in shapes:
-        pts = [c for c in curve if (c["size"], c["steps"]) == (size, steps)]
-        b = [c["batch"] for c in pts]
-        axes[0].plot(b, [c["images_per_s"] for c in pts], marker="o", label=f"{size}² / {steps} steps")
-        axes[1].plot(b, [c["batch_p95_s"] for c in pts], marker="o", label=f"{size}² / {steps} steps")
-    axes[0].set(xscale="log", xlabel="batch size", ylabel="images/s", title="Raw pipeline throughput")
-    axes[1].set(xscale="log", yscale="log", xlabel="batch size", ylabel="p95 batch latency (s)", title="Latency")
+    for size, steps in sorted({(r["size"], r["steps"]) for r in rows}):
+        pts = [r for r in rows if (r["size"], r["steps"]) == (size, steps)]
+        b = [r[batch_key] for r in pts]
+        axes[0].plot(b, [r["images_per_s"] for r in pts], marker="o", label=f"{size}² / {steps} steps")
+        axes[1].plot(b, [r[latency_key] for r in pts], marker="o", label=f"{size}² / {steps} steps")
+    axes[0].set(xscale="log", xlabel=xlabel, ylabel="images/s", title=titles[0])
+    axes[1].set(xscale="log", yscale="log", xlabel=xlabel, ylabel=titles[1], title="Latency")
     for ax in axes:
         ax.set_xticks([1, 2, 4, 8, 16], labels=["1", "2", "4", "8", "16"])
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(f"{result['machine']['device']}, {result['model']}, {result['dtype']}")
     fig.tight_layout()
-    path = out / "batching_curve.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def batching_curve(result: dict, out: Path) -> Path:
+    """The raw pipeline's batching curve (phase `raw`)."""
+    rows = [c for c in result["raw"]["curve"] if "images_per_s" in c]
+    return _curve(result, rows, batch_key="batch", latency_key="batch_p95_s", xlabel="batch size",
+                  titles=("Raw pipeline throughput", "p95 batch latency (s)"), path=out / "batching_curve.png")
 
 
 def serving(result: dict, out: Path) -> Path:
@@ -58,26 +64,9 @@ def serving(result: dict, out: Path) -> Path:
 
 def serve_curve(result: dict, out: Path) -> Path:
     """The batching curve measured through the graph (phase `curve`): images/s and request p95."""
-    pts = result["curve"]["points"]
-    shapes = sorted({(p["size"], p["steps"]) for p in pts})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for size, steps in shapes:
-        row = [p for p in pts if (p["size"], p["steps"]) == (size, steps)]
-        b = [p["max_batch_size"] for p in row]
-        axes[0].plot(b, [p["images_per_s"] for p in row], marker="o", label=f"{size}² / {steps} steps")
-        axes[1].plot(b, [p["p95_s"] for p in row], marker="o", label=f"{size}² / {steps} steps")
-    axes[0].set(xscale="log", xlabel="max_batch_size", ylabel="images/s", title="Through the graph (HTTP, 2 x batch clients)")
-    axes[1].set(xscale="log", yscale="log", xlabel="max_batch_size", ylabel="request p95 (s)", title="Latency")
-    for ax in axes:
-        ax.set_xticks([1, 2, 4, 8, 16], labels=["1", "2", "4", "8", "16"])
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{result['machine']['device']}, {result['model']}, {result['dtype']}")
-    fig.tight_layout()
-    path = out / "serve_curve.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _curve(result, result["curve"]["points"], batch_key="max_batch_size", latency_key="p95_s",
+                  xlabel="max_batch_size", titles=("Through the graph (HTTP, 2 x batch clients)", "request p95 (s)"),
+                  path=out / "serve_curve.png")
 
 
 def main() -> None:
