@@ -83,6 +83,9 @@ class JobRunner:
         self.orphan_usage = orphan_usage
         self.owner = owner or f"ingress-{uuid.uuid4().hex[:12]}"
         self._running: dict[str, asyncio.Task] = {}
+        # Tasks done with their work that are ending their job (finish, terminal hook, usage). Once
+        # ended, a job is no longer "held" by this runner, but these must not be cancelled.
+        self._ending: set[asyncio.Task] = set()
         self._settle: dict[str, Callable[[str, list[ImageResult]], Awaitable[None]]] = {}
         self._loop_task: asyncio.Task | None = None
         self._seconds_per_image = config.default_seconds_per_image
@@ -93,10 +96,14 @@ class JobRunner:
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._maintenance_loop())
 
-    async def stop(self) -> None:
-        for t in [self._loop_task, *self._running.values()]:
-            if t is not None:
-                t.cancel()
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Cancel the loop and the running jobs, then wait for their wrap-up (each cancelled run
+        still ends its job and releases its usage); bounded, so a stuck database can't hold it up."""
+        tasks = [t for t in [self._loop_task, *self._running.values()] if t is not None]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
 
     async def submit(self, *, tenant_id: int, model: str, spec: dict, webhook_url: str | None,
                      settle: Callable[[str, list[ImageResult]], Awaitable[None]] | None = None) -> JobRecord:
@@ -124,7 +131,13 @@ class JobRunner:
         task = asyncio.get_running_loop().create_task(tracing.traced(self._run(job_id, delay_s), "job.run",
                                                                      job_id=job_id, owner=self.owner))
         self._running[job_id] = task
-        task.add_done_callback(lambda t: self._running.get(job_id) is t and self._running.pop(job_id))
+
+        def done(t: asyncio.Task) -> None:
+            self._ending.discard(t)
+            if self._running.get(job_id) is t:
+                self._running.pop(job_id)
+
+        task.add_done_callback(done)
 
     async def _run(self, job_id: str, delay_s: float) -> None:
         try:
@@ -136,6 +149,7 @@ class JobRunner:
                 await self._settle_usage(job_id, "cancelled", [])
             raise
         if job is None:  # cancelled while queued, or another replica holds it
+            self._mark_ending()
             await self._settle_usage(job_id, "cancelled", [])
             return
         started = time.monotonic()
@@ -214,7 +228,16 @@ class JobRunner:
 
         asyncio.get_running_loop().call_soon(again)
 
+    def _mark_ending(self) -> None:
+        """The current run is past its work and only ends its job now: tell the heartbeat not to
+        cancel it. Marked before `finish` commits, so a heartbeat that then finds the job ended
+        (no longer held) already sees the mark."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._ending.add(task)
+
     async def _end(self, job: JobRecord, status: str, **fields: Any) -> None:
+        self._mark_ending()
         ok = await anyio.to_thread.run_sync(lambda: self.store.finish(job.id, self.owner, status, **fields))
         if not ok:
             logger.warning("job %s: lease lost before it could be marked %s", job.id, status)
@@ -258,8 +281,10 @@ class JobRunner:
         held = await anyio.to_thread.run_sync(self.store.heartbeat, ids, self.owner, self.config.lease_s)
         for job_id in ids:
             task = self._running.get(job_id)
-            # Cancel requested, or no longer ours (ended, or re-claimed after our lease lapsed).
-            if task is not None and held.get(job_id, True):
+            # Cancel requested, or the lease went to another runner (re-claimed after ours lapsed,
+            # or failed by a reaper). A job this runner is ending is not held any more either, but
+            # its task still runs the terminal hook (webhook) and settles usage: leave it be.
+            if task is not None and task not in self._ending and held.get(job_id, True):
                 task.cancel()
 
     async def _reap(self) -> None:
