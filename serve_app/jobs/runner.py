@@ -88,6 +88,9 @@ class JobRunner:
         self._ending: set[asyncio.Task] = set()
         self._settle: dict[str, Callable[[str, list[ImageResult]], Awaitable[None]]] = {}
         self._loop_task: asyncio.Task | None = None
+        # Terminal-hook tasks (webhooks): referenced until done, since the event loop keeps only
+        # weak references to tasks and an unreferenced one can vanish mid-flight.
+        self._hooks: set[asyncio.Task] = set()
         self._seconds_per_image = config.default_seconds_per_image
 
     # -- public --------------------------------------------------------------------------------
@@ -104,6 +107,8 @@ class JobRunner:
             t.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=timeout_s)
+        if self._hooks:  # webhooks already started are let finish (their own retries are bounded)
+            await asyncio.wait(set(self._hooks), timeout=timeout_s)
 
     async def submit(self, *, tenant_id: int, model: str, spec: dict, webhook_url: str | None,
                      settle: Callable[[str, list[ImageResult]], Awaitable[None]] | None = None) -> JobRecord:
@@ -245,7 +250,9 @@ class JobRunner:
         if self.terminal_hook is not None:
             final = await anyio.to_thread.run_sync(self.store.get, job.id)
             if final is not None:
-                asyncio.get_running_loop().create_task(self._guarded(self.terminal_hook(final)))
+                hook = asyncio.get_running_loop().create_task(self._guarded(self.terminal_hook(final)))
+                self._hooks.add(hook)
+                hook.add_done_callback(self._hooks.discard)
 
     async def _settle_usage(self, job_id: str, status: str, results: list[ImageResult]) -> None:
         settle = self._settle.pop(job_id, None)
