@@ -74,3 +74,23 @@ def test_priority_benchmark_smoke(tmp_path: Path, tiny_models_dir: Path) -> None
     assert all(s[k]["errors"] == 0 for k in ("vip_unloaded", "vip_saturated", "peer_saturated", "bulk_saturated"))
     assert s["bulk_saturated"]["images_per_s_while_probed"] > 0  # the low plan keeps progressing
     assert s["ratio_vip_saturated_over_unloaded_p95"] > 0
+
+
+def test_serving_suite_curve_memory_wuerstchen_smoke(tmp_path: Path, tiny_models_dir: Path) -> None:
+    """The GPU-only phases run on the tiny CPU models: the curve through the graph changes
+    max_batch_size in place and refuses an image above the budget with 422."""
+    env = {**os.environ, "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", str(tmp_path))}
+    cmd = [sys.executable, "-m", "benchmarks.serving_suite", "--tiny", "--device", "cpu",
+           "--phases", "curve,memory,wuerstchen", "--batches", "1,2", "--curve-images", "4",
+           "--wuerstchen-batches", "1", "--wuerstchen-reps", "1", "--memory-reps", "1",
+           "--models", str(tiny_models_dir), "--out", str(tmp_path), "--name", "smoke"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "smoke.json").read_text())
+    points = result["curve"]["points"]
+    assert [p["max_batch_size"] for p in points] == [1, 2] and all(p["errors"] == 0 for p in points)
+    assert max(p["max_batch"] for p in points) == 2  # the reconfigured batch size took effect
+    assert result["curve"]["oversize"][0]["status"] == 422
+    assert result["curve"]["oversize"][0]["code"] == "exceeds_memory_budget"
+    assert {r["vae_slicing"] for r in result["memory"]["rows"]} == {False, True}
+    assert result["wuerstchen"]["rows"][0]["images_per_s"] > 0
