@@ -198,14 +198,12 @@ class TransformersEngine:
 
     async def _gather(self) -> None:
         """Wait for the batch to fill: within `regroup_wait_ms` of the last batch's end, for as many
-        requests as it had (no longer); otherwise for a burst (`batch_wait_ms`)."""
+        requests as it had; otherwise for a burst (`batch_wait_ms`); never past `max_batch_size`."""
         loop = asyncio.get_running_loop()
         regroup_until = self._last_end + self._regroup_s
         expected = min(self._max_batch, self._last_batch) if loop.time() < regroup_until else 0
         if len(self._pending) < expected:
             deadline, target = regroup_until, expected
-        elif expected:
-            return  # everyone expected is here: waiting longer would only add to their TTFT
         else:
             deadline, target = loop.time() + self._wait_s, self._max_batch
         while len(self._pending) < target:
