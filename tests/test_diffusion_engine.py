@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from deployments.diffusion.engine import DiffusionEngine, GenerationCancelled, encode_png
+from deployments.diffusion.engine import DiffusionEngine, GenerationCancelled
+from deployments.diffusion.png import encode_png
 from deployments.diffusion.types import ImageResult, ImageTask, WeightedPrompt
 
 

@@ -68,7 +68,7 @@ def files_base(store: LocalResultStore) -> Iterator[str]:
 
 
 def png() -> bytes:
-    # What deployments.diffusion.engine.encode_png writes (importing the engine pulls in torch: slow).
+    # What deployments.diffusion.png.encode_png writes.
     info = PngInfo()
     for k, v in {"prompt": "a red square", "seed": 42, "model": "sdxl-tiny"}.items():
         info.add_text(k, str(v))

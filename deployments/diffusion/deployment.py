@@ -162,7 +162,8 @@ class DiffusionServer:
                 zip(images, items, strict=True)]
 
     async def finish(self, task: ImageTask, d: _Denoised) -> ImageResult:
-        from deployments.diffusion.engine import GenerationCancelled, encode_png
+        from deployments.diffusion.engine import GenerationCancelled
+        from deployments.diffusion.png import encode_png
 
         if isinstance(d.image, BaseException):
             if isinstance(d.image, GenerationCancelled):

@@ -1,6 +1,10 @@
 """The diffusion engine: turns a batch of `ImageTask`s into images with one loaded pipeline.
 
 A plain class (no Ray): the Serve deployment wraps it and calls `generate` in a thread.
+This module holds the public API (loading, validation, progress, cancellation, locking, PNG
+results) and dispatches each group of tasks to its family's module: `sdxl.py`, `wuerstchen.py`.
+The hooks around a pipeline call (tiling, batch invariance) are in `hooks.py`, PNG output in
+`png.py`.
 
 Reproducibility: every task gets its own CPU `torch.Generator` seeded with `task.seed` (CPU so that
 a seed gives the same starting noise on CPU and CUDA), and its text embeddings are encoded on
@@ -9,23 +13,22 @@ their own (batch of one), so a task's image does not depend on which other tasks
 
 from __future__ import annotations
 
-import io
-import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Any
 
 import torch
-from diffusers.utils import BaseOutput
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
+from deployments.diffusion import sdxl, wuerstchen
+from deployments.diffusion.hooks import StopDenoising, circular_padding, generators, per_task_calls
 from deployments.diffusion.loading import FAMILIES, load_pipeline
 from deployments.diffusion.optimize import OptimizeOptions
 from deployments.diffusion.optimize import apply as apply_optimizations
-from deployments.diffusion.types import ImageResult, ImageTask, WeightedPrompt
+from deployments.diffusion.png import encode_png, format_weighted, png_params
+from deployments.diffusion.types import ImageResult, ImageTask
 
 OnStep = Callable[[str | None, int, int], None]
 ShouldCancel = Callable[[str], bool]
@@ -38,122 +41,11 @@ class GenerationCancelled(Exception):
     """The task's job was cancelled (through `should_cancel`) before its image was finished."""
 
 
-class _StopDenoising(Exception):
-    """Raised from a step callback to leave a pipeline that has no `_interrupt` flag."""
-
-
-def encode_png(image: Image.Image, params: dict[str, Any], *, compress_level: int = 6) -> bytes:
-    """PNG bytes with each of `params` stored as a text chunk (non-Latin-1 text as iTXt)."""
-    info = PngInfo()
-    for key, value in params.items():
-        info.add_text(key, str(value))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info, compress_level=compress_level)
-    return buf.getvalue()
-
-
-def format_weighted(parts: Sequence[WeightedPrompt]) -> str:
-    return " ".join(f"{p.text}::{p.weight:g}" for p in parts)
-
-
-def png_params(task: ImageTask, model: str) -> dict[str, Any]:
-    params: dict[str, Any] = {
-        "prompt": task.prompt,
-        "negative_prompt": task.negative_prompt,
-        "seed": task.seed,
-        "steps": task.steps,
-        "guidance_scale": task.guidance_scale,
-        "model": model,
-        "width": task.width,
-        "height": task.height,
-    }
-    if task.tile:
-        params["tile"] = True
-    if task.weighted_prompts:
-        params["weighted_prompts"] = format_weighted(task.weighted_prompts)
-    return params
-
-
 def _is_cuda_failure(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "CUDA" in str(exc)
     )
 
-
-@contextmanager
-def _circular_padding(modules: Sequence[torch.nn.Module], enabled: bool) -> Iterator[None]:
-    """Seamless tiling: padded convs wrap around the image edges, restored on exit."""
-    saved: list[tuple[torch.nn.Conv2d, str]] = []
-    if enabled:
-        for module in modules:
-            for conv in module.modules():
-                if isinstance(conv, torch.nn.Conv2d) and any(p > 0 for p in conv.padding):
-                    saved.append((conv, conv.padding_mode))
-                    conv.padding_mode = "circular"
-    try:
-        yield
-    finally:
-        for conv, mode in saved:
-            conv.padding_mode = mode
-
-
-def _take(value: Any, rows: list[int], n: int) -> Any:
-    """`value` with only `rows` of every tensor whose first dimension is the batch (`n`)."""
-    if isinstance(value, torch.Tensor):
-        return value[rows] if value.dim() > 0 and value.shape[0] == n else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_take(v, rows, n) for v in value)
-    if isinstance(value, dict):
-        return {k: _take(v, rows, n) for k, v in value.items()}
-    return value
-
-
-def _merge(outs: list[Any], order: torch.Tensor) -> Any:
-    """Concatenate per-task outputs and put the rows back in the batch's order."""
-    first = outs[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(outs)[order]
-    if isinstance(first, BaseOutput):
-        return type(first)(**{k: _merge([o[k] for o in outs], order) for k in first.keys()})
-    if isinstance(first, tuple):
-        return tuple(_merge([o[i] for o in outs], order) for i in range(len(first)))
-    return first
-
-
-@contextmanager
-def _per_task_calls(module: torch.nn.Module, method: str, n_tasks: int) -> Iterator[None]:
-    """Run `module.<method>` once per task, on exactly the rows that task would have alone.
-
-    CPU kernels pick different code paths by batch size (oneDNN conv algorithms, MKL's small-M
-    GEMM, thread splits, channels-last GroupNorm at N=1), so the same row computed in a batch of
-    1 and of 4 differs in the last bits, and after rounding to uint8 about one pixel value in a
-    few hundred moves by 1. Feeding each task's rows (its own, or its [cond, uncond] pair under
-    guidance) as their own call gives every task the shapes of a lone run: batch-invariant by
-    construction. Everything between these calls (scheduler steps, guidance) is elementwise.
-    """
-    original = getattr(module, method)
-
-    def per_task(*args: Any, **kwargs: Any) -> Any:
-        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        n = first.shape[0] if first is not None and first.dim() > 0 else 0
-        if n_tasks == 1 or n not in (n_tasks, 2 * n_tasks):
-            return original(*args, **kwargs)
-        groups = [[i] if n == n_tasks else [i, n_tasks + i] for i in range(n_tasks)]
-        outs = [original(*_take(args, g, n), **_take(kwargs, g, n)) for g in groups]
-        order = torch.argsort(torch.tensor([i for g in groups for i in g]))
-        return _merge(outs, order.to(first.device))
-
-    setattr(module, method, per_task)  # instance attribute shadows the class's method
-    try:
-        yield
-    finally:
-        delattr(module, method)
-
-
-def _weighted_sum(parts: Sequence[tuple[float, tuple[torch.Tensor, ...]]]) -> tuple[torch.Tensor, ...]:
-    total = sum(w for w, _ in parts)
-    n = len(parts[0][1])
-    return tuple(sum(w * emb[i] for w, emb in parts) / total for i in range(n))  # type: ignore[misc]
 
 
 class DiffusionEngine:
@@ -188,9 +80,10 @@ class DiffusionEngine:
         self.name = name
         self.pipeline = pipeline
         self.family = family
+        self._family = sdxl if family == "sdxl" else wuerstchen  # the module that runs it
         self.decoder_steps = decoder_steps
         # Bit-exact seeds across batch compositions cost the denoiser its batching (see
-        # _per_task_calls). Default: on for CPU (tests, local), off for CUDA (throughput).
+        # hooks.per_task_calls). Default: on for CPU (tests, local), off for CUDA (throughput).
         if batch_invariant is None:
             batch_invariant = torch.device(pipeline.device).type == "cpu"
         self.batch_invariant = batch_invariant
@@ -232,28 +125,8 @@ class DiffusionEngine:
     def _size_rules(self) -> tuple[int, int]:
         """(size multiple, minimum size) in pixels for width and height."""
         if self.family == "sdxl":
-            # The SDXL pipeline checks divisibility by 8; the VAE needs its own scale factor.
-            multiple = math.lcm(8, int(self.pipeline.vae_scale_factor))
-            return multiple, 4 * multiple
-        # Würstchen: the prior's grid is `resolution_multiple` (42.67) px, the decoder scales it by
-        # `latent_dim_scale` (10.67) and the VQGAN by 4, with ceil/int rounding between them: only
-        # some sizes come out as asked (others change size or break pixel_unshuffle). Find the
-        # smallest step for which 1x..4x all round-trip; 128 px for the released configs.
-        for multiple in range(8, 4097, 8):
-            if all(self._wuerstchen_out_px(k * multiple) == k * multiple for k in (1, 2, 3, 4)):
-                return multiple, multiple
-        raise ValueError(f"no image size round-trips through the Würstchen pipeline {self.name!r}")
-
-    def _wuerstchen_out_px(self, px: int) -> int:
-        prior_cfg = self.pipeline.prior_pipe.config
-        decoder_cfg = self.pipeline.decoder_pipe.config
-        vq_cfg = self.pipeline.vqgan.config
-        vq_scale = vq_cfg.up_down_scale_factor * 2 ** (vq_cfg.levels - 1)
-        prior_px = math.ceil(px / prior_cfg.resolution_multiple)
-        decoder_px = int(prior_px * decoder_cfg.latent_dim_scale)
-        if decoder_px % 2:  # DiffNeXt pixel-unshuffles by 2
-            return -1
-        return decoder_px * vq_scale
+            return sdxl.size_rules(self.pipeline)
+        return wuerstchen.size_rules(self.pipeline, self.name)
 
     def validate(self, task: ImageTask) -> None:
         """Raise ValueError (diffusers-style message) if `task` cannot run on this model."""
@@ -372,15 +245,14 @@ class DiffusionEngine:
             started = time.perf_counter()
             try:
                 with self._lock, torch.inference_mode(), ExitStack() as stack:
-                    stack.enter_context(_circular_padding(self._tiling_modules(), tasks[0].tile))
+                    stack.enter_context(
+                        circular_padding(self._family.tiling_modules(self.pipeline), tasks[0].tile)
+                    )
                     if self.batch_invariant:
-                        for module, method in self._heavy_calls():
-                            stack.enter_context(_per_task_calls(module, method, len(tasks)))
-                    if self.family == "sdxl":
-                        images = self._run_sdxl(tasks, step_done)
-                    else:
-                        images = self._run_wuerstchen(tasks, step_done)
-            except _StopDenoising:
+                        for module, method in self._family.heavy_calls(self.pipeline):
+                            stack.enter_context(per_task_calls(module, method, len(tasks)))
+                    images = self._run_family(tasks, step_done)
+            except StopDenoising:
                 images = []
             except Exception as exc:  # one group's failure must not sink the other groups
                 if _is_cuda_failure(exc):
@@ -401,155 +273,9 @@ class DiffusionEngine:
                 out.append(GenerationCancelled(f"task {task.task_id!r} stopped"))
         return out
 
-    def _tiling_modules(self) -> list[torch.nn.Module]:
-        p = self.pipeline
+    def _run_family(self, tasks: list[ImageTask], step_done: Callable[[int], bool]) -> list[Image.Image]:
+        """One pipeline call for a group; `step_done(step)` returns True to stop denoising."""
+        gens = generators(tasks)
         if self.family == "sdxl":
-            return [p.unet, p.vae]
-        return [p.prior_prior, p.decoder, p.vqgan]
-
-    def _heavy_calls(self) -> list[tuple[torch.nn.Module, str]]:
-        """The model calls that see the whole batch (what `batch_invariant` splits per task)."""
-        p = self.pipeline
-        if self.family == "sdxl":
-            return [(p.unet, "forward"), (p.vae, "decode")]
-        return [(p.prior_prior, "forward"), (p.decoder, "forward"), (p.vqgan, "decode")]
-
-    @staticmethod
-    def _generators(tasks: Sequence[ImageTask]) -> list[torch.Generator]:
-        return [torch.Generator(device="cpu").manual_seed(t.seed) for t in tasks]
-
-    # -- SDXL ------------------------------------------------------------------------------------
-
-    def _run_sdxl(self, tasks: list[ImageTask], step_done: Callable[[int], bool]) -> list[Image.Image]:
-        p = self.pipeline
-        first = tasks[0]
-        cfg = first.guidance_scale > 1 and p.unet.config.time_cond_proj_dim is None
-        cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-        def encode(text: str) -> tuple[torch.Tensor, torch.Tensor]:
-            # One text at a time so embeddings don't depend on the batch they arrive in.
-            if text not in cache:
-                emb, _, pooled, _ = p.encode_prompt(
-                    prompt=text, device=p._execution_device, do_classifier_free_guidance=False
-                )
-                cache[text] = (emb, pooled)
-            return cache[text]
-
-        def positive(task: ImageTask) -> tuple[torch.Tensor, ...]:
-            if not task.weighted_prompts:
-                return encode(task.prompt)
-            return _weighted_sum([(wp.weight, encode(wp.text)) for wp in task.weighted_prompts])
-
-        pos = [positive(t) for t in tasks]
-
-        def negative(j: int) -> tuple[torch.Tensor, ...]:
-            if not tasks[j].negative_prompt and p.config.force_zeros_for_empty_prompt:
-                # SDXL's own rule: an absent negative prompt means zero embeddings, not "".
-                return tuple(torch.zeros_like(t) for t in pos[j])
-            return encode(tasks[j].negative_prompt)
-
-        kwargs: dict[str, Any] = {
-            "prompt_embeds": torch.cat([e for e, _ in pos]),
-            "pooled_prompt_embeds": torch.cat([pl for _, pl in pos]),
-        }
-        if cfg:
-            neg = [negative(j) for j in range(len(tasks))]
-            kwargs["negative_prompt_embeds"] = torch.cat([e for e, _ in neg])
-            kwargs["negative_pooled_prompt_embeds"] = torch.cat([pl for _, pl in neg])
-
-        def on_step_end(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            if step_done(i + 1):
-                # diffusers' own stop flag: the loop skips the remaining steps and the pipeline
-                # still runs its clean-up (offload hooks); the decoded images are discarded.
-                pipe._interrupt = True
-                raise_after[0] = True
-            return tensors
-
-        raise_after = [False]
-        images = p(
-            **kwargs,
-            height=first.height,
-            width=first.width,
-            num_inference_steps=first.steps,
-            guidance_scale=first.guidance_scale,
-            generator=self._generators(tasks),
-            callback_on_step_end=on_step_end,
-            output_type="pil",
-        ).images
-        if raise_after[0]:
-            raise _StopDenoising()
-        return list(images)
-
-    # -- Würstchen -------------------------------------------------------------------------------
-
-    def _run_wuerstchen(
-        self, tasks: list[ImageTask], step_done: Callable[[int], bool]
-    ) -> list[Image.Image]:
-        p = self.pipeline
-        prior, decoder = p.prior_pipe, p.decoder_pipe
-        device = p._execution_device
-        first = tasks[0]
-        cfg = first.guidance_scale > 1
-        prior_cache: dict[str, tuple[torch.Tensor]] = {}
-
-        def prior_encode(text: str) -> tuple[torch.Tensor]:
-            if text not in prior_cache:
-                emb, _ = prior.encode_prompt(device, 1, False, prompt=[text])
-                prior_cache[text] = (emb,)
-            return prior_cache[text]
-
-        def prior_positive(task: ImageTask) -> torch.Tensor:
-            if not task.weighted_prompts:
-                return prior_encode(task.prompt)[0]
-            return _weighted_sum([(wp.weight, prior_encode(wp.text)) for wp in task.weighted_prompts])[0]
-
-        def decoder_text(task: ImageTask) -> str:
-            if not task.weighted_prompts:
-                return task.prompt
-            return ", ".join(wp.text for wp in task.weighted_prompts if wp.weight > 0)
-
-        # diffusers 0.42's decoder repeats each of a list of B prompts B times (B*B rows against B
-        # latents: "Sizes of tensors must match"), so a batch of different prompts fails. Encode
-        # each decoder prompt on its own here and hand the rows to the decoder below.
-        decoder_rows = torch.cat(
-            [decoder.encode_prompt([decoder_text(t)], device, 1, False)[0] for t in tasks]
-        )
-
-        kwargs: dict[str, Any] = {"prompt_embeds": torch.cat([prior_positive(t) for t in tasks])}
-        if cfg:
-            kwargs["negative_prompt_embeds"] = torch.cat(
-                [prior_encode(t.negative_prompt)[0] for t in tasks]
-            )
-
-        def prior_step(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            if step_done(i + 1):
-                raise _StopDenoising()  # these pipelines have no `_interrupt` flag
-            return tensors
-
-        def decoder_step(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            if step_done(first.steps + i + 1):
-                raise _StopDenoising()
-            return tensors
-
-        def decoder_encode(*args: Any, **kw: Any) -> tuple[torch.Tensor, None]:
-            return decoder_rows, None  # decoder guidance is 0: no unconditional rows needed
-
-        decoder.encode_prompt = decoder_encode  # instance attribute shadows the method
-        try:
-            images = p(
-                prompt=[decoder_text(t) for t in tasks],
-                **kwargs,
-                height=first.height,
-                width=first.width,
-                prior_num_inference_steps=first.steps,
-                prior_guidance_scale=first.guidance_scale,
-                num_inference_steps=self.decoder_steps,
-                decoder_guidance_scale=0.0,
-                generator=self._generators(tasks),
-                prior_callback_on_step_end=prior_step,
-                callback_on_step_end=decoder_step,
-                output_type="pil",
-            ).images
-        finally:
-            del decoder.encode_prompt
-        return list(images)
+            return sdxl.run(self.pipeline, tasks, step_done, gens)
+        return wuerstchen.run(self.pipeline, tasks, step_done, gens, decoder_steps=self.decoder_steps)

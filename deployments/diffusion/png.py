@@ -1,0 +1,48 @@
+"""PNG output: the image bytes a task gets back, with its generation parameters as text chunks.
+
+Kept free of torch so that encoding (which runs off the denoising thread, in the deployment's
+PNG pool) and its tests import quickly.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from deployments.diffusion.types import ImageTask, WeightedPrompt
+
+
+def encode_png(image: Image.Image, params: dict[str, Any], *, compress_level: int = 6) -> bytes:
+    """PNG bytes with each of `params` stored as a text chunk (non-Latin-1 text as iTXt)."""
+    info = PngInfo()
+    for key, value in params.items():
+        info.add_text(key, str(value))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info, compress_level=compress_level)
+    return buf.getvalue()
+
+
+def format_weighted(parts: Sequence[WeightedPrompt]) -> str:
+    return " ".join(f"{p.text}::{p.weight:g}" for p in parts)
+
+
+def png_params(task: ImageTask, model: str) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "prompt": task.prompt,
+        "negative_prompt": task.negative_prompt,
+        "seed": task.seed,
+        "steps": task.steps,
+        "guidance_scale": task.guidance_scale,
+        "model": model,
+        "width": task.width,
+        "height": task.height,
+    }
+    if task.tile:
+        params["tile"] = True
+    if task.weighted_prompts:
+        params["weighted_prompts"] = format_weighted(task.weighted_prompts)
+    return params

@@ -1,0 +1,100 @@
+"""SDXL-family generation: size rules, the modules tiling and batch invariance touch, and one
+pipeline call for a group of tasks that share `group_key()`.
+
+Called by `DiffusionEngine` under its lock, inside the hooks of `deployments.diffusion.hooks`.
+Each prompt is encoded on its own (batch of one) so embeddings don't depend on the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from PIL import Image
+
+from deployments.diffusion.hooks import StopDenoising, weighted_sum
+from deployments.diffusion.types import ImageTask
+
+
+def size_rules(pipeline: Any) -> tuple[int, int]:
+    """(size multiple, minimum size) in pixels for width and height."""
+    # The SDXL pipeline checks divisibility by 8; the VAE needs its own scale factor.
+    multiple = math.lcm(8, int(pipeline.vae_scale_factor))
+    return multiple, 4 * multiple
+
+
+def tiling_modules(pipeline: Any) -> list[torch.nn.Module]:
+    return [pipeline.unet, pipeline.vae]
+
+
+def heavy_calls(pipeline: Any) -> list[tuple[torch.nn.Module, str]]:
+    """The model calls that see the whole batch (what `batch_invariant` splits per task)."""
+    return [(pipeline.unet, "forward"), (pipeline.vae, "decode")]
+
+
+def run(
+    p: Any,
+    tasks: list[ImageTask],
+    step_done: Callable[[int], bool],
+    generators: list[torch.Generator],
+) -> list[Image.Image]:
+    """Images for `tasks` in order; raises `StopDenoising` when `step_done(step)` asks to stop."""
+    first = tasks[0]
+    cfg = first.guidance_scale > 1 and p.unet.config.time_cond_proj_dim is None
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def encode(text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        # One text at a time so embeddings don't depend on the batch they arrive in.
+        if text not in cache:
+            emb, _, pooled, _ = p.encode_prompt(
+                prompt=text, device=p._execution_device, do_classifier_free_guidance=False
+            )
+            cache[text] = (emb, pooled)
+        return cache[text]
+
+    def positive(task: ImageTask) -> tuple[torch.Tensor, ...]:
+        if not task.weighted_prompts:
+            return encode(task.prompt)
+        return weighted_sum([(wp.weight, encode(wp.text)) for wp in task.weighted_prompts])
+
+    pos = [positive(t) for t in tasks]
+
+    def negative(j: int) -> tuple[torch.Tensor, ...]:
+        if not tasks[j].negative_prompt and p.config.force_zeros_for_empty_prompt:
+            # SDXL's own rule: an absent negative prompt means zero embeddings, not "".
+            return tuple(torch.zeros_like(t) for t in pos[j])
+        return encode(tasks[j].negative_prompt)
+
+    kwargs: dict[str, Any] = {
+        "prompt_embeds": torch.cat([e for e, _ in pos]),
+        "pooled_prompt_embeds": torch.cat([pl for _, pl in pos]),
+    }
+    if cfg:
+        neg = [negative(j) for j in range(len(tasks))]
+        kwargs["negative_prompt_embeds"] = torch.cat([e for e, _ in neg])
+        kwargs["negative_pooled_prompt_embeds"] = torch.cat([pl for _, pl in neg])
+
+    def on_step_end(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        if step_done(i + 1):
+            # diffusers' own stop flag: the loop skips the remaining steps and the pipeline
+            # still runs its clean-up (offload hooks); the decoded images are discarded.
+            pipe._interrupt = True
+            raise_after[0] = True
+        return tensors
+
+    raise_after = [False]
+    images = p(
+        **kwargs,
+        height=first.height,
+        width=first.width,
+        num_inference_steps=first.steps,
+        guidance_scale=first.guidance_scale,
+        generator=generators,
+        callback_on_step_end=on_step_end,
+        output_type="pil",
+    ).images
+    if raise_after[0]:
+        raise StopDenoising()
+    return list(images)
