@@ -25,7 +25,9 @@ from typing import Any
 from serve_app.telemetry.catalog import GENSERVE_METRICS
 
 _lock = threading.Lock()
-_metrics: dict[str, Any] | None = None
+# Metric objects are per process (Ray's metrics agent aggregates across replicas): created once,
+# on first use, and shared by every deployment class in the process.
+_registry: dict[str, Any] = {}
 
 
 def _create() -> dict[str, Any]:
@@ -45,12 +47,11 @@ def _create() -> dict[str, Any]:
 
 def metric(name: str) -> Any:
     """The process's metric object registered as `name` (a GENSERVE_METRICS key)."""
-    global _metrics
-    if _metrics is None:
+    if not _registry:
         with _lock:
-            if _metrics is None:
-                _metrics = _create()
-    return _metrics[name]
+            if not _registry:
+                _registry.update(_create())
+    return _registry[name]
 
 
 def _inc(name: str, value: float, tags: dict[str, str]) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Awaitable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -29,8 +30,18 @@ T = TypeVar("T")
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _lock = threading.Lock()
-_provider: Any = None  # opentelemetry.sdk.trace.TracerProvider once configured
-_tracer: Tracer = trace.NoOpTracer()
+
+
+@dataclass
+class _ProcessTracer:
+    """The process's tracer. OpenTelemetry's provider is per process by nature (every deployment
+    class in a replica shares it, and Serve's local testing mode runs several in one process)."""
+
+    provider: Any = None  # opentelemetry.sdk.trace.TracerProvider once configured
+    tracer: Tracer = field(default_factory=trace.NoOpTracer)
+
+
+_state = _ProcessTracer()
 
 
 def traces_url(endpoint: str) -> str:
@@ -45,7 +56,6 @@ def configure_tracing(config: TelemetryConfig | None, *, component: str, exporte
     Without either, nothing changes: the tracer stays no-op (or what was configured before: with
     Serve's local testing mode several deployments share one process). Returns True if a tracer
     was installed by this call."""
-    global _provider, _tracer
     cfg = config or TelemetryConfig()
     if exporter is None and cfg.otlp_endpoint is None:
         return False
@@ -55,7 +65,7 @@ def configure_tracing(config: TelemetryConfig | None, *, component: str, exporte
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     with _lock:
-        if _provider is not None and exporter is None:
+        if _state.provider is not None and exporter is None:
             return False  # the first configuration of a process wins
         provider = TracerProvider(
             resource=Resource.create({"service.name": cfg.service_name, "genserve.component": component}),
@@ -66,7 +76,8 @@ def configure_tracing(config: TelemetryConfig | None, *, component: str, exporte
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=traces_url(cfg.otlp_endpoint))))
-        old, _provider, _tracer = _provider, provider, provider.get_tracer("genserve")
+        old = _state.provider
+        _state.provider, _state.tracer = provider, provider.get_tracer("genserve")
     if old is not None:
         old.shutdown()
     return True
@@ -74,16 +85,16 @@ def configure_tracing(config: TelemetryConfig | None, *, component: str, exporte
 
 def reset_tracing() -> None:
     """Flush and drop this process's tracer (back to no-op)."""
-    global _provider, _tracer
     with _lock:
-        old, _provider, _tracer = _provider, None, trace.NoOpTracer()
+        old = _state.provider
+        _state.provider, _state.tracer = None, trace.NoOpTracer()
     if old is not None:
         old.shutdown()
 
 
 def force_flush(timeout_ms: int = 5000) -> None:
-    if _provider is not None:
-        _provider.force_flush(timeout_ms)
+    if _state.provider is not None:
+        _state.provider.force_flush(timeout_ms)
 
 
 def _attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -94,7 +105,7 @@ def _attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
 @contextmanager
 def span(name: str, *, kind: SpanKind = SpanKind.INTERNAL, parent: Any = None, **attrs: Any) -> Iterator[Span]:
     """A span, current for the block (a child of the current span unless `parent` is a Context)."""
-    with _tracer.start_as_current_span(name, context=parent, kind=kind, attributes=_attrs(attrs)) as s:
+    with _state.tracer.start_as_current_span(name, context=parent, kind=kind, attributes=_attrs(attrs)) as s:
         yield s
 
 
@@ -150,7 +161,7 @@ def start_remote_span(name: str, carrier: Mapping[str, str] | None, **attrs: Any
     """Like `continue_trace` for an async generator (a stream): the span is not made current
     (contexts can't be entered and left across `yield`s safely); call `.end()` when done."""
     tenant = carrier.get("tenant") if carrier else None
-    return _tracer.start_span(name, context=extract(carrier), kind=SpanKind.SERVER,
+    return _state.tracer.start_span(name, context=extract(carrier), kind=SpanKind.SERVER,
                               attributes=_attrs({"tenant": tenant, **attrs}))
 
 
