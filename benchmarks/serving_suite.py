@@ -208,6 +208,16 @@ def _serve_doc(path: Path, work: Path, *, port: int, batch: int, size: int, step
     }
 
 
+def _ray_init(args: argparse.Namespace) -> None:
+    """A local cluster for one graph run; workers keep the caller's PYTHONPATH (on the GPU host
+    Ray itself lives there)."""
+    import ray
+
+    ray.init(num_cpus=max(8, os.cpu_count() or 2), num_gpus=1 if args.device == "cuda" else 0,
+             include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k in ("PYTHONPATH", "PATH")}})
+
+
 def run_graph(args: argparse.Namespace, path: Path, *, batch: int, size: int, steps: int, replicas: int,
               num_gpus: float, images: int, label: str, env: dict | None = None) -> dict:
     import ray
@@ -220,9 +230,7 @@ def run_graph(args: argparse.Namespace, path: Path, *, batch: int, size: int, st
     port = _free_port()
     doc = _serve_doc(path, work, port=port, batch=batch, size=size, steps=steps, device=args.device,
                      dtype=args.dtype, replicas=replicas, num_gpus=num_gpus, tiny=args.tiny, env=env)
-    ray.init(num_cpus=max(8, os.cpu_count() or 2), num_gpus=1 if args.device == "cuda" else 0,
-             include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k in ("PYTHONPATH", "PATH")}})
+    _ray_init(args)
     try:
         t0 = time.perf_counter()
         launcher.deploy(doc)
@@ -315,9 +323,7 @@ def phase_curve(args: argparse.Namespace, path: Path) -> dict:
                               user_config={"max_batch_size": b, "batch_wait_timeout_s": 0.05,
                                            "max_batch_megapixels": b * mp})
 
-        ray.init(num_cpus=max(8, os.cpu_count() or 2), num_gpus=1 if args.device == "cuda" else 0,
-                 include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k in ("PYTHONPATH", "PATH")}})
+        _ray_init(args)
         try:
             launcher.deploy(doc(args.batches[0]))
             launcher.wait_running("bench", timeout_s=900)
