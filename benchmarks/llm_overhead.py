@@ -1,11 +1,13 @@
 """Tokens/s and time-to-first-token: the LLM engine called directly vs through Serve (HTTP proxy →
 ingress with the real chat router → LLM deployment, streamed SSE), same model, same machine, one run.
 
-    python -m benchmarks.llm_overhead --engine transformers --concurrency 1,4 --requests 4
+    python -m benchmarks.llm_overhead --engine transformers --concurrency 1,4 --requests 4 --rounds 3
 
 Direct: `LLMServer.stream` in this process (templating, token counting and the engine, no Ray).
-Serve: a one-route ingress built from `serve_app.chat.router` in front of `LLMDeployment`
-(the app's real ingress also carries the image routes; the LLM path is the same code).
+Serve: the app's real ingress (auth, admission, metering) in front of `LLMDeployment`, over HTTP
+through Serve's proxy (or HAProxy: run with RAY_SERVE_ENABLE_HA_PROXY=1, recorded in `serve_env`).
+Both sides stay up and alternate rounds; ratios are of the rounds' medians, each round's ratio is
+kept too. The serve side records the ingress's `Server-Timing` phases.
 Writes benchmarks/results/llm_overhead-<engine>.json.
 """
 
@@ -41,9 +43,10 @@ def _summary(ttfts: list[float], tokens: int, wall: float, first_events: list[fl
 
 
 async def _run_concurrent(one, n: int, concurrency: int) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """`n` requests from `concurrency` closed-loop clients (after one warm-up request)."""
     sem = asyncio.Semaphore(concurrency)
 
-    async def guarded(i: int) -> tuple[float, int]:
+    async def guarded(i: int) -> tuple:
         async with sem:
             return await one(i)
 
@@ -52,19 +55,39 @@ async def _run_concurrent(one, n: int, concurrency: int) -> dict[str, Any]:  # t
     results = await asyncio.gather(*(guarded(i) for i in range(n)))
     wall = time.perf_counter() - t0
     firsts = [r[2] for r in results if len(r) > 2]
-    return _summary([r[0] for r in results], sum(r[1] for r in results), wall, firsts)
+    out = _summary([r[0] for r in results], sum(r[1] for r in results), wall, firsts)
+    phases = [r[3] for r in results if len(r) > 3 and r[3]]
+    if phases:  # the ingress's Server-Timing, p50 per phase
+        out["server_timing_ms_p50"] = {k: round(statistics.median(p[k] for p in phases if k in p), 2)
+                                       for k in phases[0]}
+    return out
 
 
-async def bench_direct(model_cfg: dict, args: argparse.Namespace) -> dict[int, dict[str, Any]]:
-    from deployments.llm.deployment import LLMReplica
+def _pooled(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side over its interleaved rounds: median tokens/s and TTFT of the rounds, and each round."""
+    out: dict[str, Any] = {
+        "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rounds), 1),
+        "ttft_ms_p50": round(statistics.median(r["ttft_ms_p50"] for r in rounds), 1),
+        "ttft_ms_p90": round(statistics.median(r["ttft_ms_p90"] for r in rounds), 1),
+        "requests": sum(r["requests"] for r in rounds),
+        "rounds": rounds,
+    }
+    for key in ("first_event_ms_p50",):
+        if key in rounds[0]:
+            out[key] = round(statistics.median(r[key] for r in rounds), 1)
+    if "server_timing_ms_p50" in rounds[0]:
+        names = rounds[0]["server_timing_ms_p50"]
+        out["server_timing_ms_p50"] = {k: round(statistics.median(r["server_timing_ms_p50"][k] for r in rounds), 2)
+                                       for k in names}
+    return out
+
+
+def _direct_one(replica, args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from deployments.llm.types import ChoiceDelta, GenerationRequest
 
-    replica = LLMReplica(model_cfg, work_dir=str(WORK))
-    await replica.start()
-
     async def one(i: int) -> tuple[float, int]:
-        req = GenerationRequest(request_id=f"d{i}", messages=MESSAGES, max_tokens=args.max_tokens,
-                                temperature=1.0, seed=i)
+        req = GenerationRequest(request_id=f"d{i}-{time.perf_counter_ns()}", messages=MESSAGES,
+                                max_tokens=args.max_tokens, temperature=1.0, seed=max(i, 0))
         t0, ttft, tokens = time.perf_counter(), None, 0
         async for item in replica.server.stream(req):
             if isinstance(item, ChoiceDelta):
@@ -73,12 +96,39 @@ async def bench_direct(model_cfg: dict, args: argparse.Namespace) -> dict[int, d
                     ttft = time.perf_counter() - t0
         return ttft or 0.0, tokens
 
-    try:
-        out = {c: await _run_concurrent(one, args.requests * c, c) for c in args.concurrency}
-        out[0] = {"recent_batch_sizes": replica.server.stats().get("recent_batch_sizes")}
-        return out
-    finally:
-        await replica.shutdown()
+    return one
+
+
+def _parse_server_timing(header: str | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for part in (header or "").split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if dur:
+            out[name] = float(dur)
+    return out
+
+
+def _serve_one(client, url: str, model_cfg: dict, args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    async def one(i: int) -> tuple[float, int, float, dict[str, float]]:
+        body = {"model": model_cfg["name"], "messages": list(MESSAGES), "max_tokens": args.max_tokens,
+                "temperature": 1.0, "seed": max(i, 0), "stream": True, "stream_options": {"include_usage": True}}
+        t0, ttft, first_event, tokens = time.perf_counter(), None, None, 0
+        async with client.stream("POST", url, json=body) as resp:
+            resp.raise_for_status()
+            phases = _parse_server_timing(resp.headers.get("server-timing"))
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                if first_event is None:  # the role chunk: sent once the replica said Started
+                    first_event = time.perf_counter() - t0
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                elif ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    ttft = time.perf_counter() - t0
+        return ttft or 0.0, tokens, first_event or 0.0, phases
+
+    return one
 
 
 def build_chat_app(model_cfg: dict, port: int, stream_ms: float):  # type: ignore[no-untyped-def]
@@ -114,66 +164,59 @@ def build_chat_app(model_cfg: dict, port: int, stream_ms: float):  # type: ignor
     return ChatIngress.bind(config, {name: llm})
 
 
-async def bench_serve(model_cfg: dict, args: argparse.Namespace) -> dict[float, dict[int, dict[str, Any]]]:
-    """Per stream interval (the LLM deployment redeployed with each), per concurrency level."""
+async def bench_interleaved(model_cfg: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """Both sides live at once: the engine in this process and the Serve app; per stream interval
+    and concurrency, `--rounds` alternating rounds (direct, serve, direct, ...), so drifting clocks
+    or a noisy neighbour hit both sides alike."""
+    import httpx
     import ray
     from ray import serve
 
-    port = args.port
+    from deployments.llm.deployment import LLMReplica
+
     os.environ.setdefault("RAY_TMPDIR", str(WORK / "ray-llm"))
     import torch
 
+    replica = LLMReplica(model_cfg, work_dir=str(WORK))
+    await replica.start()
     ray.init(num_cpus=args.ray_cpus, num_gpus=1 if torch.cuda.is_available() else 0, include_dashboard=False,
              log_to_driver=False,
              # Keep the caller's PYTHONPATH (on the GPU host Ray itself lives there).
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
                  p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p), "GENSERVE_WORK": str(WORK)}})
+    runs: list[dict[str, Any]] = []
+    batches: dict[str, Any] = {}
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        results: dict[float, dict[int, dict[str, Any]]] = {}
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        url = f"http://127.0.0.1:{args.port}/v1/chat/completions"
         for stream_ms in args.stream_ms:
             t0 = time.perf_counter()
-            serve.run(build_chat_app(model_cfg, port, stream_ms), name="llm-bench", route_prefix="/")
+            serve.run(build_chat_app(model_cfg, args.port, stream_ms), name="llm-bench", route_prefix="/")
             deploy_s = time.perf_counter() - t0
-            out = await _serve_levels(model_cfg, args, port)
-            stats = serve.get_deployment_handle(f"LLM-{model_cfg['name']}", app_name="llm-bench").stats.remote()
-            batches = (await stats).get("recent_batch_sizes")
-            for o in out.values():
-                o["deploy_s"] = round(deploy_s, 1)
-            out[0] = {"recent_batch_sizes": batches}  # type: ignore[index]
-            results[stream_ms] = out
-        return results
+            key = (BENCH_WORK / "local_api_key").read_text().strip()
+            async with httpx.AsyncClient(timeout=300, headers={"Authorization": f"Bearer {key}"}) as client:
+                direct_one, serve_one = _direct_one(replica, args), _serve_one(client, url, model_cfg, args)
+                for c in args.concurrency:
+                    sides: dict[str, list] = {"direct": [], "serve": []}
+                    for _ in range(args.rounds):
+                        sides["direct"].append(await _run_concurrent(direct_one, args.requests * c, c))
+                        sides["serve"].append(await _run_concurrent(serve_one, args.requests * c, c))
+                    d, sv = _pooled(sides["direct"]), _pooled(sides["serve"])
+                    runs.append({"concurrency": c, "stream_interval_ms": stream_ms, "deploy_s": round(deploy_s, 1),
+                                 "direct": d, "serve": sv, "serve_vs_direct": {
+                                     "tokens_per_s_ratio": round(sv["tokens_per_s"] / d["tokens_per_s"], 3),
+                                     "round_ratios": [round(b["tokens_per_s"] / a["tokens_per_s"], 3)
+                                                      for a, b in zip(sides["direct"], sides["serve"])],
+                                     "ttft_p50_added_ms": round(sv["ttft_ms_p50"] - d["ttft_ms_p50"], 1)}})
+                    print(json.dumps(runs[-1]["serve_vs_direct"] | {"c": c, "ms": stream_ms}), flush=True)
+            stats = await serve.get_deployment_handle(f"LLM-{model_cfg['name']}", app_name="llm-bench").stats.remote()
+            batches[f"serve_{stream_ms:g}ms"] = stats.get("recent_batch_sizes")
+        batches["direct"] = replica.server.stats().get("recent_batch_sizes")
+        return {"runs": runs, "engine_batches": batches}
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-async def _serve_levels(model_cfg: dict, args: argparse.Namespace, port: int) -> dict[int, dict[str, Any]]:
-    import httpx
-
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    key = (BENCH_WORK / "local_api_key").read_text().strip()
-    async with httpx.AsyncClient(timeout=300, headers={"Authorization": f"Bearer {key}"}) as client:
-
-        async def one(i: int) -> tuple[float, int, float]:
-            body = {"model": model_cfg["name"], "messages": list(MESSAGES), "max_tokens": args.max_tokens,
-                    "temperature": 1.0, "seed": max(i, 0), "stream": True, "stream_options": {"include_usage": True}}
-            t0, ttft, first_event, tokens = time.perf_counter(), None, None, 0
-            async with client.stream("POST", url, json=body) as resp:
-                resp.raise_for_status()
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    if first_event is None:  # the role chunk: sent once the replica said Started
-                        first_event = time.perf_counter() - t0
-                    chunk = json.loads(line[6:])
-                    if chunk.get("usage"):
-                        tokens = chunk["usage"]["completion_tokens"]
-                    elif ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                        ttft = time.perf_counter() - t0
-            return ttft or 0.0, tokens, first_event or 0.0
-
-        return {c: await _run_concurrent(one, args.requests * c, c) for c in args.concurrency}
+        await replica.shutdown()
 
 
 def build_full_llm(out_dir: Path) -> Path:
@@ -218,6 +261,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--stream-ms", type=lambda v: [float(x) for x in v.split(",")], default=[50.0],
                    help="stream coalescing intervals of the LLM deployment, each measured")
+    p.add_argument("--rounds", type=int, default=3, help="alternating direct/serve rounds per level")
+    p.add_argument("--scheduler", choices=["continuous", "static"], default=None,
+                   help="the transformers engine's scheduler (default: the engine's own default)")
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--out", type=Path, default=None)
@@ -234,8 +280,9 @@ def main() -> None:
         model = build_tiny_llm(WORK / "models" / "llm-tiny")
         model_cfg = {"name": "tiny-chat", "model": str(model), "engine": args.engine, "dtype": "float32",
                      "max_model_len": 512}
-    direct = asyncio.run(bench_direct(model_cfg, args))
-    served = asyncio.run(bench_serve(model_cfg, args))
+    if args.scheduler:
+        model_cfg["engine_kwargs"] = {"scheduler": args.scheduler}
+    measured = asyncio.run(bench_interleaved(model_cfg, args))
     result = {
         "benchmark": "llm_overhead",
         "engine": args.engine,
@@ -245,15 +292,7 @@ def main() -> None:
         "device": _device_name(),
         "serve_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")},
         "params": {k: v for k, v in vars(args).items() if k != "out"},
-        "runs": [{
-            "concurrency": c, "stream_interval_ms": ms, "direct": direct[c], "serve": served[ms][c],
-            "serve_vs_direct": {
-                "tokens_per_s_ratio": round(served[ms][c]["tokens_per_s"] / direct[c]["tokens_per_s"], 3),
-                "ttft_p50_ratio": round(served[ms][c]["ttft_ms_p50"] / max(direct[c]["ttft_ms_p50"], 1e-3), 2),
-                "ttft_p50_added_ms": round(served[ms][c]["ttft_ms_p50"] - direct[c]["ttft_ms_p50"], 1),
-            }} for ms in args.stream_ms for c in args.concurrency],
-        "engine_batches": {"direct": direct[0]["recent_batch_sizes"],
-                           **{f"serve_{ms:g}ms": served[ms][0]["recent_batch_sizes"] for ms in args.stream_ms}},
+        **measured,
     }
     out = args.out or REPO / "benchmarks" / "results" / f"llm_overhead-{args.engine}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

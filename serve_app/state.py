@@ -27,7 +27,9 @@ class Services:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # `async def` for every dependency that does no I/O: FastAPI runs a plain `def` one in a
+    # worker thread, a hop that cost ~0.5 ms per dependency per request on a busy replica.
     return request.app.state.services
 
 

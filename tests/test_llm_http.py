@@ -126,3 +126,20 @@ def test_enhance_chains_llm_then_diffusion(genserve_url: str, auth: dict) -> Non
     again = httpx.post(genserve_url + "/v1/images/generations", headers=auth, timeout=120,
                        json={"prompt": "a red fox", "enhance": False, "seed": 3, "model": "sdxl-tiny"})
     assert again.json()["data"][0]["revised_prompt"] == "a red fox"
+
+
+def test_streamed_chat_says_where_its_time_went(genserve_url: str, api_key: str, llm_model: str) -> None:
+    """`Server-Timing` on the response: the ingress's phases before the first byte, and its whole."""
+    body = {"model": llm_model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", genserve_url + "/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {api_key}"}) as resp:
+        assert resp.status_code == 200
+        timing = resp.headers["server-timing"]
+        resp.read()
+    phases = {}
+    for part in timing.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        phases[name] = float(dur)
+    assert set(phases) == {"auth", "admit", "llm", "app"}, timing
+    assert all(ms >= 0 for ms in phases.values())
+    assert phases["auth"] + phases["admit"] + phases["llm"] <= phases["app"]

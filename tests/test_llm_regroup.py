@@ -24,7 +24,8 @@ async def _one(engine: TransformersEngine, rid: str) -> None:
 @pytest.mark.asyncio
 async def test_trickling_clients_of_a_batch_share_the_next_one() -> None:
     engine = TransformersEngine(str(build_tiny_llm(WORK / "models" / "llm-tiny")), max_model_len=128,
-                                dtype="float32", device="cpu", batch_wait_ms=5, regroup_wait_ms=3000)
+                                dtype="float32", device="cpu", batch_wait_ms=5, regroup_wait_ms=3000,
+                                scheduler="static")
     await engine.start()
     try:
         await asyncio.gather(*(_one(engine, f"a{i}") for i in range(4)))  # arrive together

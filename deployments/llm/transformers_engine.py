@@ -1,6 +1,12 @@
-"""The transformers engine: micro-batched `model.generate` with per-row sampling and stopping.
+"""The transformers engine: the fallback LLM engine where vLLM is absent.
 
-Requests that arrive within `batch_wait_ms` of each other (up to `max_batch_size`) share one
+Two schedulers. `continuous` (the default, deployments/llm/continuous.py): sequences join and
+leave the running batch between decode steps, so a request never waits for another's answer to
+end. `static`, kept for models whose KV cache the continuous loop can't merge (sliding-window
+layers; the engine falls back to it by itself) and as the measured baseline: micro-batched
+`model.generate` with per-row sampling and stopping, described below.
+
+Static: requests that arrive within `batch_wait_ms` of each other (up to `max_batch_size`) share one
 left-padded `generate` call running in a worker thread; the next batch starts when it ends
 (static batching: vLLM does continuous batching, this is the fallback for hosts without it).
 After a batch of k rows ends, up to k requests are expected back soon (their clients read the
@@ -23,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+from deployments.llm.continuous import ContinuousBatcher
 from deployments.llm.detok import IncrementalDetokenizer
 from deployments.llm.types import FinishReason, SamplingParams, TokenDelta
 
@@ -48,6 +55,12 @@ class _Seq:
         self.finish_reason = reason
         self.push(TokenDelta(self.detok.flush(), new_ids, reason))
 
+    def fail(self, exc: BaseException) -> None:
+        """End the stream with an error (its consumer raises); no-op once finished."""
+        if self.finish_reason is None:
+            self.finish_reason = "abort"
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, exc)
+
 
 class TransformersEngine:
     name = "transformers"
@@ -62,9 +75,13 @@ class TransformersEngine:
         max_batch_size: int = 8,
         batch_wait_ms: float = 5.0,
         regroup_wait_ms: float = 150.0,
+        scheduler: str = "continuous",
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if scheduler not in ("continuous", "static"):
+            raise ValueError(f"scheduler must be 'continuous' or 'static', got {scheduler!r}")
+        self.scheduler = scheduler
         self.model_path = model
         self.max_model_len = max_model_len
         self._dtype = dtype
@@ -74,7 +91,9 @@ class TransformersEngine:
         self._regroup_s = regroup_wait_ms / 1000
         self._last_batch = 0  # rows of the batch that ended last: how many requests to expect back
         self._last_end = float("-inf")  # when it ended (loop time)
-        self.batch_sizes: deque[int] = deque(maxlen=256)  # recent batches' rows (stats, tests)
+        self._static_batches: deque[int] = deque(maxlen=256)  # recent static batches' rows
+        self._continuous: ContinuousBatcher | None = None
+        self._live: dict[str, _Seq] = {}  # request id -> its sequence, while it streams
         self._pending: list[_Seq] = []
         self._batch: list[_Seq] = []
         self._wake = asyncio.Event()
@@ -87,8 +106,21 @@ class TransformersEngine:
     def tokenizer(self) -> Any:
         return self._tokenizer
 
+    @property
+    def batch_sizes(self) -> deque[int]:
+        """Rows of recent batches: per decode step (continuous) or per `generate` call (static)."""
+        return self._continuous.batch_sizes if self._continuous is not None else self._static_batches
+
     async def start(self) -> None:
         await asyncio.to_thread(self._load)
+        if self.scheduler == "continuous":
+            if await asyncio.to_thread(ContinuousBatcher.supports, self._model):
+                self._continuous = ContinuousBatcher(self._model, self._tokenizer, max_batch_size=self._max_batch)
+                self._continuous.start()
+                return
+            logger.warning("%s: its KV cache is not made of plain dynamic layers; using static batching",
+                           self.model_path)
+            self.scheduler = "static"
         self._loop_task = asyncio.create_task(self._schedule())
 
     def _load(self) -> None:
@@ -116,8 +148,9 @@ class TransformersEngine:
     ) -> AsyncIterator[TokenDelta]:
         if self._model is None:
             raise RuntimeError("engine not started: call start() first")
-        if self._failure is not None:
-            raise RuntimeError(f"transformers engine failed: {self._failure!r}")
+        failure = self._failure or (self._continuous.failure if self._continuous is not None else None)
+        if failure is not None:
+            raise RuntimeError(f"transformers engine failed: {failure!r}")
         import torch
 
         gen = torch.Generator(device=self._model.device)
@@ -128,8 +161,12 @@ class TransformersEngine:
         seq = _Seq(request_id, list(prompt_token_ids), sampling,
                    IncrementalDetokenizer(self._tokenizer, sampling.stop),
                    asyncio.get_running_loop(), generator=gen)
-        self._pending.append(seq)
-        self._wake.set()
+        self._live[request_id] = seq
+        if self._continuous is not None:
+            self._continuous.submit(seq)
+        else:
+            self._pending.append(seq)
+            self._wake.set()
         try:
             while True:
                 delta = await seq.queue.get()
@@ -139,6 +176,8 @@ class TransformersEngine:
                 if delta.finish_reason is not None:
                     return
         finally:
+            if self._live.get(request_id) is seq:
+                del self._live[request_id]
             # Early close (client gone, CancelledError): stop decoding this row.
             if seq.finish_reason is None:
                 seq.aborted = True
@@ -146,23 +185,32 @@ class TransformersEngine:
                     self._pending.remove(seq)
 
     async def abort(self, request_id: str) -> None:
-        for seq in [*self._pending, *self._batch]:
-            if seq.request_id == request_id:
-                seq.aborted = True
-                if seq in self._pending:
-                    self._pending.remove(seq)
-                    seq.finish("abort")
+        seq = self._live.get(request_id)
+        if seq is None or seq.finish_reason is not None:
+            return
+        seq.aborted = True  # the model thread ends it at its next step
+        if seq in self._pending:
+            self._pending.remove(seq)
+            seq.finish("abort")
 
     def num_running(self) -> int:
+        if self._continuous is not None:  # submitted ones too: the model thread may not have seen them yet
+            return sum(1 for s in self._live.values() if s.finish_reason is None)
         return len(self._pending) + sum(1 for s in self._batch if s.finish_reason is None)
 
     async def check_health(self) -> None:
         if self._model is None:
             raise RuntimeError("transformers engine not started")
+        if self._continuous is not None:
+            if self._continuous.failure is not None or not self._continuous.alive():
+                raise RuntimeError(f"transformers engine batcher stopped: {self._continuous.failure!r}")
+            return
         if self._failure is not None or (self._loop_task is not None and self._loop_task.done()):
             raise RuntimeError(f"transformers engine scheduler stopped: {self._failure!r}")
 
     async def shutdown(self) -> None:
+        if self._continuous is not None:
+            self._continuous.stop()
         if self._loop_task is not None:
             self._loop_task.cancel()
 
@@ -178,15 +226,13 @@ class TransformersEngine:
                 if not batch:
                     continue
                 self._batch = batch
-                self.batch_sizes.append(len(batch))
+                self._static_batches.append(len(batch))
                 try:
                     await asyncio.to_thread(self._run_batch, batch)
                 except Exception as exc:  # one bad batch fails its requests, not the engine
                     logger.exception("batch of %d failed", len(batch))
                     for s in batch:
-                        if s.finish_reason is None:
-                            s.finish_reason = "abort"
-                            s.loop.call_soon_threadsafe(s.queue.put_nowait, exc)
+                        s.fail(exc)
                 finally:
                     self._batch = []
                     self._last_batch, self._last_end = len(batch), asyncio.get_running_loop().time()

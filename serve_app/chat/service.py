@@ -32,6 +32,7 @@ from serve_app.chat.protocol import (
 from serve_app.errors import APIError, bad_request, not_found, unavailable
 from serve_app.state import Services
 from serve_app.telemetry import tracing
+from serve_app.telemetry.context import phase
 from serve_app.telemetry.metrics import StreamTimer
 
 logger = logging.getLogger("genserve.chat")
@@ -100,12 +101,13 @@ async def generate(target: LLMTarget, req: GenerationRequest) -> GenerationResul
 async def open_stream(target: LLMTarget, req: GenerationRequest) -> tuple[Started, AsyncIterator[list]]:
     # No client span: the stream outlives this call; the replica's span is the request span's child.
     req = dataclasses.replace(req, trace_context=tracing.outgoing())
-    gen = target.handle.options(stream=True).generate_stream.remote(req)
-    try:
-        first = await gen.__anext__()
-    except Exception as exc:
-        gen.cancel()
-        raise to_api_error(exc) from exc
+    with phase("llm"):  # until the replica accepted the request (its `Started`)
+        gen = target.handle.options(stream=True).generate_stream.remote(req)
+        try:
+            first = await gen.__anext__()
+        except Exception as exc:
+            gen.cancel()
+            raise to_api_error(exc) from exc
     started = first[0]
     assert isinstance(started, Started), f"LLM stream began with {started!r}"
     return started, gen

@@ -22,7 +22,7 @@ from serve_app.tenancy import CurrentTenant, TenancyDep
 router = APIRouter(tags=["jobs"])
 
 
-def get_jobs(services: ServicesDep) -> Jobs:
+async def get_jobs(services: ServicesDep) -> Jobs:
     return services.extras[JOBS_KEY]
 
 

@@ -17,7 +17,7 @@ from serve_app.state import ServicesDep
 from serve_app.tenancy import CurrentTenant
 
 
-def get_library(services: ServicesDep) -> Library:
+async def get_library(services: ServicesDep) -> Library:
     lib = services.extras.get(LIBRARY_KEY)
     if lib is None:
         raise RuntimeError(f"services.extras[{LIBRARY_KEY!r}] is not set: the ingress must build a Library")
@@ -29,7 +29,7 @@ LibraryDep = Annotated[Library, Depends(get_library)]
 library_router = APIRouter(tags=["templates"])
 
 
-def _url_maker(request: Request, services: ServicesDep) -> UrlMaker | None:
+async def _url_maker(request: Request, services: ServicesDep) -> UrlMaker | None:
     store = services.extras.get("storage")  # serve_app.storage.STORAGE_KEY; fresh URLs from stored keys
     if store is None:
         return None

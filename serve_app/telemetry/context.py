@@ -8,8 +8,11 @@ seen by background tasks started from the request (a job inherits its submitter'
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar, Token
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -20,6 +23,8 @@ class RequestInfo:
     model: str | None = None
     # The request's root span (the ingress HTTP span), so `annotate` can label it.
     span: Any = None
+    # (phase, milliseconds) of the work before the response starts: sent as `Server-Timing`.
+    phases: list[tuple[str, float]] = field(default_factory=list)
 
 
 _current: ContextVar[RequestInfo | None] = ContextVar("genserve_request", default=None)
@@ -51,3 +56,16 @@ def annotate(*, tenant: str | None = None, model: str | None = None) -> None:
             info.span.set_attribute("genserve.tenant", tenant)
         if model is not None:
             info.span.set_attribute("genserve.model", model)
+
+
+@contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Time one step of the current request (auth, admit, ...); it shows in the response's
+    `Server-Timing` header when it ended before the response started (no-op outside a request)."""
+    info = _current.get()
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if info is not None:
+            info.phases.append((name, (time.perf_counter() - t0) * 1000))

@@ -4,6 +4,11 @@ Pure ASGI (a Starlette-style class), outermost in the app so 413s and error resp
 counted too. Serve's proxy already accepts a client's `X-Request-ID` (or makes one), forwards it
 in the request headers and returns it; without a proxy in front (tests, local mode) this
 middleware makes one and returns it itself.
+
+Every response carries `Server-Timing` (W3C): the phases timed with `context.phase` before the
+response started (`auth`, `admit`, `llm`: until the LLM replica accepted the request, ...) and
+`app`, the ingress's whole time to the response's start. A client's time to the first byte minus
+`app` is what the hops outside the ingress cost (HTTP, Serve's proxy).
 """
 
 from __future__ import annotations
@@ -31,6 +36,11 @@ def route_of(scope: Scope) -> str:
     return path if isinstance(path, str) else "unmatched"
 
 
+def server_timing(phases: list[tuple[str, float]], app_s: float) -> str:
+    """`auth;dur=0.4, admit;dur=1.9, app;dur=6.3` (milliseconds, W3C Server-Timing)."""
+    return ", ".join(f"{name};dur={ms:.2f}" for name, ms in [*phases, ("app", app_s * 1000)])
+
+
 class TelemetryMiddleware:
     def __init__(self, app: ASGIApp, *, access_log: bool = True) -> None:
         self.app = app
@@ -50,8 +60,10 @@ class TelemetryMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                out = MutableHeaders(scope=message)
                 if not given:
-                    MutableHeaders(scope=message).append("X-Request-ID", rid)
+                    out.append("X-Request-ID", rid)
+                out.append("Server-Timing", server_timing(info.phases, time.perf_counter() - started))
             await send(message)
 
         try:

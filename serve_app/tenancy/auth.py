@@ -11,13 +11,13 @@ from fastapi import Depends, Request
 
 from serve_app.errors import APIError, bad_request
 from serve_app.state import ServicesDep
-from serve_app.telemetry.context import annotate
+from serve_app.telemetry.context import annotate, phase
 from serve_app.tenancy.service import Tenancy, TenantContext
 
 TENANCY_KEY = "tenancy"
 
 
-def get_tenancy(services: ServicesDep) -> Tenancy:
+async def get_tenancy(services: ServicesDep) -> Tenancy:
     tenancy = services.extras.get(TENANCY_KEY)
     if tenancy is None:
         raise RuntimeError(f"services.extras[{TENANCY_KEY!r}] is not set: the ingress must build a Tenancy")
@@ -42,7 +42,8 @@ def api_key_from(request: Request) -> str | None:
 
 
 async def authenticate(request: Request, tenancy: TenancyDep) -> TenantContext:
-    ctx = await tenancy.authenticate(api_key_from(request))
+    with phase("auth"):
+        ctx = await tenancy.authenticate(api_key_from(request))
     request.state.tenant = ctx  # for access logs and metrics labels (the tenant name, never the key)
     annotate(tenant=ctx.tenant)
     return ctx
@@ -51,7 +52,7 @@ async def authenticate(request: Request, tenancy: TenancyDep) -> TenantContext:
 CurrentTenant = Annotated[TenantContext, Depends(authenticate)]
 
 
-def require_admin(request: Request, tenancy: TenancyDep) -> None:
+async def require_admin(request: Request, tenancy: TenancyDep) -> None:
     expected = tenancy.config.admin_token
     given = _bearer(request) or ""
     if expected is None:

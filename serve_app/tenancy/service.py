@@ -23,7 +23,7 @@ from sqlalchemy import insert, select
 
 from serve_app.errors import APIError
 from serve_app.telemetry import metrics as telemetry_metrics
-from serve_app.telemetry.context import annotate
+from serve_app.telemetry.context import annotate, phase
 from serve_app.tenancy import budget as budgetlib
 from serve_app.tenancy import keys as keylib
 from serve_app.tenancy import limits_sql, store
@@ -166,10 +166,9 @@ class Tenancy:
         if not keylib.looks_like_key(key):
             raise _unauthorized(INVALID_KEY)
         digest = keylib.hash_key(key, self._pepper)
-        now = time.time()
-        cached = self._auth_cache.get(digest)
-        if cached is not None and cached[0] > time.monotonic() and (cached[2] is None or cached[2] > now):
-            return cached[1]
+        cached = self._cached_context(digest)
+        if cached is not None:
+            return cached
         with read_tx(self.engine) as conn:
             row = conn.execute(
                 select(ApiKey.key_hash, ApiKey.revoked_at, ApiKey.expires_at, ApiKey.prefix, Tenant.id,
@@ -192,7 +191,19 @@ class Tenancy:
                                         expires.timestamp() if expires else None)
         return ctx
 
+    def _cached_context(self, digest: str) -> TenantContext | None:
+        cached = self._auth_cache.get(digest)
+        if cached is not None and cached[0] > time.monotonic() and (cached[2] is None or cached[2] > time.time()):
+            return cached[1]
+        return None
+
     async def authenticate(self, key: str | None) -> TenantContext:
+        # A cached key is answered on the event loop: the worker-thread hop (for the database
+        # lookup) costs more than the HMAC and the dict lookup it would run.
+        if key and keylib.looks_like_key(key):
+            cached = self._cached_context(keylib.hash_key(key, self._pepper))
+            if cached is not None:
+                return cached
         return await anyio.to_thread.run_sync(self.authenticate_sync, key)
 
     # ---- admission --------------------------------------------------------------------------
@@ -246,9 +257,10 @@ class Tenancy:
         refused. `est_tokens` should be an upper bound (prompt + max_tokens): it is held from the
         token window and the budget and corrected to the actual count at settle."""
         annotate(model=model)  # labels the request's latency metric, logs and span
-        return await anyio.to_thread.run_sync(
-            lambda: self.admit_sync(ctx, route=route, model=model, images=images, est_tokens=est_tokens,
-                                    est_gpu_seconds=est_gpu_seconds))
+        with phase("admit"):
+            return await anyio.to_thread.run_sync(
+                lambda: self.admit_sync(ctx, route=route, model=model, images=images, est_tokens=est_tokens,
+                                        est_gpu_seconds=est_gpu_seconds))
 
     def ping(self) -> None:
         """Raise if the app database is unreachable (the ingress health check)."""

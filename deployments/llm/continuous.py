@@ -1,0 +1,254 @@
+"""Continuous batching for the transformers engine: sequences join and leave a running batch
+between decode steps, as in vLLM, instead of waiting for a whole static `generate` to end.
+
+One thread owns the model. Each iteration it (1) prefills the sequences that arrived since the
+last step, as one left-padded batch, and samples their first tokens; (2) merges their KV cache
+into the running batch's, left-padding the shorter side so every row's newest token sits in the
+last column; (3) runs one decode step for all rows; (4) drops finished rows (EOS, max_tokens, a
+stop string, an abort) and the leading columns that are padding in every row left. Positions come
+from each row's own mask (`cumsum - 1`), so padding never shifts a row's RoPE positions, and the
+2-D attention mask keeps padded columns out of attention — the same left-padding contract
+`generate()` relies on.
+
+Why not transformers' own `ContinuousBatchingManager`: its API changed between the 5.x releases
+this project meets (5.17 on the GPU hosts, 5.19 here), it has no per-request seed, and it needs
+paged-attention kernels. This loop runs any decoder whose cache is made of plain `DynamicLayer`s
+(Llama, Qwen, Mistral without a sliding window...); `supports()` says whether a model qualifies,
+and the engine falls back to static batching when it does not.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from deployments.llm.types import TokenDelta
+
+if TYPE_CHECKING:
+    from deployments.llm.transformers_engine import _Seq
+
+logger = logging.getLogger("genserve.llm.continuous")
+
+
+def _cache_layers(cache: Any) -> list[Any]:
+    return list(getattr(cache, "layers", []))
+
+
+def _plain_layers(cache: Any) -> bool:
+    layers = _cache_layers(cache)
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" and layer.keys is not None
+                                for layer in layers)
+
+
+class ContinuousBatcher:
+    """The model thread. `submit` hands it a sequence; `stop` ends it. Thread-safe entry points only."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int) -> None:
+        self.model = model
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_id or 0)
+        self.max_batch = max_batch_size
+        self.batch_sizes: deque[int] = deque(maxlen=256)  # rows of recent decode steps (stats, tests)
+        self.failure: BaseException | None = None
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: deque[_Seq] = deque()  # arrived, not yet prefilled (the batch was full)
+        self._rows: list[_Seq] = []  # the running batch, in cache row order
+        self._cache: Any = None
+        self._mask: Any = None  # [rows, width] long: 1 = real token, 0 = left padding
+        self._last: Any = None  # [rows] long: each row's newest token, the next step's input
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="llm-continuous-batcher", daemon=True)
+
+    # -- entry points (any thread) ------------------------------------------------------------
+
+    @staticmethod
+    def supports(model: Any) -> bool:
+        """Whether the model's KV cache is one this loop can pad, merge and trim."""
+        import torch
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        ids = torch.tensor([[1, 2]], device=model.device)
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True)
+        return _plain_layers(cache)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, seq: _Seq) -> None:
+        self._inbox.put(seq)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._inbox.put(None)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the model thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        import torch
+
+        try:
+            with torch.inference_mode():
+                while not self._stopping:
+                    self._collect(block=not self._rows and not self._waiting)
+                    newcomers = self._admit()
+                    try:
+                        if newcomers:
+                            self._prefill(newcomers)
+                        if self._rows:
+                            self._decode()
+                    except Exception as exc:  # one bad step fails its sequences, not the engine
+                        logger.exception("step with %d rows failed", len(self._rows) + len(newcomers))
+                        for s in {*self._rows, *newcomers}:
+                            s.fail(exc)
+                        self._reset()
+        except BaseException as exc:
+            self.failure = exc
+            raise
+
+    def _collect(self, *, block: bool) -> None:
+        while True:
+            try:
+                seq = self._inbox.get(block=block)
+            except queue.Empty:
+                return
+            if seq is None:
+                return
+            self._waiting.append(seq)
+            block = False
+
+    def _admit(self) -> list[_Seq]:
+        out: list[_Seq] = []
+        while self._waiting and len(self._rows) + len(out) < self.max_batch:
+            seq = self._waiting.popleft()
+            if seq.aborted:
+                seq.finish("abort")
+            else:
+                out.append(seq)
+        return out
+
+    def _reset(self) -> None:
+        self._rows, self._cache, self._mask, self._last = [], None, None, None
+
+    def _prefill(self, seqs: list[_Seq]) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        device = self.model.device
+        width = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
+            mask[i, width - len(s.prompt_ids):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        cache = DynamicCache()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        tokens = self._sample(out.logits[:, -1, :], seqs)
+        self._join(seqs, cache, mask, tokens)
+        self._emit(seqs, tokens.tolist())
+        self._drop_finished()
+
+    def _join(self, seqs: list[_Seq], cache: Any, mask: Any, tokens: Any) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        if not self._rows:
+            self._rows, self._cache, self._mask, self._last = list(seqs), cache, mask, tokens
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+
+        def left_pad(t: Any, to: int, dim: int) -> Any:
+            missing = to - t.shape[dim]
+            if missing == 0:
+                return t
+            pad = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [missing, 0]  # F.pad lists the last dim first
+            return F.pad(t, pad)
+
+        for mine, theirs in zip(_cache_layers(self._cache), _cache_layers(cache), strict=True):
+            mine.keys = torch.cat([left_pad(mine.keys, width, 2), left_pad(theirs.keys, width, 2)])
+            mine.values = torch.cat([left_pad(mine.values, width, 2), left_pad(theirs.values, width, 2)])
+        self._mask = torch.cat([left_pad(self._mask, width, 1), left_pad(mask, width, 1)])
+        self._last = torch.cat([self._last, tokens])
+        self._rows.extend(seqs)
+
+    def _decode(self) -> None:
+        import torch
+
+        self.batch_sizes.append(len(self._rows))
+        mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+        out = self.model(input_ids=self._last[:, None], attention_mask=mask,
+                         position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=self._cache, use_cache=True)
+        self._mask = mask
+        self._last = self._sample(out.logits[:, -1, :], self._rows)
+        self._emit(self._rows, self._last.tolist())
+        self._drop_finished()
+
+    def _sample(self, logits: Any, seqs: list[_Seq]) -> Any:
+        """Greedy rows by argmax; others with their own temperature, top_p and generator, so a
+        seed fixes a sequence whatever shares its batch."""
+        import torch
+
+        tokens = logits.argmax(-1)
+        for i, s in enumerate(seqs):
+            t = s.sampling.temperature
+            if t == 0:
+                continue
+            probs = torch.softmax(logits[i].float() / t, dim=-1)
+            if s.sampling.top_p < 1.0:
+                sorted_p, order = torch.sort(probs, descending=True)
+                drop = torch.cumsum(sorted_p, dim=-1) - sorted_p >= s.sampling.top_p  # keep the top token
+                sorted_p[drop] = 0
+                probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+            tokens[i] = torch.multinomial(probs, 1, generator=s.generator)[0]
+        return tokens
+
+    def _emit(self, seqs: list[_Seq], tokens: list[int]) -> None:
+        for s, tid in zip(seqs, tokens, strict=True):
+            if s.finish_reason is not None:
+                continue
+            if s.aborted:
+                s.finish("abort")
+            elif tid == self.eos_id:
+                s.detok.token_ids.append(tid)
+                s.finish("stop", (tid,))
+            else:
+                text = s.detok.add(tid)
+                if s.detok.stopped:
+                    s.finish("stop", (tid,))
+                elif len(s.detok.token_ids) >= s.sampling.max_tokens:
+                    s.push(TokenDelta(text, (tid,)))
+                    s.finish("length")
+                else:
+                    s.push(TokenDelta(text, (tid,)))
+
+    def _drop_finished(self) -> None:
+        """Remove finished rows from the batch, then the columns no row needs any more."""
+        for s in self._rows:
+            if s.finish_reason is None and s.aborted:
+                s.finish("abort")
+        keep = [i for i, s in enumerate(self._rows) if s.finish_reason is None]
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._reset()
+            return
+        import torch
+
+        idx = torch.tensor(keep, device=self._mask.device)
+        self._rows = [self._rows[i] for i in keep]
+        self._mask, self._last = self._mask[idx], self._last[idx]
+        used = self._mask.sum(0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        self._mask = self._mask[:, start:]
+        for layer in _cache_layers(self._cache):
+            layer.keys = layer.keys[idx, :, start:]
+            layer.values = layer.values[idx, :, start:]
