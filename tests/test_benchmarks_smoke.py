@@ -94,3 +94,25 @@ def test_serving_suite_curve_memory_wuerstchen_smoke(tmp_path: Path, tiny_models
     assert result["curve"]["oversize"][0]["code"] == "exceeds_memory_budget"
     assert {r["vae_slicing"] for r in result["memory"]["rows"]} == {False, True}
     assert result["wuerstchen"]["rows"][0]["images_per_s"] > 0
+
+
+def test_llm_benchmarks_smoke(tmp_path: Path) -> None:
+    """The engine's two schedulers side by side, and the LLM through Serve vs the engine (own
+    cluster), on the tiny model: both write their JSON with every side measured."""
+    env = {**os.environ, "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", str(tmp_path))}
+    cmd = [sys.executable, "-m", "benchmarks.llm_schedulers", "--concurrency", "1,2", "--requests", "2",
+           "--rounds", "1", "--max-tokens", "12", "--out", str(tmp_path / "sched.json")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sched = json.loads((tmp_path / "sched.json").read_text())
+    assert [r["concurrency"] for r in sched["runs"]] == [1, 2]
+    assert all(r["tokens_per_s"]["continuous"] > 0 and r["tokens_per_s"]["static"] > 0 for r in sched["runs"])
+
+    cmd = [sys.executable, "-m", "benchmarks.llm_overhead", "--concurrency", "1", "--requests", "2", "--rounds", "2",
+           "--max-tokens", "8", "--port", "8799", "--out", str(tmp_path / "llm.json")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run,) = json.loads((tmp_path / "llm.json").read_text())["runs"]
+    assert len(run["direct"]["rounds"]) == len(run["serve"]["rounds"]) == 2
+    assert run["serve"]["requests"] == 4 and run["serve_vs_direct"]["tokens_per_s_ratio"] > 0
+    assert set(run["serve"]["server_timing_ms_p50"]) == {"auth", "admit", "llm", "app"}
