@@ -264,6 +264,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating direct/serve rounds per level")
     p.add_argument("--scheduler", choices=["continuous", "static"], default=None,
                    help="the transformers engine's scheduler (default: the engine's own default)")
+    p.add_argument("--switch-interval-ms", type=float, default=None,
+                   help="the transformers engine's gil_switch_interval_ms (default: Python's 5 ms)")
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--out", type=Path, default=None)
@@ -280,8 +282,8 @@ def main() -> None:
         model = build_tiny_llm(WORK / "models" / "llm-tiny")
         model_cfg = {"name": "tiny-chat", "model": str(model), "engine": args.engine, "dtype": "float32",
                      "max_model_len": 512}
-    if args.scheduler:
-        model_cfg["engine_kwargs"] = {"scheduler": args.scheduler}
+    kwargs = {"scheduler": args.scheduler, "gil_switch_interval_ms": args.switch_interval_ms}
+    model_cfg["engine_kwargs"] = {k: v for k, v in kwargs.items() if v is not None}
     measured = asyncio.run(bench_interleaved(model_cfg, args))
     result = {
         "benchmark": "llm_overhead",

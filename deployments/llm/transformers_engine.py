@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -76,12 +77,17 @@ class TransformersEngine:
         batch_wait_ms: float = 5.0,
         regroup_wait_ms: float = 150.0,
         scheduler: str = "continuous",
+        gil_switch_interval_ms: float | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if scheduler not in ("continuous", "static"):
             raise ValueError(f"scheduler must be 'continuous' or 'static', got {scheduler!r}")
         self.scheduler = scheduler
+        # The model thread launches kernels from Python and holds the GIL most of the time; the
+        # replica's event loop (requests in, tokens out) waits up to one switch interval (5 ms by
+        # default) for it at every hand-off. A shorter interval is process-wide, hence opt-in.
+        self._switch_interval_s = None if gil_switch_interval_ms is None else gil_switch_interval_ms / 1000
         self.model_path = model
         self.max_model_len = max_model_len
         self._dtype = dtype
@@ -112,6 +118,8 @@ class TransformersEngine:
         return self._continuous.batch_sizes if self._continuous is not None else self._static_batches
 
     async def start(self) -> None:
+        if self._switch_interval_s is not None:
+            sys.setswitchinterval(self._switch_interval_s)
         await asyncio.to_thread(self._load)
         if self.scheduler == "continuous":
             if await asyncio.to_thread(ContinuousBatcher.supports, self._model):
