@@ -69,6 +69,32 @@ def serve_curve(result: dict, out: Path) -> Path:
                   path=out / "serve_curve.png")
 
 
+def llm_overhead(results: list[tuple[str, dict]], path: Path) -> Path:
+    """Per front (proxy, HAProxy, ...) and concurrency: each round's tokens/s of both sides (the
+    spread is the point), and TTFT p50 direct vs through the graph."""
+    fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(11, 4))
+    labels, x = [], 0
+    for name, result in results:
+        for run in result["runs"]:
+            d, s = run["direct"]["rounds"], run["serve"]["rounds"]
+            ax_t.scatter([x - 0.15] * len(d), [r["tokens_per_s"] for r in d], color="#888", s=18)
+            ax_t.scatter([x + 0.15] * len(s), [r["tokens_per_s"] for r in s], color="#3a7", s=18)
+            ax_t.text(x, max(r["tokens_per_s"] for r in d + s) * 1.03,
+                      f"{run['serve_vs_direct']['tokens_per_s_ratio']:.2f}x", ha="center", fontsize=8)
+            ax_f.bar([x - 0.2, x + 0.2], [run["direct"]["ttft_ms_p50"], run["serve"]["ttft_ms_p50"]], width=0.4,
+                     color=["#888", "#3a7"])
+            labels.append(f"{name}\n{run['concurrency']} client{'s' if run['concurrency'] > 1 else ''}")
+            x += 1
+    for ax in (ax_t, ax_f):
+        ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax_t.set(ylabel="tokens/s per round (grey: engine, green: graph)", title="LLM tokens/s, alternating rounds")
+    ax_f.set(ylabel="TTFT p50 (ms)", title="time to first token (grey: engine, green: graph)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/gpu")
     raw = json.loads((folder / "h200-part1.json").read_text())
@@ -76,6 +102,12 @@ def main() -> None:
     curve = json.loads((folder / "h100-curve.json").read_text())
     for p in (batching_curve(raw, folder), serving(served, folder), serve_curve(curve, folder)):
         print("wrote", p)
+    fronts = [(label, folder / f"llm_overhead-h200-{stem}.json") for label, stem in
+              (("Serve proxy", "proxy-continuous"), ("HAProxy", "haproxy-continuous"),
+               ("HAProxy, 1 ms GIL", "haproxy-continuous-gil1"))]
+    found = [(label, json.loads(f.read_text())) for label, f in fronts if f.exists()]
+    if found:
+        print("wrote", llm_overhead(found, folder / "llm_h200.png"))
 
 
 if __name__ == "__main__":
