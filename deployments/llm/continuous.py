@@ -25,8 +25,6 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from deployments.llm.types import TokenDelta
-
 if TYPE_CHECKING:
     from deployments.llm.transformers_engine import _Seq
 
@@ -193,42 +191,16 @@ class ContinuousBatcher:
         self._drop_finished()
 
     def _sample(self, logits: Any, seqs: list[_Seq]) -> Any:
-        """Greedy rows by argmax; others with their own temperature, top_p and generator, so a
-        seed fixes a sequence whatever shares its batch."""
-        import torch
-
-        tokens = logits.argmax(-1)
+        tokens = logits.argmax(-1)  # greedy rows; the others draw with their own generator
         for i, s in enumerate(seqs):
-            t = s.sampling.temperature
-            if t == 0:
-                continue
-            probs = torch.softmax(logits[i].float() / t, dim=-1)
-            if s.sampling.top_p < 1.0:
-                sorted_p, order = torch.sort(probs, descending=True)
-                drop = torch.cumsum(sorted_p, dim=-1) - sorted_p >= s.sampling.top_p  # keep the top token
-                sorted_p[drop] = 0
-                probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-            tokens[i] = torch.multinomial(probs, 1, generator=s.generator)[0]
+            token = s.sample(logits[i])
+            if token is not None:
+                tokens[i] = token
         return tokens
 
     def _emit(self, seqs: list[_Seq], tokens: list[int]) -> None:
         for s, tid in zip(seqs, tokens, strict=True):
-            if s.finish_reason is not None:
-                continue
-            if s.aborted:
-                s.finish("abort")
-            elif tid == self.eos_id:
-                s.detok.token_ids.append(tid)
-                s.finish("stop", (tid,))
-            else:
-                text = s.detok.add(tid)
-                if s.detok.stopped:
-                    s.finish("stop", (tid,))
-                elif len(s.detok.token_ids) >= s.sampling.max_tokens:
-                    s.push(TokenDelta(text, (tid,)))
-                    s.finish("length")
-                else:
-                    s.push(TokenDelta(text, (tid,)))
+            s.accept(tid, self.eos_id)
 
     def _drop_finished(self) -> None:
         """Remove finished rows from the batch, then the columns no row needs any more."""

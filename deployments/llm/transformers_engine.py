@@ -56,6 +56,43 @@ class _Seq:
         self.finish_reason = reason
         self.push(TokenDelta(self.detok.flush(), new_ids, reason))
 
+    def accept(self, tid: int, eos_id: int | None) -> None:
+        """One new token from the model: stream it, or end the sequence (abort, EOS, a stop
+        string, max_tokens). No-op once finished."""
+        if self.finish_reason is not None:
+            return
+        if self.aborted:
+            self.finish("abort")
+        elif tid == eos_id:
+            self.detok.token_ids.append(tid)
+            self.finish("stop", (tid,))
+        else:
+            text = self.detok.add(tid)
+            if self.detok.stopped:
+                self.finish("stop", (tid,))
+            elif len(self.detok.token_ids) >= self.sampling.max_tokens:
+                self.push(TokenDelta(text, (tid,)))
+                self.finish("length")
+            else:
+                self.push(TokenDelta(text, (tid,)))
+
+    def sample(self, scores: Any) -> Any:
+        """This row's next token from its logits, with its own temperature, top_p and generator
+        (so a seed fixes the sequence whatever shares its batch); None for greedy rows."""
+        import torch
+
+        t = self.sampling.temperature
+        if t == 0:
+            return None
+        probs = torch.softmax(scores.float() / t, dim=-1)
+        if self.sampling.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            # keep the smallest prefix whose mass reaches top_p (always the top token)
+            drop = torch.cumsum(sorted_p, dim=-1) - sorted_p >= self.sampling.top_p
+            sorted_p[drop] = 0
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+        return torch.multinomial(probs, 1, generator=self.generator)[0]
+
     def fail(self, exc: BaseException) -> None:
         """End the stream with an error (its consumer raises); no-op once finished."""
         if self.finish_reason is None:
@@ -316,23 +353,7 @@ class _Rows:
             self._prompt_seen = True
             return
         for s, tid in zip(self.batch, value.reshape(-1).tolist()):
-            if s.finish_reason is not None:
-                continue
-            if s.aborted:
-                s.finish("abort")
-                continue
-            if tid == self.eos_id:
-                s.detok.token_ids.append(tid)
-                s.finish("stop", (tid,))
-                continue
-            text = s.detok.add(tid)
-            if s.detok.stopped:
-                s.finish("stop", (tid,))
-            elif len(s.detok.token_ids) >= s.sampling.max_tokens:
-                s.push(TokenDelta(text, (tid,)))
-                s.finish("length")
-            else:
-                s.push(TokenDelta(text, (tid,)))
+            s.accept(tid, self.eos_id)
 
     def end(self) -> None:
         pass
@@ -364,17 +385,11 @@ class _RowSampler:
         import torch
 
         for i, s in enumerate(self.batch):
-            t = s.sampling.temperature
-            if t == 0 or s.finish_reason is not None:
+            if s.finish_reason is not None:
                 continue
-            probs = torch.softmax(scores[i].float() / t, dim=-1)
-            if s.sampling.top_p < 1.0:
-                sorted_p, order = torch.sort(probs, descending=True)
-                # keep the smallest prefix whose mass reaches top_p (always the top token)
-                drop = torch.cumsum(sorted_p, dim=-1) - sorted_p >= s.sampling.top_p
-                sorted_p[drop] = 0
-                probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-            token = torch.multinomial(probs, 1, generator=s.generator)
+            token = s.sample(scores[i])
+            if token is None:  # greedy: generate's own argmax
+                continue
             row = torch.full_like(scores[i], float("-inf"))
             row[token] = 0.0
             scores[i] = row
