@@ -2,8 +2,8 @@
 
 Two schedulers. `continuous` (the default, deployments/llm/continuous.py): sequences join and
 leave the running batch between decode steps, so a request never waits for another's answer to
-end. `static`, kept for models whose KV cache the continuous loop can't merge (sliding-window
-layers; the engine falls back to it by itself) and as the measured baseline: micro-batched
+end. `static`, kept for models whose cache is not made of plain `DynamicLayer`s after a probe
+forward (the engine then falls back to it by itself) and as the measured baseline: micro-batched
 `model.generate` with per-row sampling and stopping, described below.
 
 Static: requests that arrive within `batch_wait_ms` of each other (up to `max_batch_size`) share one
