@@ -83,14 +83,19 @@ def test_client_disconnect_aborts_in_the_engine(genserve_url: str, llm_model: st
 
     handle = serve.get_deployment_handle(f"LLM-{llm_model}", app_name="genserve")
     ctx = _llm_config().get("max_model_len", 2048)
+    # ignore_eos: a random model may sample EOS within a few tokens and end on its own.
     body = {"model": llm_model, "messages": [{"role": "user", "content": "go on"}], "stream": True,
-            "max_tokens": ctx - 64}
+            "max_tokens": ctx - 64, "ignore_eos": True}
     with httpx.stream("POST", genserve_url + "/v1/chat/completions", json=body, timeout=60, headers=auth) as resp:
         assert resp.status_code == 200
         lines = resp.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         assert json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
-        assert handle.stats.remote().result()["running"] >= 1
+        # The role event leaves on the replica's `Started`, a moment before the engine has the sequence.
+        deadline = time.monotonic() + 10
+        while handle.stats.remote().result()["running"] < 1:
+            assert time.monotonic() < deadline, "the engine never started the sequence"
+            time.sleep(0.02)
     deadline = time.monotonic() + 20
     while handle.stats.remote().result()["running"] > 0:
         assert time.monotonic() < deadline, "generation kept running after the client left"

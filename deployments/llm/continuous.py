@@ -80,9 +80,13 @@ class ContinuousBatcher:
     def submit(self, seq: _Seq) -> None:
         self._inbox.put(seq)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """End the loop after its current step and wait for the thread: a thread left inside a
+        torch call while the interpreter exits aborts the process ("terminate called...")."""
         self._stopping = True
         self._inbox.put(None)
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -110,6 +114,11 @@ class ContinuousBatcher:
         except BaseException as exc:
             self.failure = exc
             raise
+        finally:  # stopped or failed: nothing still waiting may hang on its queue
+            self._collect(block=False)
+            gone = RuntimeError("the LLM engine stopped")
+            for s in (*self._rows, *self._waiting):
+                s.fail(self.failure or gone)
 
     def _collect(self, *, block: bool) -> None:
         while True:

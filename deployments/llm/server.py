@@ -76,7 +76,8 @@ class LLMServer:
         max_tokens = req.max_tokens if req.max_tokens is not None else min(self.default_max_tokens, room)
         return [
             SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                           stop=req.stop, seed=None if req.seed is None else req.seed + i)
+                           stop=req.stop, seed=None if req.seed is None else req.seed + i,
+                           ignore_eos=req.ignore_eos)
             for i in range(req.n)
         ]
 

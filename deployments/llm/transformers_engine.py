@@ -63,7 +63,7 @@ class _Seq:
             return
         if self.aborted:
             self.finish("abort")
-        elif tid == eos_id:
+        elif tid == eos_id and not self.sampling.ignore_eos:
             self.detok.token_ids.append(tid)
             self.finish("stop", (tid,))
         else:
@@ -255,7 +255,7 @@ class TransformersEngine:
 
     async def shutdown(self) -> None:
         if self._continuous is not None:
-            self._continuous.stop()
+            await asyncio.to_thread(self._continuous.stop)
         if self._loop_task is not None:
             self._loop_task.cancel()
 
@@ -322,7 +322,9 @@ class TransformersEngine:
         config = GenerationConfig(
             do_sample=False,
             max_new_tokens=max(s.sampling.max_tokens for s in batch),
-            eos_token_id=tok.eos_token_id,
+            # No EOS for generate itself: _Rows ends each row (EOS unless ignore_eos, stop, length)
+            # and _RowStopper tells generate which rows are done.
+            eos_token_id=[],  # not None: None is filled in from the model's generation_config
             pad_token_id=pad,
         )
         rows = _Rows(batch, tok.eos_token_id)

@@ -21,6 +21,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -61,6 +62,7 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False
     # W3C `traceparent` + request id/tenant of the caller (serve_app.telemetry.tracing.outgoing).
     trace_context: dict[str, str] | None = field(default=None, compare=False, hash=False)
 

@@ -96,6 +96,7 @@ class VLLMEngine:
             top_p=sampling.top_p,
             stop=list(sampling.stop) or None,
             seed=sampling.seed,
+            ignore_eos=sampling.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
             skip_special_tokens=True,
         )

@@ -51,6 +51,8 @@ class _SamplingFields(_Lenient):
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    # vLLM's extra parameter (benchmarks, load tests): keep generating past EOS up to max_tokens.
+    ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
@@ -72,7 +74,7 @@ class _SamplingFields(_Lenient):
     def _sampling_kwargs(self) -> dict:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return dict(n=self.n, max_tokens=self.max_tokens, temperature=self.temperature,
-                    top_p=self.top_p, stop=stop, seed=self.seed)
+                    top_p=self.top_p, stop=stop, seed=self.seed, ignore_eos=self.ignore_eos)
 
 
 class ChatCompletionRequest(_SamplingFields):
