@@ -87,7 +87,7 @@ def _direct_one(replica, args: argparse.Namespace):  # type: ignore[no-untyped-d
 
     async def one(i: int) -> tuple[float, int]:
         req = GenerationRequest(request_id=f"d{i}-{time.perf_counter_ns()}", messages=MESSAGES,
-                                max_tokens=args.max_tokens, temperature=1.0, seed=max(i, 0))
+                                max_tokens=args.max_tokens, temperature=1.0, seed=max(i, 0), ignore_eos=True)
         t0, ttft, tokens = time.perf_counter(), None, 0
         async for item in replica.server.stream(req):
             if isinstance(item, ChoiceDelta):
@@ -111,7 +111,7 @@ def _parse_server_timing(header: str | None) -> dict[str, float]:
 def _serve_one(client, url: str, model_cfg: dict, args: argparse.Namespace):  # type: ignore[no-untyped-def]
     async def one(i: int) -> tuple[float, int, float, dict[str, float]]:
         body = {"model": model_cfg["name"], "messages": list(MESSAGES), "max_tokens": args.max_tokens,
-                "temperature": 1.0, "seed": max(i, 0), "stream": True, "stream_options": {"include_usage": True}}
+                "temperature": 1.0, "seed": max(i, 0), "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
         t0, ttft, first_event, tokens = time.perf_counter(), None, None, 0
         async with client.stream("POST", url, json=body) as resp:
             resp.raise_for_status()
@@ -266,6 +266,8 @@ def main() -> None:
                    help="the transformers engine's scheduler (default: the engine's own default)")
     p.add_argument("--switch-interval-ms", type=float, default=None,
                    help="the transformers engine's gil_switch_interval_ms (default: Python's 5 ms)")
+    p.add_argument("--engine-process", action="store_true",
+                   help="the transformers engine's model loop in its own process (engine_process: true)")
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--out", type=Path, default=None)
@@ -282,7 +284,8 @@ def main() -> None:
         model = build_tiny_llm(WORK / "models" / "llm-tiny")
         model_cfg = {"name": "tiny-chat", "model": str(model), "engine": args.engine, "dtype": "float32",
                      "max_model_len": 512}
-    kwargs = {"scheduler": args.scheduler, "gil_switch_interval_ms": args.switch_interval_ms}
+    kwargs = {"scheduler": args.scheduler, "gil_switch_interval_ms": args.switch_interval_ms,
+              "engine_process": args.engine_process or None}
     model_cfg["engine_kwargs"] = {k: v for k, v in kwargs.items() if v is not None}
     measured = asyncio.run(bench_interleaved(model_cfg, args))
     result = {

@@ -188,3 +188,33 @@ def test_hostile_input_is_bound_not_executed_and_keys_stay_out_of_logs(setup, ca
     assert _chat(client, {"X-API-Key": key}).status_code == 200  # the key and its table survived
     assert [k.revoked_at for k in tenancy.list_keys("acme")] == [None]
     assert key not in caplog.text and key[12:] not in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_a_stale_cached_key_is_answered_at_once_then_rechecked(tmp_path: Path) -> None:
+    """Past auth_cache_s the cached key still answers (no database wait), and the background
+    re-check sees a revocation made by another replica: the next request is refused."""
+    import asyncio
+
+    from serve_app.errors import APIError
+
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    replica = make_tenancy(url, tmp_path, plans=PLANS, auth_cache_s=0.05, auth_stale_s=30)
+    other = make_tenancy(url, tmp_path, plans=PLANS)
+    try:
+        replica.create_tenant("acme", "basic")
+        created = replica.create_key("acme")
+        assert (await replica.authenticate(created.key)).tenant == "acme"  # looked up, cached
+        other.revoke_key(created.prefix)  # elsewhere: this replica's cache does not know
+        await asyncio.sleep(0.1)  # past auth_cache_s
+        assert (await replica.authenticate(created.key)).tenant == "acme"  # stale, answered at once
+        for _ in range(100):  # the background re-check drops the entry
+            if not replica._refreshing:
+                break
+            await asyncio.sleep(0.02)
+        with pytest.raises(APIError) as e:
+            await replica.authenticate(created.key)
+        assert e.value.status == 401
+    finally:
+        replica.close()
+        other.close()

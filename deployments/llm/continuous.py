@@ -23,7 +23,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from deployments.llm.transformers_engine import _Seq
@@ -44,8 +44,12 @@ def _plain_layers(cache: Any) -> bool:
 class ContinuousBatcher:
     """The model thread. `submit` hands it a sequence; `stop` ends it. Thread-safe entry points only."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int,
+                 on_step: Callable[[int], None] | None = None) -> None:
         self.model = model
+        # Called on the model thread after every iteration with the rows its decode step ran (0:
+        # none), and once at the end: the engine-core process sends the step's deltas out there.
+        self._on_step = on_step
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_id or 0)
         self.max_batch = max_batch_size
@@ -101,16 +105,20 @@ class ContinuousBatcher:
                 while not self._stopping:
                     self._collect(block=not self._rows and not self._waiting)
                     newcomers = self._admit()
+                    decoded = 0
                     try:
                         if newcomers:
                             self._prefill(newcomers)
                         if self._rows:
+                            decoded = len(self._rows)
                             self._decode()
                     except Exception as exc:  # one bad step fails its sequences, not the engine
                         logger.exception("step with %d rows failed", len(self._rows) + len(newcomers))
                         for s in {*self._rows, *newcomers}:
                             s.fail(exc)
                         self._reset()
+                    if self._on_step is not None:
+                        self._on_step(decoded)
         except BaseException as exc:
             self.failure = exc
             raise
@@ -119,6 +127,8 @@ class ContinuousBatcher:
             gone = RuntimeError("the LLM engine stopped")
             for s in (*self._rows, *self._waiting):
                 s.fail(self.failure or gone)
+            if self._on_step is not None:
+                self._on_step(0)
 
     def _collect(self, *, block: bool) -> None:
         while True:

@@ -27,10 +27,12 @@ import asyncio
 import logging
 import sys
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
 
 from deployments.llm.continuous import ContinuousBatcher
+from deployments.llm.core_process import EngineCoreClient
 from deployments.llm.detok import IncrementalDetokenizer
 from deployments.llm.types import FinishReason, SamplingParams, TokenDelta
 
@@ -39,18 +41,20 @@ logger = logging.getLogger("genserve.llm.transformers")
 
 @dataclass(eq=False)
 class _Seq:
+    """One sequence as the model thread sees it. Its deltas (and a failure) go to `sink`: the
+    consumer's asyncio queue in this process, or the engine-core process's outbox (core_process.py)."""
+
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingParams
     detok: IncrementalDetokenizer
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    sink: Callable[[TokenDelta | BaseException], None]
     generator: Any = None  # torch.Generator
     aborted: bool = False
     finish_reason: FinishReason | None = None
 
     def push(self, delta: TokenDelta) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+        self.sink(delta)
 
     def finish(self, reason: FinishReason, new_ids: tuple[int, ...] = ()) -> None:
         self.finish_reason = reason
@@ -97,7 +101,42 @@ class _Seq:
         """End the stream with an error (its consumer raises); no-op once finished."""
         if self.finish_reason is None:
             self.finish_reason = "abort"
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, exc)
+            self.sink(exc)
+
+
+def load_model(path: str, *, dtype: str, device: str, max_model_len: int) -> tuple[Any, Any]:
+    """The model (eval, on its device) and tokenizer from a hub id or a local dir."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else "auto"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and max_model_len > limit:
+        raise ValueError(f"max_model_len ({max_model_len}) exceeds the model's "
+                         f"max_position_embeddings ({limit}) for {path!r}")
+    return model.to(device).eval(), tokenizer
+
+
+def new_generator(device: Any, seed: int | None) -> Any:
+    """A row's own torch.Generator: seeded, or from fresh entropy."""
+    import torch
+
+    gen = torch.Generator(device=device)
+    if seed is not None:
+        gen.manual_seed(seed)
+    else:
+        gen.seed()
+    return gen
+
+
+def queue_sink(loop: asyncio.AbstractEventLoop, q: asyncio.Queue) -> Callable[[Any], None]:
+    """A sink the model thread can call: the item lands in `q` on `loop`'s thread."""
+    return lambda item: loop.call_soon_threadsafe(q.put_nowait, item)
 
 
 class TransformersEngine:
@@ -115,12 +154,16 @@ class TransformersEngine:
         regroup_wait_ms: float = 150.0,
         scheduler: str = "continuous",
         gil_switch_interval_ms: float | None = None,
+        engine_process: bool = False,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if scheduler not in ("continuous", "static"):
             raise ValueError(f"scheduler must be 'continuous' or 'static', got {scheduler!r}")
+        if engine_process and scheduler != "continuous":
+            raise ValueError("engine_process needs the continuous scheduler")
         self.scheduler = scheduler
+        self.engine_process = engine_process  # the model loop in its own process (core_process.py)
         # The model thread launches kernels from Python and holds the GIL most of the time; the
         # replica's event loop (requests in, tokens out) waits up to one switch interval (5 ms by
         # default) for it at every hand-off. A shorter interval is process-wide, hence opt-in.
@@ -144,6 +187,9 @@ class TransformersEngine:
         self._failure: BaseException | None = None
         self._model: Any = None
         self._tokenizer: Any = None
+        self._core: EngineCoreClient | None = None
+        self._remote: dict[str, asyncio.Queue] = {}  # request id -> its deltas from the core process
+        self._core_batches: deque[int] = deque(maxlen=256)
 
     @property
     def tokenizer(self) -> Any:
@@ -152,9 +198,14 @@ class TransformersEngine:
     @property
     def batch_sizes(self) -> deque[int]:
         """Rows of recent batches: per decode step (continuous) or per `generate` call (static)."""
+        if self._core is not None:
+            return self._core_batches
         return self._continuous.batch_sizes if self._continuous is not None else self._static_batches
 
     async def start(self) -> None:
+        if self.engine_process:
+            await self._start_core()
+            return
         if self._switch_interval_s is not None:
             sys.setswitchinterval(self._switch_interval_s)
         await asyncio.to_thread(self._load)
@@ -168,44 +219,77 @@ class TransformersEngine:
             self.scheduler = "static"
         self._loop_task = asyncio.create_task(self._schedule())
 
-    def _load(self) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    async def _start_core(self) -> None:
+        from transformers import AutoTokenizer
 
-        device = self._device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = self._dtype
-        if dtype == "auto":
-            dtype = "float32" if device == "cpu" else "auto"
-        self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
-        self._model = model.to(device).eval()
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if limit and self.max_model_len > limit:
-            raise ValueError(
-                f"max_model_len ({self.max_model_len}) exceeds the model's "
-                f"max_position_embeddings ({limit}) for {self.model_path!r}"
-            )
+        self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_path)
+        self._core = EngineCoreClient(self._on_core_step, self._on_core_exit)
+        info = await self._core.start(dict(
+            model=self.model_path, dtype=self._dtype, device=self._device, max_model_len=self.max_model_len,
+            max_batch_size=self._max_batch, gil_switch_interval_ms=None if self._switch_interval_s is None
+            else self._switch_interval_s * 1000))
+        logger.info("%s: engine core process %s on %s", self.model_path, info["pid"], info["device"])
+
+    def _on_core_step(self, rows: int, items: list) -> None:
+        if rows:
+            self._core_batches.append(rows)
+        for rid, item in items:
+            q = self._remote.get(rid)
+            if q is not None:
+                q.put_nowait(RuntimeError(item) if isinstance(item, str) else item)
+
+    def _on_core_exit(self, why: str) -> None:
+        self._failure = RuntimeError(why)
+        for q in self._remote.values():
+            q.put_nowait(RuntimeError(why))
+
+    async def _generate_in_core(self, request_id: str, prompt_token_ids: list[int],
+                                sampling: SamplingParams) -> AsyncIterator[TokenDelta]:
+        assert self._core is not None
+        deltas: asyncio.Queue = asyncio.Queue()
+        self._remote[request_id] = deltas
+        finished = False
+        try:
+            self._core.send(("add", request_id, list(prompt_token_ids), sampling))
+            while True:
+                delta = await deltas.get()
+                if isinstance(delta, BaseException):
+                    finished = True  # the core ended it (or is gone): nothing to abort
+                    raise RuntimeError(f"generation failed for {request_id!r}") from delta
+                yield delta
+                if delta.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            self._remote.pop(request_id, None)
+            if not finished and self._core.alive():  # early close (client gone): stop decoding it
+                self._core.send(("abort", request_id))
+
+    def _load(self) -> None:
+        self._model, self._tokenizer = load_model(self.model_path, dtype=self._dtype, device=self._device,
+                                                  max_model_len=self.max_model_len)
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
     ) -> AsyncIterator[TokenDelta]:
+        if self._core is not None:
+            if self._failure is not None:
+                raise RuntimeError(f"transformers engine failed: {self._failure!r}")
+            # aclosing: closing this stream (client gone) must close the inner one now (its abort).
+            async with aclosing(self._generate_in_core(request_id, prompt_token_ids, sampling)) as deltas:
+                async for delta in deltas:
+                    yield delta
+            return
         if self._model is None:
             raise RuntimeError("engine not started: call start() first")
         failure = self._failure or (self._continuous.failure if self._continuous is not None else None)
         if failure is not None:
             raise RuntimeError(f"transformers engine failed: {failure!r}")
-        import torch
-
-        gen = torch.Generator(device=self._model.device)
-        if sampling.seed is not None:
-            gen.manual_seed(sampling.seed)
-        else:
-            gen.seed()
+        deltas: asyncio.Queue = asyncio.Queue()
         seq = _Seq(request_id, list(prompt_token_ids), sampling,
                    IncrementalDetokenizer(self._tokenizer, sampling.stop),
-                   asyncio.get_running_loop(), generator=gen)
+                   queue_sink(asyncio.get_running_loop(), deltas),
+                   generator=new_generator(self._model.device, sampling.seed))
         self._live[request_id] = seq
         if self._continuous is not None:
             self._continuous.submit(seq)
@@ -214,7 +298,7 @@ class TransformersEngine:
             self._wake.set()
         try:
             while True:
-                delta = await seq.queue.get()
+                delta = await deltas.get()
                 if isinstance(delta, BaseException):
                     raise RuntimeError(f"generation failed for {request_id!r}") from delta
                 yield delta
@@ -230,6 +314,10 @@ class TransformersEngine:
                     self._pending.remove(seq)
 
     async def abort(self, request_id: str) -> None:
+        if self._core is not None:
+            if request_id in self._remote and self._core.alive():
+                self._core.send(("abort", request_id))  # its stream ends with finish_reason "abort"
+            return
         seq = self._live.get(request_id)
         if seq is None or seq.finish_reason is not None:
             return
@@ -239,11 +327,17 @@ class TransformersEngine:
             seq.finish("abort")
 
     def num_running(self) -> int:
+        if self._core is not None:
+            return len(self._remote)
         if self._continuous is not None:  # submitted ones too: the model thread may not have seen them yet
             return sum(1 for s in self._live.values() if s.finish_reason is None)
         return len(self._pending) + sum(1 for s in self._batch if s.finish_reason is None)
 
     async def check_health(self) -> None:
+        if self._core is not None:
+            if not self._core.alive():
+                raise RuntimeError(f"transformers engine core stopped: {self._core.exited}")
+            return
         if self._model is None:
             raise RuntimeError("transformers engine not started")
         if self._continuous is not None:
@@ -254,6 +348,8 @@ class TransformersEngine:
             raise RuntimeError(f"transformers engine scheduler stopped: {self._failure!r}")
 
     async def shutdown(self) -> None:
+        if self._core is not None:
+            await self._core.stop()
         if self._continuous is not None:
             await asyncio.to_thread(self._continuous.stop)
         if self._loop_task is not None:

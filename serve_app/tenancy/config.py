@@ -101,6 +101,9 @@ class TenancyConfig(_Strict):
     )
     auth_cache_s: float = Field(2.0, ge=0.0, description="Per-replica cache of key lookups; revocation "
                                 "reaches other replicas within this time.")
+    auth_stale_s: float = Field(60.0, ge=0.0, description="After auth_cache_s, a cached key is still "
+                                "answered at once for this long while it is re-checked in the background "
+                                "(so a revocation elsewhere may let one more request through per replica).")
     pool_size: int = Field(10, ge=1, description="DB connections per process (Postgres).")
     local_tenant: LocalTenantConfig = Field(default_factory=LocalTenantConfig)
 

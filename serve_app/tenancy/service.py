@@ -9,6 +9,8 @@ All database/Redis work is synchronous and runs in worker threads (anyio.to_thre
 
 from __future__ import annotations
 
+import asyncio
+
 import logging
 import threading
 import time
@@ -150,7 +152,9 @@ class Tenancy:
         self.redis = (RedisLimiter(config.redis_url, window_s=config.rate_window_s, lease_ttl_s=config.lease_ttl_s)
                       if config.redis_url else None)
         self._pepper = config.key_pepper.get_secret_value()
+        # digest -> (fresh until (monotonic), context, key expiry (epoch) or None)
         self._auth_cache: dict[str, tuple[float, TenantContext, float | None]] = {}
+        self._refreshing: set[str] = set()  # digests with a background re-check under way
         self._last_sweep = 0.0
 
     def close(self) -> None:
@@ -169,6 +173,11 @@ class Tenancy:
         cached = self._cached_context(digest)
         if cached is not None:
             return cached
+        return self._lookup(key, digest)
+
+    def _lookup(self, key: str, digest: str) -> TenantContext:
+        """The key's tenant from the database (cached on success); 401/403 otherwise."""
+        self._auth_cache.pop(digest, None)
         with read_tx(self.engine) as conn:
             row = conn.execute(
                 select(ApiKey.key_hash, ApiKey.revoked_at, ApiKey.expires_at, ApiKey.prefix, Tenant.id,
@@ -191,9 +200,12 @@ class Tenancy:
                                         expires.timestamp() if expires else None)
         return ctx
 
-    def _cached_context(self, digest: str) -> TenantContext | None:
+    def _cached_context(self, digest: str, *, stale_ok: bool = False) -> TenantContext | None:
         cached = self._auth_cache.get(digest)
-        if cached is not None and cached[0] > time.monotonic() and (cached[2] is None or cached[2] > time.time()):
+        if cached is None or (cached[2] is not None and cached[2] <= time.time()):
+            return None
+        age_past_fresh = time.monotonic() - cached[0]
+        if age_past_fresh < 0 or (stale_ok and age_past_fresh < self.config.auth_stale_s):
             return cached[1]
         return None
 
@@ -201,10 +213,29 @@ class Tenancy:
         # A cached key is answered on the event loop: the worker-thread hop (for the database
         # lookup) costs more than the HMAC and the dict lookup it would run.
         if key and keylib.looks_like_key(key):
-            cached = self._cached_context(keylib.hash_key(key, self._pepper))
-            if cached is not None:
-                return cached
+            digest = keylib.hash_key(key, self._pepper)
+            if (ctx := self._cached_context(digest)) is not None:
+                return ctx
+            if (ctx := self._cached_context(digest, stale_ok=True)) is not None:
+                # Past auth_cache_s but within auth_stale_s: answer now, re-check in the background
+                # (a client asking every few seconds never waits for the database; a revoked key
+                # gets at most this one more request on this replica).
+                if digest not in self._refreshing:
+                    self._refreshing.add(digest)
+                    asyncio.get_running_loop().create_task(self._refresh(key, digest))
+                return ctx
         return await anyio.to_thread.run_sync(self.authenticate_sync, key)
+
+    async def _refresh(self, key: str, digest: str) -> None:
+        try:
+            await anyio.to_thread.run_sync(self._lookup, key, digest)
+        except APIError:  # revoked, expired or plan gone: _lookup dropped the entry
+            pass
+        except Exception:  # database down: drop it, the next request looks up (and fails) itself
+            logger.warning("background re-check of a cached API key failed", exc_info=True)
+            self._auth_cache.pop(digest, None)
+        finally:
+            self._refreshing.discard(digest)
 
     # ---- admission --------------------------------------------------------------------------
     def admit_sync(self, ctx: TenantContext, *, route: str, model: str, images: int = 0, est_tokens: int = 0,
