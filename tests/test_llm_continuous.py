@@ -23,10 +23,10 @@ SHORT = [1, 5, 9, 13]
 LONG = list(range(3, 43))  # 40 tokens: joining it pads one side or the other
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def engine():
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=[False, True], ids=["inline", "core-process"])
+async def engine(request):
     eng = TransformersEngine(str(build_tiny_llm(WORK / "models" / "llm-tiny")), max_model_len=256,
-                             dtype="float32", device="cpu", max_batch_size=4)
+                             dtype="float32", device="cpu", max_batch_size=4, engine_process=request.param)
     await eng.start()
     assert eng.scheduler == "continuous"
     yield eng

@@ -20,7 +20,8 @@ PROMPT = [1, 5, 9, 13]
 
 async def _engine(scheduler: str) -> TransformersEngine:
     eng = TransformersEngine(str(build_tiny_llm(WORK / "models" / "llm-tiny")), max_model_len=256,
-                             dtype="float32", device="cpu", max_batch_size=4, scheduler=scheduler)
+                             dtype="float32", device="cpu", max_batch_size=4, scheduler=scheduler,
+                             engine_process=False)  # in this process: the test edits its model
     await eng.start()
     assert eng.scheduler == scheduler
     return eng

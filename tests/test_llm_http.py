@@ -82,6 +82,9 @@ def test_client_disconnect_aborts_in_the_engine(genserve_url: str, llm_model: st
     from ray import serve
 
     handle = serve.get_deployment_handle(f"LLM-{llm_model}", app_name="genserve")
+    stats = handle.stats.remote().result()
+    if stats["engine"] == "transformers":  # by default its model loop runs in a child of the replica
+        assert stats["scheduler"] == "continuous" and stats["engine_process"] is True
     ctx = _llm_config().get("max_model_len", 2048)
     # ignore_eos: a random model may sample EOS within a few tokens and end on its own.
     body = {"model": llm_model, "messages": [{"role": "user", "content": "go on"}], "stream": True,

@@ -13,7 +13,7 @@ The two sides talk over a socketpair wrapped in `multiprocessing.connection.Conn
 tuples; the child's end is passed as an inherited fd, so nothing is reachable from outside):
 
     replica -> core   ("init", kwargs)  ("add", rid, prompt_ids, SamplingParams)  ("abort", rid)  ("stop",)
-    core -> replica   ("ready", info) | ("error", text)   ("step", rows_decoded, [(rid, TokenDelta | str)])
+    core -> replica   ("ready", info) | ("error" or "unsupported", text)   ("step", rows_decoded, [(rid, TokenDelta | str)])
 
 One "step" message per model-loop iteration carries every delta it made (a str is a sequence's
 failure). Detokenization and stop strings stay in the core, next to the sampling, so a sequence
@@ -36,6 +36,10 @@ from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 logger = logging.getLogger("genserve.llm.core")
+
+
+class UnsupportedModel(RuntimeError):
+    """The core cannot run this model (its KV cache is not plain dynamic layers)."""
 
 
 class EngineCoreClient:
@@ -66,9 +70,10 @@ class EngineCoreClient:
         except EOFError:
             code = await asyncio.to_thread(self._proc.wait)
             raise RuntimeError(f"the engine core process exited with code {code} while loading") from None
-        if kind == "error":
+        if kind in ("error", "unsupported"):
             await asyncio.to_thread(self._proc.wait)
-            raise RuntimeError(f"the engine core could not start: {info}")
+            self.exited = f"the engine core could not start: {info}"
+            raise (UnsupportedModel if kind == "unsupported" else RuntimeError)(self.exited)
         self._reader = threading.Thread(target=self._read, name="llm-core-reader", daemon=True)
         self._reader.start()
         return info
@@ -131,8 +136,9 @@ def _serve(conn: Connection) -> None:
         model, tokenizer = load_model(init["model"], dtype=init["dtype"], device=init["device"],
                                       max_model_len=init["max_model_len"])
         if not ContinuousBatcher.supports(model):
-            raise ValueError(f"{init['model']}: its KV cache is not made of plain dynamic layers; "
-                             "the engine process needs the continuous scheduler (set engine_process: false)")
+            conn.send(("unsupported", f"{init['model']}: its KV cache is not made of plain dynamic layers "
+                                      "(continuous batching, hence this process, cannot run it)"))
+            return
     except Exception as exc:  # the replica shows it and fails its start
         logger.exception("engine core failed to load")
         conn.send(("error", f"{type(exc).__name__}: {exc}"))

@@ -144,8 +144,11 @@ class LLMServer:
     def stats(self) -> dict[str, Any]:
         out = {"model": self.model_name, "engine": self.engine.name, "running": self.engine.num_running(),
                "max_model_len": self.engine.max_model_len}
-        if hasattr(self.engine, "batch_sizes"):  # the transformers engine's recent static batches
+        if hasattr(self.engine, "batch_sizes"):  # the transformers engine's recent batches (rows)
             out["recent_batch_sizes"] = list(self.engine.batch_sizes)[-32:]
+        if hasattr(self.engine, "scheduler"):
+            out["scheduler"] = self.engine.scheduler
+            out["engine_process"] = self.engine.engine_process
         return out
 
     async def check_health(self) -> None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from deployments.llm.continuous import ContinuousBatcher
-from deployments.llm.core_process import EngineCoreClient
+from deployments.llm.core_process import EngineCoreClient, UnsupportedModel
 from deployments.llm.detok import IncrementalDetokenizer
 from deployments.llm.types import FinishReason, SamplingParams, TokenDelta
 
@@ -154,7 +154,7 @@ class TransformersEngine:
         regroup_wait_ms: float = 150.0,
         scheduler: str = "continuous",
         gil_switch_interval_ms: float | None = None,
-        engine_process: bool = False,
+        engine_process: bool | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -163,7 +163,10 @@ class TransformersEngine:
         if engine_process and scheduler != "continuous":
             raise ValueError("engine_process needs the continuous scheduler")
         self.scheduler = scheduler
-        self.engine_process = engine_process  # the model loop in its own process (core_process.py)
+        # The model loop in its own process (core_process.py); None: yes for the continuous
+        # scheduler, falling back to in-process static batching where the core cannot run the model.
+        self._process_auto = engine_process is None
+        self.engine_process = scheduler == "continuous" if engine_process is None else engine_process
         # The model thread launches kernels from Python and holds the GIL most of the time; the
         # replica's event loop (requests in, tokens out) waits up to one switch interval (5 ms by
         # default) for it at every hand-off. A shorter interval is process-wide, hence opt-in.
@@ -204,8 +207,15 @@ class TransformersEngine:
 
     async def start(self) -> None:
         if self.engine_process:
-            await self._start_core()
-            return
+            try:
+                await self._start_core()
+                return
+            except UnsupportedModel:
+                if not self._process_auto:
+                    raise
+                logger.warning("%s: its KV cache is not made of plain dynamic layers; using static batching "
+                               "in this process", self.model_path)
+                self._core, self.engine_process, self.scheduler = None, False, "static"
         if self._switch_interval_s is not None:
             sys.setswitchinterval(self._switch_interval_s)
         await asyncio.to_thread(self._load)
