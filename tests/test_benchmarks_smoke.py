@@ -44,6 +44,26 @@ def test_genserve_bench_closed_and_open_loop(genserve_url: str, api_key: str, tm
     assert all(r["errors"] == 0 and r["images"] > 0 for r in runs)
 
 
+def test_genserve_bench_chat(genserve_url: str, api_key: str, tmp_path: Path) -> None:
+    """Streamed chat through the running app: tokens/s from the answers' own usage, a TTFT per
+    request, and a bad model counted as errors by status (not raised)."""
+    from click.testing import CliRunner
+
+    from serve_app.bench_cli import bench
+
+    for model, out in (("chat", tmp_path / "ok"), ("no-such-model", tmp_path / "bad")):
+        result = CliRunner().invoke(bench, ["--url", genserve_url, "--api-key", api_key, "--chat", "--model", model,
+                                            "--max-tokens", "6", "--requests", "4", "--concurrency", "2",
+                                            "--out", str(out)])
+        assert result.exit_code == 0, result.output
+    (ok,) = [json.loads(p.read_text()) for p in (tmp_path / "ok").glob("bench-chat-closed-*.json")]
+    assert ok["errors"] == 0 and ok["requests"] == 4 and ok["completion_tokens"] > 0
+    assert ok["tokens_per_s"] > 0 and 0 < ok["ttft_p50_s"] <= ok["p50_s"]
+    assert next((tmp_path / "ok").glob("*.png")).stat().st_size > 0
+    (bad,) = [json.loads(p.read_text()) for p in (tmp_path / "bad").glob("bench-chat-*.json")]
+    assert bad["errors"] == 4 and bad["status_counts"] == {"404": 4}
+
+
 def _run_benchmark(module: str, tmp_path: Path, *args: str) -> dict:
     env = {**os.environ, "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", str(tmp_path))}
     cmd = [sys.executable, "-m", module, "--out", str(tmp_path), "--name", "smoke", *args]
