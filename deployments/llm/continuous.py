@@ -95,6 +95,10 @@ class ContinuousBatcher:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def join(self) -> None:
+        """Block until the model thread ends (stopped, or died of a non-step error)."""
+        self._thread.join()
+
     # -- the model thread ---------------------------------------------------------------------
 
     def _run(self) -> None:

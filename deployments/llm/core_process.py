@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -169,6 +170,18 @@ def _serve(conn: Connection) -> None:
     batcher = ContinuousBatcher(model, tokenizer, max_batch_size=init["max_batch_size"], on_step=flush)
     conn.send(("ready", {"device": str(model.device), "pid": os.getpid()}))
     batcher.start()
+    stopping = threading.Event()
+
+    def exit_if_the_loop_dies() -> None:
+        # A step's Exception fails that step's sequences only; anything else ends the model thread
+        # (its open sequences are failed and flushed first). A core without a loop must not keep
+        # accepting work: exiting is what the replica sees (EOF) and reports as unhealthy.
+        batcher.join()
+        if not stopping.is_set():
+            logger.error("the model loop stopped: %r; exiting", batcher.failure)
+            os._exit(70)
+
+    threading.Thread(target=exit_if_the_loop_dies, name="llm-core-watch", daemon=True).start()
     try:
         while True:
             msg = conn.recv()
@@ -187,10 +200,12 @@ def _serve(conn: Connection) -> None:
     except EOFError:  # the replica is gone
         pass
     finally:
+        stopping.set()
         batcher.stop()
 
 
 def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the replica decides
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s -- %(message)s")
     conn = Connection(int(sys.argv[1]))
     try:
