@@ -302,6 +302,13 @@ def main() -> None:
     out = args.out or REPO / "benchmarks" / "results" / f"llm_overhead-{args.engine}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    try:  # the plot is optional where matplotlib is not installed (GPU hosts)
+        from benchmarks.plot import llm_overhead as plot_llm_overhead
+    except ImportError:
+        plot_llm_overhead = None
+    if plot_llm_overhead is not None:
+        front = "HAProxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Serve proxy"
+        plot_llm_overhead([(front, result)], out.with_suffix(".png"))
     print(json.dumps(result, indent=2))
 
 

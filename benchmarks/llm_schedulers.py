@@ -110,6 +110,12 @@ def main() -> None:
     out = args.out or REPO / "benchmarks" / "results" / f"llm_schedulers-{'gpu' if args.full else 'tiny-cpu'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    try:  # the plot is optional where matplotlib is not installed (GPU hosts)
+        from benchmarks.plot import llm_schedulers as plot_llm_schedulers
+    except ImportError:
+        plot_llm_schedulers = None
+    if plot_llm_schedulers is not None:
+        plot_llm_schedulers(result, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -95,6 +95,23 @@ def llm_overhead(results: list[tuple[str, dict]], path: Path) -> Path:
     return path
 
 
+def llm_schedulers(result: dict, path: Path) -> Path:
+    """Continuous vs static batching per concurrency: tokens/s and TTFT p50 (engine only)."""
+    runs = result["runs"]
+    xs = range(len(runs))
+    fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key, unit in ((ax_t, "tokens_per_s", "tokens/s"), (ax_f, "ttft_ms_p50", "TTFT p50 (ms)")):
+        ax.bar([x - 0.2 for x in xs], [r[key]["continuous"] for r in runs], width=0.4, color="#3a7", label="continuous")
+        ax.bar([x + 0.2 for x in xs], [r[key]["static"] for r in runs], width=0.4, color="#888", label="static")
+        ax.set_xticks(list(xs), [f"{r['concurrency']} clients" for r in runs])
+        ax.set(ylabel=unit, title=f"{unit}, {result.get('device', '')}")
+    ax_t.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/gpu")
     raw = json.loads((folder / "h200-part1.json").read_text())

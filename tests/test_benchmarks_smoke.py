@@ -127,6 +127,7 @@ def test_llm_benchmarks_smoke(tmp_path: Path) -> None:
     sched = json.loads((tmp_path / "sched.json").read_text())
     assert [r["concurrency"] for r in sched["runs"]] == [1, 2]
     assert all(r["tokens_per_s"]["continuous"] > 0 and r["tokens_per_s"]["static"] > 0 for r in sched["runs"])
+    assert (tmp_path / "sched.png").stat().st_size > 0
 
     cmd = [sys.executable, "-m", "benchmarks.llm_overhead", "--concurrency", "1", "--requests", "2", "--rounds", "2",
            "--max-tokens", "8", "--port", "8799", "--out", str(tmp_path / "llm.json")]
@@ -136,3 +137,4 @@ def test_llm_benchmarks_smoke(tmp_path: Path) -> None:
     assert len(run["direct"]["rounds"]) == len(run["serve"]["rounds"]) == 2
     assert run["serve"]["requests"] == 4 and run["serve_vs_direct"]["tokens_per_s_ratio"] > 0
     assert set(run["serve"]["server_timing_ms_p50"]) == {"auth", "admit", "llm", "app"}
+    assert (tmp_path / "llm.png").stat().st_size > 0
