@@ -131,7 +131,7 @@ def _serve_one(client, url: str, model_cfg: dict, args: argparse.Namespace):  # 
     return one
 
 
-def build_chat_app(model_cfg: dict, port: int, stream_ms: float):  # type: ignore[no-untyped-def]
+def build_chat_app(model_cfg: dict, port: int, stream_ms: float, admission_overlap: bool = True):  # type: ignore[no-untyped-def]
     """The app's real ingress (auth, admission and metering, every router) in front of the real LLM
     deployment; only the diffusion deployments are left out."""
     from fastapi import FastAPI
@@ -154,7 +154,7 @@ def build_chat_app(model_cfg: dict, port: int, stream_ms: float):  # type: ignor
             return create_app(self.services)
 
     config = {"work_dir": str(BENCH_WORK), "diffusion_models": [{"name": "unused", "family": "sdxl", "model": "unused"}],
-              "llm_models": [model_cfg]}
+              "llm_models": [model_cfg], "tenancy": {"admission_overlap": admission_overlap}}
     name = model_cfg["name"]
     import torch
 
@@ -191,7 +191,8 @@ async def bench_interleaved(model_cfg: dict, args: argparse.Namespace) -> dict[s
         url = f"http://127.0.0.1:{args.port}/v1/chat/completions"
         for stream_ms in args.stream_ms:
             t0 = time.perf_counter()
-            serve.run(build_chat_app(model_cfg, args.port, stream_ms), name="llm-bench", route_prefix="/")
+            serve.run(build_chat_app(model_cfg, args.port, stream_ms, args.admission_overlap == "on"),
+                      name="llm-bench", route_prefix="/")
             deploy_s = time.perf_counter() - t0
             key = (BENCH_WORK / "local_api_key").read_text().strip()
             async with httpx.AsyncClient(timeout=300, headers={"Authorization": f"Bearer {key}"}) as client:
@@ -268,6 +269,8 @@ def main() -> None:
                    help="the transformers engine's gil_switch_interval_ms (default: Python's 5 ms)")
     p.add_argument("--engine-process", action="store_true",
                    help="the transformers engine's model loop in its own process (engine_process: true)")
+    p.add_argument("--admission-overlap", choices=["on", "off"], default="on",
+                   help="streamed requests start on the LLM replica while admission runs (tenancy.admission_overlap)")
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--out", type=Path, default=None)

@@ -105,6 +105,38 @@ def test_client_disconnect_aborts_in_the_engine(genserve_url: str, llm_model: st
         time.sleep(0.2)
 
 
+def test_a_refused_stream_gets_429_is_not_billed_and_stops_in_the_engine(genserve_url: str, llm_model: str) -> None:
+    """Admission overlaps the stream's start (tenancy/overlap.py): a refusal still answers 429
+    with the OpenAI error body, records nothing, and leaves no generation running."""
+    import uuid
+
+    from conftest import ADMIN_TOKEN
+    from ray import serve
+
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    name = f"overlap-{uuid.uuid4().hex[:6]}"
+    assert httpx.post(genserve_url + "/admin/tenants", headers=admin, json={"name": name, "plan": "free"}).is_success
+    key = {"Authorization": "Bearer " + httpx.post(f"{genserve_url}/admin/tenants/{name}/keys", headers=admin,
+                                                   json={}).json()["key"]}
+    if time.time() % 60 > 45:  # the free plan's 20 requests per fixed minute must not straddle a window
+        time.sleep(61 - time.time() % 60)
+    short = {"model": llm_model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "stream": True}
+    for _ in range(20):
+        assert httpx.post(genserve_url + "/v1/chat/completions", json=short, headers=key, timeout=60).status_code == 200
+    long = {**short, "max_tokens": _llm_config().get("max_model_len", 2048) - 64, "ignore_eos": True}
+    for _ in range(2):  # the first overlaps its admission, the second (refused just now) does not
+        r = httpx.post(genserve_url + "/v1/chat/completions", json=long, headers=key, timeout=60)
+        assert r.status_code == 429, r.text
+        assert r.json()["error"]["code"] == "rate_limit_exceeded" and "Retry-After" in r.headers
+    usage = httpx.get(genserve_url + "/v1/usage", headers=key).json()["today"]
+    assert usage["requests"] == 20 and usage["completion_tokens"] == 20
+    handle = serve.get_deployment_handle(f"LLM-{llm_model}", app_name="genserve")
+    deadline = time.monotonic() + 20
+    while handle.stats.remote().result()["running"] > 0:
+        assert time.monotonic() < deadline, "a refused request kept generating"
+        time.sleep(0.1)
+
+
 def test_streamed_and_plain_usage_land_in_the_ledger(client: openai.OpenAI, llm_model: str, genserve_url: str,
                                                       auth: dict) -> None:
     """The tenant's recorded tokens grow by exactly what the responses' own `usage` says."""

@@ -90,6 +90,8 @@ def test_genserve_metrics_reach_prometheus(genserve_url: str, auth: dict, metric
         "tenant requests": lambda s: total(s, "ray_genserve_tenant_requests_total", tenant="local",
                                            route="images") >= 1,
         "rate limited": lambda s: total(s, "ray_genserve_rate_limited_total", tenant=name, kind="images") == 1,
+        # the chat stream above started on the LLM replica while its admission ran
+        "admission overlap": lambda s: total(s, "ray_genserve_admission_overlap_total", outcome="admitted") >= 1,
         "job transitions": lambda s: all(total(s, "ray_genserve_job_transitions_total", state=st) >= 1
                                          for st in ("queued", "running", "succeeded")),
         "jobs in state": lambda s: total(s, "ray_genserve_jobs_in_state", state="succeeded") >= 1,

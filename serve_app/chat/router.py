@@ -3,6 +3,11 @@ when `stream` is set. Usage is settled once per request, streamed ones with what
 
 from __future__ import annotations
 
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 from fastapi import APIRouter, Response
 
 from serve_app.chat import service, sse
@@ -13,6 +18,7 @@ from serve_app.chat.protocol import (
     CompletionResponse,
 )
 from serve_app.state import ServicesDep
+from serve_app.telemetry import metrics
 from serve_app.tenancy import (
     Admission, CurrentTenant, MeteredStreamingResponse, TenancyDep, TenantContext, ensure_model_allowed,
 )
@@ -27,12 +33,66 @@ def _estimate_tokens(services: ServicesDep, model: str, prompt_chars: int, max_t
     return prompt_chars // 3 + 1 + out * n
 
 
-async def _admit(services: ServicesDep, ctx: TenantContext, tenancy: TenancyDep, route: str, model: str | None,
-                 prompt_chars: int, max_tokens: int | None, n: int) -> Admission:
+def _admission(services: ServicesDep, ctx: TenantContext, tenancy: TenancyDep, route: str, model: str | None,
+               prompt_chars: int, max_tokens: int | None, n: int) -> Awaitable[Admission]:
+    """The checks that need no database (the model exists, the plan allows it) now; the admission
+    itself (rate windows, slot, budget hold) as the returned awaitable."""
     target = service.resolve_llm(services, model)
     ensure_model_allowed(ctx, target.name, services.config.find_llm(target.name).aliases)
-    return await tenancy.admit(ctx, route=route, model=target.name,
-                               est_tokens=_estimate_tokens(services, target.name, prompt_chars, max_tokens, n))
+    return tenancy.admit(ctx, route=route, model=target.name,
+                         est_tokens=_estimate_tokens(services, target.name, prompt_chars, max_tokens, n))
+
+
+class _AdmittedMeter:
+    """The stream's meter before its admission is known: the service only counts after the gate
+    (the same admission) passed, so by then the task holds it."""
+
+    def __init__(self, admission: asyncio.Task) -> None:
+        self._admission = admission
+
+    def add(self, **usage: int) -> None:
+        self._admission.result().add(**usage)
+
+
+async def _admitted_stream(tenancy: TenancyDep, ctx: TenantContext, admission: Awaitable[Admission],
+                           open_stream: Callable[..., Awaitable[Any]]) -> MeteredStreamingResponse:
+    """Admission, then the stream; or both at once where the overlap guard allows it
+    (tenancy/overlap.py): the LLM replica starts while the database decides."""
+    guard = tenancy.overlap
+    if guard is None or not guard.enter(ctx.tenant_id):
+        adm = await admission
+        try:
+            chunks = await open_stream(meter=adm)
+        except BaseException:
+            await adm.settle("error")
+            raise
+        return _streaming(chunks, adm)
+    task = asyncio.ensure_future(admission)
+    refused = False
+    try:
+        try:
+            chunks = await open_stream(meter=_AdmittedMeter(task), gate=task)
+        except BaseException:
+            # The stream failed or was refused; the admission's own answer comes first (as if in
+            # order), and an admission that passed is settled, never left holding its slot.
+            try:
+                adm = await asyncio.shield(task)
+            except BaseException:
+                refused = not task.cancelled() and task.done() and task.exception() is not None
+                if not task.done():  # we were cancelled: settle it whenever it finishes
+                    task.add_done_callback(_settle_orphan)
+                raise
+            await adm.settle("error")
+            raise
+    finally:
+        guard.leave(ctx.tenant_id, refused=refused)
+        metrics.record_admission_overlap("refused" if refused else "admitted")
+    return _streaming(chunks, task.result())
+
+
+def _settle_orphan(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is None:
+        asyncio.ensure_future(task.result().settle("error"))
 
 
 def _streaming(chunks, adm: Admission) -> MeteredStreamingResponse:  # type: ignore[no-untyped-def]
@@ -43,15 +103,12 @@ def _streaming(chunks, adm: Admission) -> MeteredStreamingResponse:  # type: ign
 async def create_chat_completion(body: ChatCompletionRequest, services: ServicesDep, ctx: CurrentTenant,
                                  tenancy: TenancyDep, response: Response):  # type: ignore[no-untyped-def]
     chars = sum(len(str(m.content or "")) for m in body.messages)
-    adm = await _admit(services, ctx, tenancy, "chat", body.model, chars,
-                       body.max_tokens or body.max_completion_tokens, body.n)
+    admission = _admission(services, ctx, tenancy, "chat", body.model, chars,
+                           body.max_tokens or body.max_completion_tokens, body.n)
     if body.stream:
-        try:
-            chunks = await service.chat_completion_stream(services, body, meter=adm)
-        except BaseException:
-            await adm.settle("error")
-            raise
-        return _streaming(chunks, adm)
+        return await _admitted_stream(tenancy, ctx, admission,
+                                      functools.partial(service.chat_completion_stream, services, body))
+    adm = await admission
     async with adm:
         result = await service.chat_completion(services, body)
         adm.set_usage(result.usage.model_dump())
@@ -62,15 +119,12 @@ async def create_chat_completion(body: ChatCompletionRequest, services: Services
 @router.post("/v1/completions", response_model=CompletionResponse)
 async def create_completion(body: CompletionRequest, services: ServicesDep, ctx: CurrentTenant,
                             tenancy: TenancyDep, response: Response):  # type: ignore[no-untyped-def]
-    adm = await _admit(services, ctx, tenancy, "completions", body.model, len(body.prompt_text), body.max_tokens,
-                       body.n)
+    admission = _admission(services, ctx, tenancy, "completions", body.model, len(body.prompt_text),
+                           body.max_tokens, body.n)
     if body.stream:
-        try:
-            chunks = await service.completion_stream(services, body, meter=adm)
-        except BaseException:
-            await adm.settle("error")
-            raise
-        return _streaming(chunks, adm)
+        return await _admitted_stream(tenancy, ctx, admission,
+                                      functools.partial(service.completion_stream, services, body))
+    adm = await admission
     async with adm:
         result = await service.completion(services, body)
         adm.set_usage(result.usage.model_dump())

@@ -7,10 +7,11 @@ replica rejects (prompt too long, ...) still gets its HTTP status instead of a b
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -98,16 +99,25 @@ async def generate(target: LLMTarget, req: GenerationRequest) -> GenerationResul
             raise to_api_error(exc) from exc
 
 
-async def open_stream(target: LLMTarget, req: GenerationRequest) -> tuple[Started, AsyncIterator[list]]:
+async def open_stream(target: LLMTarget, req: GenerationRequest,
+                      gate: Awaitable[Any] | None = None) -> tuple[Started, AsyncIterator[list]]:
+    """Send the request, then wait for the replica's `Started`. With a `gate` (the request's
+    admission, still running), the replica starts while the gate is awaited; if the gate raises,
+    the generation is cancelled and its error raised, before any token reaches the client."""
     # No client span: the stream outlives this call; the replica's span is the request span's child.
     req = dataclasses.replace(req, trace_context=tracing.outgoing())
     with phase("llm"):  # until the replica accepted the request (its `Started`)
         gen = target.handle.options(stream=True).generate_stream.remote(req)
         try:
+            if gate is not None:
+                await asyncio.shield(gate)  # shield: the admission must finish (or its slot would leak)
             first = await gen.__anext__()
         except Exception as exc:
             gen.cancel()
             raise to_api_error(exc) from exc
+        except BaseException:  # cancelled (client gone): stop the replica's work too
+            gen.cancel()
+            raise
     started = first[0]
     assert isinstance(started, Started), f"LLM stream began with {started!r}"
     return started, gen
@@ -149,13 +159,13 @@ async def chat_completion(services: Services, body: ChatCompletionRequest) -> Ch
     )
 
 
-async def chat_completion_stream(services: Services, body: ChatCompletionRequest,
-                                 meter: Meter | None = None) -> AsyncIterator[ChatCompletionChunk]:
+async def chat_completion_stream(services: Services, body: ChatCompletionRequest, meter: Meter | None = None,
+                                 gate: Awaitable[Any] | None = None) -> AsyncIterator[ChatCompletionChunk]:
     target = resolve_llm(services, body.model)
     _check_max_tokens(target, body.max_tokens or body.max_completion_tokens)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     timer = StreamTimer(target.name)
-    started, gen = await open_stream(target, body.to_generation_request(rid))
+    started, gen = await open_stream(target, body.to_generation_request(rid), gate)
     if meter is not None:
         meter.add(prompt_tokens=started.prompt_tokens)
 
@@ -197,13 +207,13 @@ async def completion(services: Services, body: CompletionRequest) -> CompletionR
     )
 
 
-async def completion_stream(services: Services, body: CompletionRequest,
-                            meter: Meter | None = None) -> AsyncIterator[CompletionResponse]:
+async def completion_stream(services: Services, body: CompletionRequest, meter: Meter | None = None,
+                            gate: Awaitable[Any] | None = None) -> AsyncIterator[CompletionResponse]:
     target = resolve_llm(services, body.model)
     _check_max_tokens(target, body.max_tokens)
     rid = f"cmpl-{uuid.uuid4().hex}"
     timer = StreamTimer(target.name)
-    started, gen = await open_stream(target, body.to_generation_request(rid))
+    started, gen = await open_stream(target, body.to_generation_request(rid), gate)
     if meter is not None:
         meter.add(prompt_tokens=started.prompt_tokens)
 

@@ -87,6 +87,9 @@ GENSERVE_METRICS: dict[str, MetricSpec] = {
     "genserve_rate_limited_total": _g(
         "counter", "Requests rejected with 429, by tenant and the limit that refused: requests, tokens, "
         "images (per window), concurrency, budget.", ("tenant", "kind")),
+    "genserve_admission_overlap_total": _g(
+        "counter", "Streamed LLM requests whose admission ran while the replica started them, by outcome: "
+        "admitted, or refused (the generation was cancelled before any token).", ("outcome",)),
     "genserve_job_transitions_total": _g(
         "counter", "Async job state transitions, counted by the state entered.", ("state",)),
     "genserve_jobs_in_state": _g(

@@ -8,6 +8,7 @@ a Ray worker (unit tests, CLI) records go nowhere, so callers never need to chec
 Where each is recorded:
   request_latency    ingress ASGI middleware (telemetry/middleware.py), route = route template
   tenant_requests    Tenancy.admit (accepted), rate_limited: Tenancy.admit (429, by limit kind)
+  admission_overlap  the chat router, when a streamed request's admission overlapped its start
   images, tokens     Tenancy settle: what was delivered and billed, streamed and job usage included
   batch_size, queue_wait, diffusion_step   the diffusion replica (DiffusionServer)
   ttft, inter_token  the ingress chat service, on the SSE stream: what the client sees
@@ -73,6 +74,11 @@ def record_tenant_request(tenant: str, route: str) -> None:
 def record_rate_limited(tenant: str, kind: str) -> None:
     """`kind`: requests, tokens, images, concurrency (the limit that refused) or budget."""
     _inc("genserve_rate_limited_total", 1, {"tenant": tenant, "kind": kind})
+
+
+def record_admission_overlap(outcome: str) -> None:
+    """`outcome`: admitted or refused."""
+    _inc("genserve_admission_overlap_total", 1, {"outcome": outcome})
 
 
 def record_usage(*, model: str, tenant: str, images: int = 0, prompt_tokens: int = 0,

@@ -104,6 +104,9 @@ class TenancyConfig(_Strict):
     auth_stale_s: float = Field(60.0, ge=0.0, description="After auth_cache_s, a cached key is still "
                                 "answered at once for this long while it is re-checked in the background "
                                 "(so a revocation elsewhere may let one more request through per replica).")
+    admission_overlap: bool = Field(True, description="A streamed chat request starts on the LLM replica while "
+                                    "its admission is decided; a refusal cancels it before any token is sent "
+                                    "(tenancy/overlap.py bounds the thrown-away work).")
     pool_size: int = Field(10, ge=1, description="DB connections per process (Postgres).")
     local_tenant: LocalTenantConfig = Field(default_factory=LocalTenantConfig)
 

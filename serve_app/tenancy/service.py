@@ -34,6 +34,7 @@ from serve_app.tenancy.db import insert_for, make_engine, read_tx, upgrade, writ
 from serve_app.tenancy.limits import Grant, Need, Rejected, ratelimit_headers, window_start
 from serve_app.tenancy.limits_redis import RedisLimiter
 from serve_app.tenancy.models import ApiKey, Tenant, UsageDaily, UsageEvent
+from serve_app.tenancy.overlap import OverlapGuard
 from serve_app.tenancy.pricing import cost_micros, estimate_micros, usd
 from serve_app.tenancy.protocol import (
     BudgetStatus, CreatedKey, KeyInfo, TenantInfo, UsageReport, UsageSummary, UsageTotals,
@@ -155,6 +156,7 @@ class Tenancy:
         # digest -> (fresh until (monotonic), context, key expiry (epoch) or None)
         self._auth_cache: dict[str, tuple[float, TenantContext, float | None]] = {}
         self._refreshing: set[str] = set()  # digests with a background re-check under way
+        self.overlap = OverlapGuard(cooldown_s=config.rate_window_s) if config.admission_overlap else None
         self._last_sweep = 0.0
 
     def close(self) -> None:
