@@ -138,3 +138,12 @@ def test_llm_benchmarks_smoke(tmp_path: Path) -> None:
     assert run["serve"]["requests"] == 4 and run["serve_vs_direct"]["tokens_per_s_ratio"] > 0
     assert set(run["serve"]["server_timing_ms_p50"]) == {"auth", "admit", "llm", "app"}
     assert (tmp_path / "llm.png").stat().st_size > 0
+
+
+def test_admission_benchmark_smoke(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "benchmarks.admission", "--n", "20", "--out", str(tmp_path / "adm.json")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "adm.json").read_text())
+    assert result["dialect"] == "sqlite" and result["admit_p50_ms"] > 0 and result["settle_p50_ms"] > 0
+    assert all(r["built_us"] > 0 and r["prebuilt_us"] > 0 for r in result["upsert_per_execution"])

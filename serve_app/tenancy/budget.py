@@ -13,8 +13,8 @@ from datetime import datetime, timezone
 
 from sqlalchemy import Connection, delete, select, update
 
-from serve_app.tenancy.db import insert_for
 from serve_app.tenancy.models import BudgetHold, BudgetPeriod
+from serve_app.tenancy.statements import statement
 
 
 class OverBudget(Exception):
@@ -33,17 +33,12 @@ def reserve(conn: Connection, tenant_id: int, amount_micros: int, budget_micros:
     period = period_of(now)
     amount = max(1, amount_micros)
     if amount <= budget_micros:
-        ins = insert_for(conn)(BudgetPeriod).values(tenant_id=tenant_id, period=period, spent_micros=0,
-                                                     reserved_micros=amount)
-        stmt = ins.on_conflict_do_update(
-            index_elements=[BudgetPeriod.tenant_id, BudgetPeriod.period],
-            set_={"reserved_micros": BudgetPeriod.reserved_micros + amount},
-            where=BudgetPeriod.spent_micros + BudgetPeriod.reserved_micros + amount <= budget_micros,
-        ).returning(BudgetPeriod.reserved_micros)
-        if conn.execute(stmt).scalar() is not None:
+        held = conn.execute(statement(conn, "budget_hold"), {"t": tenant_id, "p": period, "amt": amount,
+                                                             "budget": budget_micros}).scalar()
+        if held is not None:
             hold_id = uuid.uuid4().hex
-            conn.execute(insert_for(conn)(BudgetHold).values(
-                id=hold_id, tenant_id=tenant_id, period=period, amount_micros=amount, expires_at=now + ttl_s))
+            conn.execute(statement(conn, "hold_add"), {"id": hold_id, "tenant_id": tenant_id, "period": period,
+                                                       "amount_micros": amount, "expires_at": now + ttl_s})
             return hold_id
     row = conn.execute(select(BudgetPeriod.spent_micros, BudgetPeriod.reserved_micros).where(
         BudgetPeriod.tenant_id == tenant_id, BudgetPeriod.period == period)).first()
@@ -54,17 +49,10 @@ def settle(conn: Connection, tenant_id: int, hold_id: str | None, cost_micros: i
     """Release the hold (if still there) and add the actual cost to the month it was held in."""
     period, held = period_of(now), 0
     if hold_id is not None:
-        row = conn.execute(delete(BudgetHold).where(BudgetHold.id == hold_id)
-                           .returning(BudgetHold.period, BudgetHold.amount_micros)).first()
+        row = conn.execute(statement(conn, "hold_drop"), {"id": hold_id}).first()
         if row is not None:
             period, held = row[0], int(row[1])
-    ins = insert_for(conn)(BudgetPeriod).values(tenant_id=tenant_id, period=period, spent_micros=cost_micros,
-                                                 reserved_micros=0)
-    conn.execute(ins.on_conflict_do_update(
-        index_elements=[BudgetPeriod.tenant_id, BudgetPeriod.period],
-        set_={"spent_micros": BudgetPeriod.spent_micros + cost_micros,
-              "reserved_micros": BudgetPeriod.reserved_micros - held},
-    ))
+    conn.execute(statement(conn, "budget_settle"), {"t": tenant_id, "p": period, "cost": cost_micros, "held": held})
 
 
 def sweep(conn: Connection, *, now: float) -> int:

@@ -13,7 +13,7 @@ from collections import Counter
 
 from sqlalchemy import Connection, case, delete, select, update
 
-from serve_app.tenancy.db import insert_for
+from serve_app.tenancy.statements import statement
 from serve_app.tenancy.limits import Grant, Need, Rejected, window_start
 from serve_app.tenancy.models import InFlight, InFlightLease, RateCounter
 
@@ -22,17 +22,11 @@ def acquire(conn: Connection, tenant_id: int, needs: list[Need], concurrency: in
             now: float, window_s: int, lease_ttl_s: int) -> Grant:
     ws = window_start(now, window_s)
     grant = Grant(window_start=ws, window_s=window_s)
-    insert = insert_for(conn)
     for need in needs:
         if need.amount > need.limit:
             raise Rejected(need.kind, need.limit, 0, window_s, too_large=True)
-        ins = insert(RateCounter).values(tenant_id=tenant_id, kind=need.kind, window_start=ws, used=need.amount)
-        stmt = ins.on_conflict_do_update(
-            index_elements=[RateCounter.tenant_id, RateCounter.kind, RateCounter.window_start],
-            set_={"used": RateCounter.used + need.amount},
-            where=RateCounter.used + need.amount <= need.limit,
-        ).returning(RateCounter.used)
-        used = conn.execute(stmt).scalar()
+        used = conn.execute(statement(conn, "rate_take"), {"t": tenant_id, "k": need.kind, "ws": ws,
+                                                           "n": need.amount, "lim": need.limit}).scalar()
         if used is None:
             current = conn.execute(select(RateCounter.used).where(
                 RateCounter.tenant_id == tenant_id, RateCounter.kind == need.kind,
@@ -41,16 +35,11 @@ def acquire(conn: Connection, tenant_id: int, needs: list[Need], concurrency: in
         grant.used[need.kind] = (need.limit, int(used))
         grant.taken[need.kind] = need.amount
     if concurrency is not None:
-        ins = insert(InFlight).values(tenant_id=tenant_id, count=1)
-        stmt = ins.on_conflict_do_update(
-            index_elements=[InFlight.tenant_id], set_={"count": InFlight.count + 1},
-            where=InFlight.count + 1 <= concurrency,
-        ).returning(InFlight.count)
-        if conn.execute(stmt).scalar() is None:
+        if conn.execute(statement(conn, "slot_take"), {"t": tenant_id, "lim": concurrency}).scalar() is None:
             raise Rejected("concurrency", concurrency, concurrency, 1.0)
         grant.lease_id = uuid.uuid4().hex
-        conn.execute(insert(InFlightLease).values(id=grant.lease_id, tenant_id=tenant_id,
-                                                   expires_at=now + lease_ttl_s))
+        conn.execute(statement(conn, "lease_add"), {"id": grant.lease_id, "tenant_id": tenant_id,
+                                                    "expires_at": now + lease_ttl_s})
     return grant
 
 
@@ -58,22 +47,16 @@ def release(conn: Connection, tenant_id: int, grant: Grant, adjust: dict[str, in
     """Correct counted units (estimated tokens → actual, never below zero), then free the
     concurrency slot: only the DELETE that removes the lease decrements, so it happens once.
     Row locks are taken in the same order as `acquire` (counters, then in-flight): no deadlocks."""
-    insert = insert_for(conn)
     for kind, delta in adjust.items():
         if delta == 0:
             continue
         # Upsert: tokens counted only at settle (no estimate) still land in the window.
-        new = RateCounter.used + delta
-        ins = insert(RateCounter).values(tenant_id=tenant_id, kind=kind, window_start=grant.window_start,
-                                         used=max(0, delta))
-        conn.execute(ins.on_conflict_do_update(
-            index_elements=[RateCounter.tenant_id, RateCounter.kind, RateCounter.window_start],
-            set_={"used": case((new < 0, 0), else_=new)}))
+        conn.execute(statement(conn, "rate_adjust"), {"t": tenant_id, "k": kind, "ws": grant.window_start,
+                                                      "first": max(0, delta), "d": delta})
     if grant.lease_id is not None:
-        gone = conn.execute(delete(InFlightLease).where(InFlightLease.id == grant.lease_id)).rowcount
+        gone = conn.execute(statement(conn, "lease_drop"), {"id": grant.lease_id}).rowcount
         if gone == 1:
-            conn.execute(update(InFlight).where(InFlight.tenant_id == tenant_id)
-                         .values(count=InFlight.count - 1))
+            conn.execute(statement(conn, "slot_release"), {"t": tenant_id})
 
 
 def sweep(conn: Connection, *, now: float, window_s: int) -> int:

@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any
 
 import anyio
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
 from serve_app.errors import APIError
 from serve_app.telemetry import metrics as telemetry_metrics
@@ -30,11 +30,12 @@ from serve_app.tenancy import budget as budgetlib
 from serve_app.tenancy import keys as keylib
 from serve_app.tenancy import limits_sql, store
 from serve_app.tenancy.config import PlanConfig, TenancyConfig
-from serve_app.tenancy.db import insert_for, make_engine, read_tx, upgrade, write_tx
+from serve_app.tenancy.db import make_engine, read_tx, upgrade, write_tx
 from serve_app.tenancy.limits import Grant, Need, Rejected, ratelimit_headers, window_start
 from serve_app.tenancy.limits_redis import RedisLimiter
-from serve_app.tenancy.models import ApiKey, Tenant, UsageDaily, UsageEvent
+from serve_app.tenancy.models import ApiKey, Tenant
 from serve_app.tenancy.overlap import OverlapGuard
+from serve_app.tenancy.statements import statement
 from serve_app.tenancy.pricing import cost_micros, estimate_micros, usd
 from serve_app.tenancy.protocol import (
     BudgetStatus, CreatedKey, KeyInfo, TenantInfo, UsageReport, UsageSummary, UsageTotals,
@@ -349,14 +350,11 @@ class Tenancy:
     def _record(self, conn: Any, adm: Admission, day: date, cost: int) -> None:
         values = dict(prompt_tokens=adm.prompt_tokens, completion_tokens=adm.completion_tokens, images=adm.images,
                       gpu_seconds=adm.gpu_seconds, cost_micros=cost)
-        conn.execute(insert(UsageEvent).values(
-            tenant_id=adm.ctx.tenant_id, day=day, created_at=datetime.now(timezone.utc), route=adm.route,
-            model=adm.model, status=adm.status, **values))
-        ins = insert_for(conn)(UsageDaily).values(tenant_id=adm.ctx.tenant_id, day=day, requests=1, **values)
-        conn.execute(ins.on_conflict_do_update(
-            index_elements=[UsageDaily.tenant_id, UsageDaily.day],
-            set_={"requests": UsageDaily.requests + 1,
-                  **{k: getattr(UsageDaily, k) + getattr(ins.excluded, k) for k in values}}))
+        conn.execute(statement(conn, "usage_event"), {
+            "tenant_id": adm.ctx.tenant_id, "day": day, "created_at": datetime.now(timezone.utc), "route": adm.route,
+            "model": adm.model, "status": adm.status, **values})
+        conn.execute(statement(conn, "usage_daily"),
+                     {"t": adm.ctx.tenant_id, "u_day": day, **{f"u_{k}": v for k, v in values.items()}})
 
     def _maybe_sweep(self, now: float) -> None:
         if now - self._last_sweep < 30:
