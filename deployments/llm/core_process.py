@@ -92,8 +92,10 @@ class EngineCoreClient:
         assert self._conn is not None and self._proc is not None and self._loop is not None
         try:
             while True:
-                _, rows, items = self._conn.recv()
-                self._loop.call_soon_threadsafe(self._on_step, rows, items)
+                steps = [self._conn.recv()]
+                while self._conn.poll(0):  # drain what is there: one loop wake-up for all of it
+                    steps.append(self._conn.recv())
+                self._loop.call_soon_threadsafe(self._deliver, steps)
         except (EOFError, OSError):
             pass
         code = self._proc.wait()
@@ -103,6 +105,10 @@ class EngineCoreClient:
             self._loop.call_soon_threadsafe(self._on_exit, why)
         except RuntimeError:  # the loop is closed: nobody is left to tell
             pass
+
+    def _deliver(self, steps: list[tuple]) -> None:
+        for _, rows, items in steps:
+            self._on_step(rows, items)
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         if self._proc is None:
