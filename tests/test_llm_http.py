@@ -182,4 +182,7 @@ def test_streamed_chat_says_where_its_time_went(genserve_url: str, api_key: str,
         phases[name] = float(dur)
     assert set(phases) == {"auth", "admit", "llm", "app"}, timing
     assert all(ms >= 0 for ms in phases.values())
-    assert phases["auth"] + phases["admit"] + phases["llm"] <= phases["app"]
+    # Admission overlaps the stream's start (tenancy.admission_overlap, on here): `llm` runs from
+    # the replica call to its `Started` and includes waiting for the admission, which began inside it.
+    assert phases["admit"] <= phases["llm"]
+    assert phases["auth"] + phases["llm"] <= phases["app"]

@@ -4,6 +4,7 @@ gallery, rating, streamed chat. Screenshots go to tests/artifacts/."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -132,9 +133,17 @@ def test_playground_generate_rate_and_chat(genserve_url: str, api_key: str, auth
     page.evaluate("""() => { window.__chunks = 0;
         new MutationObserver(() => window.__chunks++).observe(document.getElementById('chat-log'),
           {childList: true, characterData: true, subtree: true}); }""")
+    # A longer answer than the page's 64 tokens: the tiny model writes 64 in about one 50 ms
+    # stream interval, which would make "streamed" depend on the machine's speed.
+    def longer(route) -> None:  # type: ignore[no-untyped-def]
+        body = json.loads(route.request.post_data or "{}")
+        route.continue_(post_data=json.dumps({**body, "max_tokens": 400, "ignore_eos": True}))
+
+    page.route("**/v1/chat/completions", longer)
     page.get_by_label("Message").fill("Tell me about lighthouses")
     page.keyboard.press("Enter")
-    expect(page.locator("#chat-status")).to_contain_text("tokens", timeout=60_000)
+    expect(page.locator("#chat-status")).to_contain_text("400 tokens", timeout=60_000)
+    page.unroute("**/v1/chat/completions")
     reply = page.locator("#chat-log li.assistant").first.text_content() or ""
     assert reply.strip(), "the assistant bubble stayed empty"
     assert page.evaluate("window.__chunks") >= 4, "the reply arrived in one piece, not streamed"
