@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from engine_streams import tokens
 
 from deployments.llm.tiny import build_tiny_llm
 from deployments.llm.transformers_engine import TransformersEngine
@@ -31,18 +32,6 @@ async def engine(request):
     assert eng.scheduler == "continuous"
     yield eng
     await eng.shutdown()
-
-
-async def tokens(engine: TransformersEngine, rid: str, prompt: list[int], sampling: SamplingParams,
-                 started: asyncio.Event | None = None, after: int = 0) -> tuple[list[int], str | None]:
-    out: list[int] = []
-    reason = None
-    async for d in engine.generate(rid, prompt, sampling):
-        out.extend(d.token_ids)
-        reason = d.finish_reason or reason
-        if started is not None and len(out) >= after:
-            started.set()
-    return out, reason
 
 
 async def test_a_sequence_is_the_same_alone_and_joining_a_running_batch(engine: TransformersEngine):

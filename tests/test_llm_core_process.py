@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from engine_streams import tokens
 
 from deployments.llm.tiny import build_tiny_llm
 from deployments.llm.transformers_engine import TransformersEngine
@@ -24,21 +25,13 @@ def _engine(process: bool, **kw) -> TransformersEngine:
                               max_batch_size=4, engine_process=process, **{"max_model_len": 256, **kw})
 
 
-async def _tokens(eng: TransformersEngine, rid: str, sampling: SamplingParams) -> tuple[list[int], str | None]:
-    ids, reason = [], None
-    async for d in eng.generate(rid, PROMPT, sampling):
-        ids.extend(d.token_ids)
-        reason = d.finish_reason or reason
-    return ids, reason
-
-
 async def _answers(eng: TransformersEngine) -> list[tuple[list[int], str | None]]:
     await eng.start()
     try:
         return await asyncio.gather(
-            _tokens(eng, "greedy", SamplingParams(max_tokens=16, temperature=0.0)),
-            _tokens(eng, "seeded", SamplingParams(max_tokens=16, seed=7, top_p=0.9)),
-            _tokens(eng, "long", SamplingParams(max_tokens=30, seed=1, ignore_eos=True)))
+            tokens(eng, "greedy", PROMPT, SamplingParams(max_tokens=16, temperature=0.0)),
+            tokens(eng, "seeded", PROMPT, SamplingParams(max_tokens=16, seed=7, top_p=0.9)),
+            tokens(eng, "long", PROMPT, SamplingParams(max_tokens=30, seed=1, ignore_eos=True)))
     finally:
         await eng.shutdown()
 
@@ -61,7 +54,7 @@ async def test_an_early_close_aborts_in_the_core_and_it_keeps_serving() -> None:
         await stream.aclose()  # what the server does when the client disconnects
         assert eng.num_running() == 0
         steps = len(eng.batch_sizes)
-        ids, reason = await _tokens(eng, "next", SamplingParams(max_tokens=5, temperature=0.0))
+        ids, reason = await tokens(eng, "next", PROMPT, SamplingParams(max_tokens=5, temperature=0.0))
         assert (len(ids), reason) == (5, "length")
         # the aborted row left the batch: the new request decoded alone (rows of 1)
         assert set(list(eng.batch_sizes)[steps:]) == {1}
@@ -87,7 +80,7 @@ async def test_a_dead_core_fails_open_streams_and_the_health_check() -> None:
         with pytest.raises(RuntimeError, match="engine core"):
             await eng.check_health()
         with pytest.raises(RuntimeError):
-            await _tokens(eng, "after", SamplingParams(max_tokens=3))
+            await tokens(eng, "after", PROMPT, SamplingParams(max_tokens=3))
     finally:
         await eng.shutdown()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_streams import tokens
 
 from deployments.llm.tiny import build_tiny_llm
 from deployments.llm.transformers_engine import TransformersEngine
@@ -34,14 +35,6 @@ def _always_eos(eng: TransformersEngine) -> None:
     head.bias = torch.nn.Parameter(bias, requires_grad=False)
 
 
-async def _run(eng: TransformersEngine, rid: str, sampling: SamplingParams) -> tuple[list[int], str | None]:
-    ids, reason = [], None
-    async for d in eng.generate(rid, PROMPT, sampling):
-        ids.extend(d.token_ids)
-        reason = d.finish_reason or reason
-    return ids, reason
-
-
 @pytest.mark.asyncio
 @pytest.mark.parametrize("scheduler", ["continuous", "static"])
 async def test_eos_ends_a_sequence_unless_ignored(scheduler: str) -> None:
@@ -50,8 +43,8 @@ async def test_eos_ends_a_sequence_unless_ignored(scheduler: str) -> None:
         _always_eos(eng)
         eos = eng.tokenizer.eos_token_id
         stopped, ignored = await asyncio.gather(
-            _run(eng, "stop", SamplingParams(max_tokens=12, temperature=0.0)),
-            _run(eng, "ignore", SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)))
+            tokens(eng, "stop", PROMPT, SamplingParams(max_tokens=12, temperature=0.0)),
+            tokens(eng, "ignore", PROMPT, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)))
         assert stopped == ([eos], "stop")
         assert ignored[1] == "length" and len(ignored[0]) == 12 and set(ignored[0]) == {eos}
     finally:

@@ -3,7 +3,8 @@
 Two schedulers. `continuous` (the default, deployments/llm/continuous.py): sequences join and
 leave the running batch between decode steps, so a request never waits for another's answer to
 end. Its model thread runs in a child process by default (`engine_process`, core_process.py), so
-it neither waits for nor delays the replica's event loop; this process keeps the tokenizer. `static`, kept for models whose cache is not made of plain `DynamicLayer`s after a probe
+it neither waits for nor delays the replica's event loop; this process keeps the tokenizer.
+`static`, kept for models whose cache is not made of plain `DynamicLayer`s after a probe
 forward (the engine then falls back to it by itself) and as the measured baseline: micro-batched
 `model.generate` with per-row sampling and stopping, described below.
 

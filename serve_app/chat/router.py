@@ -90,9 +90,14 @@ async def _admitted_stream(tenancy: TenancyDep, ctx: TenantContext, admission: A
     return _streaming(chunks, task.result())
 
 
+_orphan_settles: set[asyncio.Task] = set()  # referenced until done (the loop keeps only weak refs)
+
+
 def _settle_orphan(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is None:
-        asyncio.ensure_future(task.result().settle("error"))
+        settle = asyncio.ensure_future(task.result().settle("error"))
+        _orphan_settles.add(settle)
+        settle.add_done_callback(_orphan_settles.discard)
 
 
 def _streaming(chunks, adm: Admission) -> MeteredStreamingResponse:  # type: ignore[no-untyped-def]
