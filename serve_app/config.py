@@ -138,6 +138,11 @@ class LLMModelConfig(_Strict):
         50.0, ge=0.0, le=1000.0, description="Streamed tokens after the first leave the replica in one message "
         "per interval (0: one per token). Each message costs the replica, ingress and proxy a round of Python; "
         "the first token is always sent at once.")
+    stream_coalesce_above: int = Field(
+        0, ge=0, description="Coalesce per `stream_interval_ms` only while more than this many streams are open "
+        "on the replica; fewer get every token at once (0: always coalesce). On an H100 with vLLM, one message "
+        "per token kept inter-token latency at the engine's up to 8 streams but cost ~half the throughput at 64 "
+        "(benchmarks/README.md).")
     aliases: list[str] = Field(default_factory=list)
     description: str = ""
 

@@ -9,42 +9,53 @@ sent the moment it exists (TTFT is what users feel), and only the rest is batche
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, TypeVar
+from typing import AsyncIterator, Callable, TypeVar
 
 T = TypeVar("T")
 
 
-async def coalesce(stream: AsyncIterator[T], interval_s: float) -> AsyncIterator[list[T]]:
+async def coalesce(stream: AsyncIterator[T], interval_s: float | Callable[[], float]) -> AsyncIterator[list[T]]:
     """Lists of items from `stream`: `[first]` at once, then every `interval_s` what is queued.
 
+    `interval_s` may be a callable, asked before each wait: 0 means "send each item as soon as it
+    exists" (what an idle replica should do: inter-token latency stays the engine's), a positive
+    value batches (what a replica with many open streams needs: one message per token per stream
+    is where its, the ingress's and the proxy's CPU goes).
     The stream is read by a task of its own, so it keeps making progress while the consumer waits;
     cancelling this generator (a client disconnect) cancels that task, which closes `stream`.
     """
+    interval = interval_s if callable(interval_s) else (lambda: interval_s)
     queue: asyncio.Queue[T] = asyncio.Queue()
     done = asyncio.Event()
-    first = asyncio.Event()
+    arrived = asyncio.Event()
 
     async def read() -> None:
         try:
             async for item in stream:
                 queue.put_nowait(item)
-                first.set()
+                arrived.set()
         finally:
             done.set()
-            first.set()
+            arrived.set()
 
     reader = asyncio.create_task(read())
     try:
-        await first.wait()
+        await arrived.wait()
         while True:
+            arrived.clear()
             batch = _drain(queue)
             if batch:
                 yield batch
             if done.is_set() and queue.empty():
                 reader.result()  # re-raise the stream's error, if any
                 return
+            wait = interval()
+            if wait <= 0:
+                if queue.empty():
+                    await arrived.wait()
+                continue
             try:
-                await asyncio.wait_for(done.wait(), timeout=interval_s)
+                await asyncio.wait_for(done.wait(), timeout=wait)
             except asyncio.TimeoutError:
                 pass
     finally:

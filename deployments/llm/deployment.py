@@ -49,6 +49,7 @@ class LLMReplica:
                                   dtype=cfg.dtype, device=cfg.device, engine_kwargs=kwargs)
         self.config = cfg
         self.stream_batch_ms = stream_batch_ms
+        self._open_streams = 0
         self.server = LLMServer(engine, model_name=cfg.name, default_max_tokens=cfg.default_max_tokens)
 
     async def start(self) -> None:
@@ -59,29 +60,41 @@ class LLMReplica:
         span = tracing.start_remote_span("llm.stream", req.trace_context, model=self.config.name, n=req.n,
                                          max_tokens=req.max_tokens)
         completion_tokens = 0
+        counted = False
         try:
             # Started goes out at once (the caller waits on it to pick an HTTP status) ...
             started = await stream.__anext__()
             if isinstance(started, Started):
                 tracing.set_attrs(span, prompt_tokens=started.prompt_tokens)
             yield [started]
+            self._open_streams += 1
+            counted = True
             if self.stream_batch_ms == 0:
                 async for item in stream:
                     completion_tokens += item.num_tokens if isinstance(item, ChoiceDelta) else 0
                     yield [item]
                 return
-            # ... then deltas: the first at once (TTFT), the rest coalesced per interval, one
-            # Serve stream message per batch of tokens instead of one per token.
-            async for batch in coalesce(stream, self.stream_batch_ms / 1000):
+            # ... then deltas: the first at once (TTFT), the rest coalesced per interval (while
+            # the replica is busy, see `_stream_interval_s`), one Serve stream message per batch
+            # of tokens instead of one per token.
+            async for batch in coalesce(stream, self._stream_interval_s):
                 completion_tokens += sum(d.num_tokens for d in batch if isinstance(d, ChoiceDelta))
                 yield batch
         except Exception as exc:  # a disconnect (cancel) is not an error of the stream
             tracing.record_error(span, exc)
             raise
         finally:
+            if counted:
+                self._open_streams -= 1
             tracing.set_attrs(span, completion_tokens=completion_tokens)
             span.end()
             await stream.aclose()
+
+    def _stream_interval_s(self) -> float:
+        """Per token while few streams are open (latency), per interval while many are (throughput)."""
+        if self._open_streams <= self.config.stream_coalesce_above:
+            return 0.0
+        return self.stream_batch_ms / 1000
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
         with tracing.continue_trace("llm.generate", req.trace_context, model=self.config.name, n=req.n,

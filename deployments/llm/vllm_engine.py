@@ -128,8 +128,12 @@ class VLLMEngine:
     def num_running(self) -> int:
         if self._engine is None:
             return 0
-        # vLLM's own count of unfinished requests (front-end output processor), not ours.
-        return int(self._engine.get_num_unfinished_requests())
+        # vLLM's own count of unfinished requests (front-end output processor), not ours. AsyncLLM
+        # grew this method after 0.26 (the GPU host's build); the output processor has it in both.
+        count = getattr(self._engine, "get_num_unfinished_requests", None)
+        if count is None:
+            count = self._engine.output_processor.get_num_unfinished_requests
+        return int(count())
 
     async def check_health(self) -> None:
         if self._engine is None:
