@@ -62,7 +62,14 @@ def status_of(exc: BaseException | None) -> str | None:
         return None
     if isinstance(exc, (asyncio.CancelledError, anyio.get_cancelled_exc_class())):
         return "disconnected"  # cancelled: the client left (or the server is going away)
+    # What a downstream handle call raises once Ray Serve cancelled this request (client gone),
+    # and Starlette's lost socket; matched by name so tenancy needs neither imported.
+    if any(c.__name__ in _CANCELLED_NAMES for c in type(exc).__mro__):
+        return "disconnected"
     return "error"
+
+
+_CANCELLED_NAMES = frozenset({"RequestCancelledError", "TaskCancelledError", "ClientDisconnect"})
 
 
 def settle_when_admitted(admission: asyncio.Future[Admission], status: str) -> None:
