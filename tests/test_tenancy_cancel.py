@@ -226,3 +226,15 @@ def test_lease_is_renewed_while_running_and_expires_once_renewal_stops(
     finally:
         holder.close()
         other.close()
+
+
+def test_settle_after_close_still_settles(tmp_path: Path) -> None:
+    """A settle started after `close()` (process shutting down) runs inline rather than not at all."""
+    tenancy = make_tenancy(f"sqlite:///{tmp_path / 'a.db'}", tmp_path, plans=[PLAN])
+    tenancy.create_tenant("acme")
+    ctx = tenancy.authenticate_sync(tenancy.create_key("acme").key)
+    adm = tenancy.admit_sync(ctx, route="chat", model="m")
+    tenancy._threads.shutdown(wait=True)  # what close() does first; the engine stays usable here
+    assert asyncio.run(adm.settle("disconnected")) is True
+    assert _ledger(tenancy)["in_flight"] == 0 and _ledger(tenancy)["events"] == {"disconnected": 1}
+    tenancy.close()

@@ -103,7 +103,7 @@ def test_disconnects_leak_no_slot_hold_or_budget(genserve_url: str, app_work_dir
         jobs = [(streamed, how) for how in ("before_first_byte", "first_chunk", "mid_stream")
                 for _ in range(PER_KIND // 3 + 1)][:PER_KIND] + [(plain, "before_first_byte")] * PER_KIND
         rng.shuffle(jobs)
-        limits = httpx.Limits(max_connections=4, max_keepalive_connections=0)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)  # a fresh socket each
         async with httpx.AsyncClient(base_url=genserve_url, headers={"Authorization": f"Bearer {key}"},
                                      timeout=60, limits=limits) as client:
             for i in range(0, len(jobs), 2):  # two at a time: what the plan allows

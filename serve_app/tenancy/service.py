@@ -132,6 +132,7 @@ class Admission:
         self._settled = False
         self._lock = threading.Lock()
         self._settling: concurrent.futures.Future[bool] | None = None
+        self._start_lock = threading.Lock()
 
     @property
     def settled(self) -> bool:
@@ -171,7 +172,7 @@ class Admission:
         """Start the settle now, without awaiting: it is handed to a worker thread before this
         returns, so no cancellation of the caller (before, during or after) can skip it. Later
         calls return the same future (their `status` is ignored: the first one decides)."""
-        with self._lock:
+        with self._start_lock:  # not `_lock`: a closed tenancy runs settle_sync inline, which takes it
             if self._settling is None:
                 self._settling = self._tenancy._submit(self.settle_sync, status)
             return self._settling
