@@ -76,6 +76,13 @@ def local_config_doc(port: int, work_dir: Path) -> dict:
     args = doc["applications"][0]["args"]
     args["work_dir"] = str(work_dir)
     args.setdefault("tenancy", {})["admin_token"] = ADMIN_TOKEN
+    # The default plans plus one that allows 2 requests at a time and nothing else limited (the
+    # disconnect soak, test_tenancy_disconnect_http.py, must not run into the free plan's 20 rpm).
+    from serve_app.tenancy.config import _default_plans
+
+    args["tenancy"].setdefault("plans", [p.model_dump() for p in _default_plans()] + [
+        {"name": "two-at-a-time", "requests_per_minute": None, "tokens_per_minute": None, "images_per_minute": None,
+         "max_concurrent_requests": 2, "monthly_budget_usd": 1000.0}])
     # A GPU-memory budget below one 256² Würstchen image, so the 422 for oversize images is testable.
     wurst = next(m for m in args["diffusion_models"] if m["name"] == "wuerstchen-tiny")
     wurst["batching"]["max_batch_megapixels"] = 0.05

@@ -22,6 +22,7 @@ from serve_app.telemetry import metrics
 from serve_app.tenancy import (
     Admission, CurrentTenant, MeteredStreamingResponse, TenancyDep, TenantContext, ensure_model_allowed,
 )
+from serve_app.tenancy.service import settle_when_admitted, status_of
 
 router = APIRouter(tags=["chat"])
 
@@ -60,11 +61,11 @@ async def _admitted_stream(tenancy: TenancyDep, ctx: TenantContext, admission: A
     (tenancy/overlap.py): the LLM replica starts while the database decides."""
     guard = tenancy.overlap
     if guard is None or not guard.enter(ctx.tenant_id):
-        adm = await admission
+        adm = await admission  # cancelled while admitting: `admit` frees what it grants
         try:
             chunks = await open_stream(meter=adm)
-        except BaseException:
-            await adm.settle("error")
+        except BaseException as e:
+            await adm.settle(status_of(e))
             raise
         return _streaming(chunks, adm)
     task = asyncio.ensure_future(admission)
@@ -72,32 +73,21 @@ async def _admitted_stream(tenancy: TenancyDep, ctx: TenantContext, admission: A
     try:
         try:
             chunks = await open_stream(meter=_AdmittedMeter(task), gate=task)
-        except BaseException:
+        except BaseException as e:
             # The stream failed or was refused; the admission's own answer comes first (as if in
-            # order), and an admission that passed is settled, never left holding its slot.
+            # order). An admission that passed is settled — now, or whenever it completes if we
+            # are cancelled first — never left holding its slot.
+            settle_when_admitted(task, status_of(e) or "error")
             try:
-                adm = await asyncio.shield(task)
+                await asyncio.shield(task)
             except BaseException:
                 refused = not task.cancelled() and task.done() and task.exception() is not None
-                if not task.done():  # we were cancelled: settle it whenever it finishes
-                    task.add_done_callback(_settle_orphan)
-                raise
-            await adm.settle("error")
+                raise  # the admission's answer (a 429), or this request's own cancellation
             raise
     finally:
         guard.leave(ctx.tenant_id, refused=refused)
         metrics.record_admission_overlap("refused" if refused else "admitted")
     return _streaming(chunks, task.result())
-
-
-_orphan_settles: set[asyncio.Task] = set()  # referenced until done (the loop keeps only weak refs)
-
-
-def _settle_orphan(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is None:
-        settle = asyncio.ensure_future(task.result().settle("error"))
-        _orphan_settles.add(settle)
-        settle.add_done_callback(_orphan_settles.discard)
 
 
 def _streaming(chunks, adm: Admission) -> MeteredStreamingResponse:  # type: ignore[no-untyped-def]

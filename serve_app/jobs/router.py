@@ -18,6 +18,7 @@ from serve_app.jobs.runner import spec_of
 from serve_app.jobs.service import JOBS_KEY, Jobs
 from serve_app.state import ServicesDep
 from serve_app.tenancy import CurrentTenant, TenancyDep
+from serve_app.tenancy.service import status_of
 
 router = APIRouter(tags=["jobs"])
 
@@ -56,8 +57,8 @@ async def create_job(body: JobCreateRequest, request: Request, response: Respons
                        extra={"template_ref": dataclasses.asdict(template) if template else None})
         job = await jobs.runner.submit(tenant_id=ctx.tenant_id, model=rendered.model.name, spec=spec,
                                        webhook_url=body.webhook_url, settle=settle)
-    except BaseException:
-        await admission.settle("error")
+    except BaseException as e:
+        await admission.settle(status_of(e))
         raise
     response.headers.update(admission.headers())
     response.headers["Location"] = f"/v1/jobs/{job.id}"

@@ -55,8 +55,14 @@ def settle(conn: Connection, tenant_id: int, hold_id: str | None, cost_micros: i
     conn.execute(statement(conn, "budget_settle"), {"t": tenant_id, "p": period, "cost": cost_micros, "held": held})
 
 
+def renew(conn: Connection, hold_ids: list[str], *, expires_at: float) -> None:
+    """Push the expiry of running requests' holds (a settled hold is simply not there)."""
+    for i in range(0, len(hold_ids), 500):
+        conn.execute(update(BudgetHold).where(BudgetHold.id.in_(hold_ids[i:i + 500])).values(expires_at=expires_at))
+
+
 def sweep(conn: Connection, *, now: float) -> int:
-    """Release holds whose request never settled (its replica died)."""
+    """Release holds whose request stopped renewing them (its replica died) and never settled."""
     rows = conn.execute(delete(BudgetHold).where(BudgetHold.expires_at < now)
                         .returning(BudgetHold.tenant_id, BudgetHold.period, BudgetHold.amount_micros)).all()
     for tenant_id, period, amount in rows:

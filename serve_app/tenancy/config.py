@@ -97,7 +97,13 @@ class TenancyConfig(_Strict):
     prices: PricesConfig = Field(default_factory=PricesConfig)
     rate_window_s: int = Field(60, ge=1, le=3600, description="Fixed window of the per-minute limits.")
     lease_ttl_s: int = Field(
-        3600, ge=10, description="A concurrency slot or budget hold older than this is freed (crashed replica)."
+        60, ge=2, le=3600, description="Lifetime of a concurrency slot's or budget hold's lease. A running "
+        "request renews it (lease_renew_s); one whose process stopped renewing (crash, leak) is freed this "
+        "long after its last renewal.",
+    )
+    lease_renew_s: float | None = Field(
+        None, gt=0, description="How often a replica renews the leases of its open requests and sweeps expired "
+        "ones (default: lease_ttl_s / 3, so two renewals may fail before a running request's lease lapses).",
     )
     auth_cache_s: float = Field(2.0, ge=0.0, description="Per-replica cache of key lookups; revocation "
                                 "reaches other replicas within this time.")
@@ -131,9 +137,16 @@ class TenancyConfig(_Strict):
             raise ValueError(f"plan names must be unique; repeated: {dupes}")
         if self.default_plan not in names:
             raise ValueError(f"default_plan ({self.default_plan!r}) is not one of plans ({names})")
+        if self.lease_renew_s is not None and self.lease_renew_s >= self.lease_ttl_s:
+            raise ValueError(f"lease_renew_s ({self.lease_renew_s}) must be below lease_ttl_s ({self.lease_ttl_s}), "
+                             "or running requests would lose their slots")
         if self.local_tenant.plan is not None and self.local_tenant.plan not in names:
             raise ValueError(f"local_tenant.plan ({self.local_tenant.plan!r}) is not one of plans ({names})")
         return self
+
+    @property
+    def lease_renew_every_s(self) -> float:
+        return self.lease_renew_s if self.lease_renew_s is not None else self.lease_ttl_s / 3
 
     def plan(self, name: str) -> PlanConfig | None:
         return next((p for p in self.plans if p.name == name), None)

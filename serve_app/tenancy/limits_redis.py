@@ -3,7 +3,8 @@
 One Lua script checks every need and the concurrency slot, then takes them all: Redis runs a
 script atomically, so this is check-and-increment with no gap. Windows come from Redis' own clock
 (`TIME`), so replicas with skewed clocks still share one window. Concurrency is a sorted set of
-leases scored by expiry: a slot held by a crashed replica frees itself after lease_ttl_s.
+leases scored by expiry (Redis' clock): the holder renews its leases while the request runs
+(`renew`), so a slot held by a crashed replica frees itself about lease_ttl_s after its last renewal.
 """
 
 from __future__ import annotations
@@ -64,6 +65,15 @@ end
 return 1
 """
 
+_RENEW = """
+local ck, ttl = ARGV[1] .. ':inflight', tonumber(ARGV[2])
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) + tonumber(t[2]) / 1000000 + ttl
+for i = 3, #ARGV do redis.call('ZADD', ck, 'XX', expiry, ARGV[i]) end
+if redis.call('EXISTS', ck) == 1 then redis.call('EXPIRE', ck, ttl * 2) end
+return 1
+"""
+
 
 class RedisLimiter:
     def __init__(self, url: str, *, window_s: int, lease_ttl_s: int, namespace: str = "genserve:rl") -> None:
@@ -71,6 +81,7 @@ class RedisLimiter:
         self.window_s, self.lease_ttl_s, self.namespace = window_s, lease_ttl_s, namespace
         self._acquire = self.client.register_script(_ACQUIRE)
         self._release = self.client.register_script(_RELEASE)
+        self._renew = self.client.register_script(_RENEW)
 
     def _prefix(self, tenant_id: int) -> str:
         return f"{self.namespace}:{{{tenant_id}}}"  # {..}: a Redis Cluster hash tag per tenant
@@ -104,6 +115,12 @@ class RedisLimiter:
         for kind, delta in pairs:
             args += [kind, delta]
         self._release(args=args)
+
+    def renew(self, leases: dict[int, list[str]]) -> None:
+        """Extend running requests' leases ({tenant id: lease ids}); XX: a released one stays gone."""
+        for tenant_id, ids in leases.items():
+            for i in range(0, len(ids), 500):
+                self._renew(args=[self._prefix(tenant_id), self.lease_ttl_s, *ids[i:i + 500]])
 
     def refund(self, tenant_id: int, grant: Grant) -> None:
         """Undo an acquire whose request was refused later (by the budget)."""

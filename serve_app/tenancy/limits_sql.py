@@ -59,6 +59,13 @@ def release(conn: Connection, tenant_id: int, grant: Grant, adjust: dict[str, in
             conn.execute(statement(conn, "slot_release"), {"t": tenant_id})
 
 
+def renew(conn: Connection, lease_ids: list[str], *, expires_at: float) -> None:
+    """Push the expiry of running requests' leases (a released lease is simply not there)."""
+    for i in range(0, len(lease_ids), 500):
+        conn.execute(update(InFlightLease).where(InFlightLease.id.in_(lease_ids[i:i + 500]))
+                     .values(expires_at=expires_at))
+
+
 def sweep(conn: Connection, *, now: float, window_s: int) -> int:
     """Free slots whose lease expired (a replica died mid-request) and drop old windows."""
     conn.execute(delete(RateCounter).where(RateCounter.window_start < window_start(now, window_s) - window_s))

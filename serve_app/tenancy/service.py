@@ -4,21 +4,29 @@ Per request:  ctx = await tenancy.authenticate(key)          (or the `CurrentTen
               adm = await tenancy.admit(ctx, route=..., model=..., images=n, est_tokens=t)
               ... do the work, adm.add(completion_tokens=k) as chunks are sent ...
               await adm.settle()                               (in `finally`; runs once)
-All database/Redis work is synchronous and runs in worker threads (anyio.to_thread).
+All database/Redis work is synchronous and runs in the tenancy's worker threads.
+
+Cancellation (a client that left, a server shutting down) can reach a request any number of times
+and at any point, including while it is being admitted or settled. So the blocking work is handed
+to a worker thread synchronously, at the call, and only the *waiting* for it is cancellable: an
+admission that completes for a request already cancelled is settled at once (`disconnected`),
+and a settle, once started, finishes whatever happens to the task that awaited it. Slots and
+budget holds that still escape (a process that died) carry leases that run out (leases.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-
+import concurrent.futures
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 from sqlalchemy import select
@@ -31,6 +39,7 @@ from serve_app.tenancy import keys as keylib
 from serve_app.tenancy import limits_sql, store
 from serve_app.tenancy.config import PlanConfig, TenancyConfig
 from serve_app.tenancy.db import make_engine, read_tx, upgrade, write_tx
+from serve_app.tenancy.leases import LeaseKeeper
 from serve_app.tenancy.limits import Grant, Need, Rejected, ratelimit_headers, window_start
 from serve_app.tenancy.limits_redis import RedisLimiter
 from serve_app.tenancy.models import ApiKey, Tenant
@@ -44,6 +53,34 @@ from serve_app.tenancy.protocol import (
 logger = logging.getLogger("genserve.tenancy")
 
 INVALID_KEY = "Incorrect API key provided."
+T = TypeVar("T")
+
+
+def status_of(exc: BaseException | None) -> str | None:
+    """The ledger status of a request that ended with `exc` (None: it ended normally)."""
+    if exc is None:
+        return None
+    if isinstance(exc, (asyncio.CancelledError, anyio.get_cancelled_exc_class())):
+        return "disconnected"  # cancelled: the client left (or the server is going away)
+    # What a downstream handle call raises once Ray Serve cancelled this request (client gone),
+    # and Starlette's lost socket; matched by name so tenancy needs neither imported.
+    if any(c.__name__ in _CANCELLED_NAMES for c in type(exc).__mro__):
+        return "disconnected"
+    return "error"
+
+
+_CANCELLED_NAMES = frozenset({"RequestCancelledError", "TaskCancelledError", "ClientDisconnect"})
+
+
+def settle_when_admitted(admission: asyncio.Future[Admission], status: str) -> None:
+    """For a caller cancelled while `admission` was still being decided: settle it (`status`) as
+    soon as it is granted; a refused or cancelled admission holds nothing."""
+
+    def done(fut: asyncio.Future[Admission]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            fut.result().settle_soon(status)
+
+    admission.add_done_callback(done)
 
 
 @dataclass(frozen=True)
@@ -94,6 +131,8 @@ class Admission:
         self.status = "ok"
         self._settled = False
         self._lock = threading.Lock()
+        self._settling: concurrent.futures.Future[bool] | None = None
+        self._start_lock = threading.Lock()
 
     @property
     def settled(self) -> bool:
@@ -116,32 +155,44 @@ class Admission:
         self.completion_tokens = int(usage.get("completion_tokens", self.completion_tokens) or 0)
 
     def settle_sync(self, status: str | None = None) -> bool:
+        """Record usage and free the slot and hold, once: True for the call that did it."""
         with self._lock:
             if self._settled:
                 return False
             self._settled = True
         if status is not None:
             self.status = status
-        self._tenancy._settle(self)
+        try:
+            self._tenancy._settle(self)
+        finally:
+            self._tenancy.leases.forget(self)
         return True
 
+    def settle_soon(self, status: str | None = None) -> concurrent.futures.Future[bool]:
+        """Start the settle now, without awaiting: it is handed to a worker thread before this
+        returns, so no cancellation of the caller (before, during or after) can skip it. Later
+        calls return the same future (their `status` is ignored: the first one decides)."""
+        with self._start_lock:  # not `_lock`: a closed tenancy runs settle_sync inline, which takes it
+            if self._settling is None:
+                self._settling = self._tenancy._submit(self.settle_sync, status)
+            return self._settling
+
     async def settle(self, status: str | None = None) -> bool:
-        """Record usage and free the slot, once (later calls return False). Shielded, so it also
-        completes inside a cancelled scope, e.g. a streaming response whose client disconnected."""
-        done = False
-        with anyio.CancelScope(shield=True):
-            done = await anyio.to_thread.run_sync(self.settle_sync, status)
-        return done
+        """Record usage and free the slot, once (later calls return False). The settle itself
+        runs to completion whatever happens to this task; a cancel (any number of them) only
+        stops the waiting for it."""
+        first = self._settling is None
+        settling = self.settle_soon(status)
+        with anyio.CancelScope(shield=True):  # an anyio scope's cancel waits for the settle...
+            done = await asyncio.shield(asyncio.wrap_future(settling))  # ...a Task.cancel() need not
+        return done and first
 
     async def __aenter__(self) -> Admission:
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
-        status = None
-        if et is not None:
-            status = "disconnected" if issubclass(et, anyio.get_cancelled_exc_class()) else "error"
-        await self.settle(status)
+        await self.settle(status_of(e))
 
 
 class Tenancy:
@@ -159,8 +210,45 @@ class Tenancy:
         self._refreshing: set[str] = set()  # digests with a background re-check under way
         self.overlap = OverlapGuard(cooldown_s=config.rate_window_s) if config.admission_overlap else None
         self._last_sweep = 0.0
+        # Admissions and settles: submitted synchronously (see the module docstring).
+        self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=max(4, config.pool_size),
+                                                              thread_name_prefix="genserve-tenancy")
+        self._pending, self._pending_lock = 0, threading.Lock()
+        self.leases = LeaseKeeper(self._renew, self._sweep_quietly, config.lease_renew_every_s)
+
+    def _submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        try:
+            fut = self._threads.submit(fn, *args)
+            with self._pending_lock:
+                self._pending += 1
+            fut.add_done_callback(self._done)
+            return fut
+        except RuntimeError:  # closed (process shutting down): run it here rather than not at all
+            out: concurrent.futures.Future[T] = concurrent.futures.Future()
+            try:
+                out.set_result(fn(*args))
+            except BaseException as e:
+                out.set_exception(e)
+            return out
+
+    def _done(self, _fut: concurrent.futures.Future[Any]) -> None:
+        with self._pending_lock:
+            self._pending -= 1
+
+    @property
+    def pending(self) -> int:
+        """Admissions and settles handed to worker threads and not finished yet."""
+        with self._pending_lock:
+            return self._pending
+
+    def stop_renewing(self) -> None:
+        """Stop renewing this process's leases (shutdown; tests simulate a dead replica with it)."""
+        self.leases.stop()
 
     def close(self) -> None:
+        """Finish the settles already started, stop renewing leases, close connections."""
+        self.leases.stop()
+        self._threads.shutdown(wait=True)
         if self.redis is not None:
             self.redis.close()
         self.engine.dispose()
@@ -254,36 +342,57 @@ class Tenancy:
             needs.append(Need("images", images, plan.images_per_minute))
         budget = plan.monthly_budget_usd
         est = estimate_micros(self.config.prices, tokens=est_tokens, images=images, gpu_seconds=est_gpu_seconds)
-        cfg = self.config
-        hold: str | None = None
         try:
-            if self.redis is not None:
-                grant = self.redis.acquire(ctx.tenant_id, needs, plan.max_concurrent_requests)
-                try:
-                    if budget is not None:
-                        with write_tx(self.engine) as conn:
-                            hold = budgetlib.reserve(conn, ctx.tenant_id, est, int(round(budget * 1e6)),
-                                                     now=now, ttl_s=cfg.lease_ttl_s)
-                except BaseException:
-                    self.redis.refund(ctx.tenant_id, grant)
-                    raise
-            elif needs or plan.max_concurrent_requests is not None or budget is not None:
-                with write_tx(self.engine) as conn:
-                    grant = limits_sql.acquire(conn, ctx.tenant_id, needs, plan.max_concurrent_requests,
-                                               now=now, window_s=cfg.rate_window_s, lease_ttl_s=cfg.lease_ttl_s)
-                    if budget is not None:
+            grant, hold = self._acquire(ctx, needs, est, now)
+        except (Rejected, budgetlib.OverBudget) as refusal:
+            # Full because of leases that ran out since the last sweep (a dead replica's)? Free
+            # them now and try once more, so a freed slot is usable at once, not after the sweep.
+            # (At most once a second per process: a tenant hammering past its limit gets plain 429s.)
+            limited = isinstance(refusal, budgetlib.OverBudget) or refusal.kind == "concurrency"
+            if not (limited and now - self._last_sweep >= 1.0 and self._sweep_quietly(now) > 0):
+                self._refused(ctx, refusal)
+            try:
+                grant, hold = self._acquire(ctx, needs, est, now)
+            except (Rejected, budgetlib.OverBudget) as again:
+                self._refused(ctx, again)
+        telemetry_metrics.record_tenant_request(ctx.tenant, route)
+        adm = Admission(self, ctx, route, model, grant, hold, now)
+        if grant.lease_id is not None or hold is not None:
+            self.leases.track(adm)
+        return adm
+
+    def _refused(self, ctx: TenantContext, refusal: Exception) -> NoReturn:
+        if isinstance(refusal, Rejected):
+            telemetry_metrics.record_rate_limited(ctx.tenant, refusal.kind)
+            raise _rate_error(refusal) from None
+        assert isinstance(refusal, budgetlib.OverBudget)
+        telemetry_metrics.record_rate_limited(ctx.tenant, "budget")
+        raise _quota_error(refusal) from None
+
+    def _acquire(self, ctx: TenantContext, needs: list[Need], est: int, now: float) -> tuple[Grant, str | None]:
+        """Rate units, the slot and the budget hold, all or nothing (Rejected/OverBudget)."""
+        plan, cfg, budget = ctx.plan, self.config, ctx.plan.monthly_budget_usd
+        hold: str | None = None
+        if self.redis is not None:
+            grant = self.redis.acquire(ctx.tenant_id, needs, plan.max_concurrent_requests)
+            try:
+                if budget is not None:
+                    with write_tx(self.engine) as conn:
                         hold = budgetlib.reserve(conn, ctx.tenant_id, est, int(round(budget * 1e6)),
                                                  now=now, ttl_s=cfg.lease_ttl_s)
-            else:
-                grant = Grant(window_start=window_start(now, cfg.rate_window_s), window_s=cfg.rate_window_s)
-        except Rejected as r:
-            telemetry_metrics.record_rate_limited(ctx.tenant, r.kind)
-            raise _rate_error(r) from None
-        except budgetlib.OverBudget as e:
-            telemetry_metrics.record_rate_limited(ctx.tenant, "budget")
-            raise _quota_error(e) from None
-        telemetry_metrics.record_tenant_request(ctx.tenant, route)
-        return Admission(self, ctx, route, model, grant, hold, now)
+            except BaseException:
+                self.redis.refund(ctx.tenant_id, grant)
+                raise
+        elif needs or plan.max_concurrent_requests is not None or budget is not None:
+            with write_tx(self.engine) as conn:
+                grant = limits_sql.acquire(conn, ctx.tenant_id, needs, plan.max_concurrent_requests,
+                                           now=now, window_s=cfg.rate_window_s, lease_ttl_s=cfg.lease_ttl_s)
+                if budget is not None:
+                    hold = budgetlib.reserve(conn, ctx.tenant_id, est, int(round(budget * 1e6)),
+                                             now=now, ttl_s=cfg.lease_ttl_s)
+        else:
+            grant = Grant(window_start=window_start(now, cfg.rate_window_s), window_s=cfg.rate_window_s)
+        return grant, hold
 
     async def admit(self, ctx: TenantContext, *, route: str, model: str, images: int = 0, est_tokens: int = 0,
                     est_gpu_seconds: float = 0.0) -> Admission:
@@ -292,9 +401,16 @@ class Tenancy:
         token window and the budget and corrected to the actual count at settle."""
         annotate(model=model)  # labels the request's latency metric, logs and span
         with phase("admit"):
-            return await anyio.to_thread.run_sync(
+            admission = asyncio.wrap_future(self._submit(
                 lambda: self.admit_sync(ctx, route=route, model=model, images=images, est_tokens=est_tokens,
-                                        est_gpu_seconds=est_gpu_seconds))
+                                        est_gpu_seconds=est_gpu_seconds)))
+            try:
+                return await asyncio.shield(admission)
+            except BaseException:
+                # Refused (nothing to free), or cancelled while the database decided: then whatever
+                # it grants, now or later, is settled at once instead of holding a slot nobody uses.
+                settle_when_admitted(admission, "disconnected")
+                raise
 
     def ping(self) -> None:
         """Raise if the app database is unreachable (the ingress health check)."""
@@ -356,6 +472,30 @@ class Tenancy:
         conn.execute(statement(conn, "usage_daily"),
                      {"t": adm.ctx.tenant_id, "u_day": day, **{f"u_{k}": v for k, v in values.items()}})
 
+    def _renew(self, admissions: list[Admission]) -> None:
+        """Extend the leases and holds of this process's running requests by lease_ttl_s."""
+        expires_at = time.time() + self.config.lease_ttl_s
+        holds = [a.hold_id for a in admissions if a.hold_id is not None and not a.settled]
+        leases = [a for a in admissions if a.grant.lease_id is not None and not a.settled]
+        if self.redis is not None and leases:
+            by_tenant: dict[int, list[str]] = {}
+            for a in leases:
+                by_tenant.setdefault(a.ctx.tenant_id, []).append(a.grant.lease_id)  # type: ignore[arg-type]
+            self.redis.renew(by_tenant)
+        sql_leases = [a.grant.lease_id for a in leases if self.redis is None]
+        if holds or sql_leases:
+            with write_tx(self.engine) as conn:
+                limits_sql.renew(conn, sql_leases, expires_at=expires_at)  # type: ignore[arg-type]
+                budgetlib.renew(conn, holds, expires_at=expires_at)
+
+    def _sweep_quietly(self, now: float | None = None) -> int:
+        self._last_sweep = time.time() if now is None else now
+        try:
+            return self.sweep(now)
+        except Exception:
+            logger.exception("tenancy sweep failed")
+            return 0
+
     def _maybe_sweep(self, now: float) -> None:
         if now - self._last_sweep < 30:
             return
@@ -365,12 +505,13 @@ class Tenancy:
         except Exception:
             logger.exception("tenancy sweep failed")
 
-    def sweep(self, now: float | None = None) -> None:
-        """Free slots and budget holds of requests whose replica died; drop old rate windows."""
+    def sweep(self, now: float | None = None) -> int:
+        """Free slots and budget holds whose lease ran out (their replica died or stopped renewing);
+        drop old rate windows. Returns how many were freed. (Redis slots expire in Redis itself.)"""
         now = time.time() if now is None else now
         with write_tx(self.engine) as conn:
-            limits_sql.sweep(conn, now=now, window_s=self.config.rate_window_s)
-            budgetlib.sweep(conn, now=now)
+            freed = limits_sql.sweep(conn, now=now, window_s=self.config.rate_window_s)
+            return freed + budgetlib.sweep(conn, now=now)
 
     # ---- usage ------------------------------------------------------------------------------
     def usage(self, tenant: str, since: date | None = None, until: date | None = None) -> UsageReport:
