@@ -17,6 +17,7 @@ from serve_app.chat.protocol import (
     CompletionRequest,
     CompletionResponse,
 )
+from serve_app.errors import is_server_fault
 from serve_app.state import ServicesDep
 from serve_app.telemetry import metrics
 from serve_app.tenancy import (
@@ -63,7 +64,8 @@ async def _admitted_stream(tenancy: TenancyDep, ctx: TenantContext, admission: A
         adm = await admission
         try:
             chunks = await open_stream(meter=adm)
-        except BaseException:
+        except BaseException as e:
+            adm.refund_request = is_server_fault(e)
             await adm.settle("error")
             raise
         return _streaming(chunks, adm)
@@ -72,7 +74,7 @@ async def _admitted_stream(tenancy: TenancyDep, ctx: TenantContext, admission: A
     try:
         try:
             chunks = await open_stream(meter=_AdmittedMeter(task), gate=task)
-        except BaseException:
+        except BaseException as failure:
             # The stream failed or was refused; the admission's own answer comes first (as if in
             # order), and an admission that passed is settled, never left holding its slot.
             try:
@@ -82,6 +84,7 @@ async def _admitted_stream(tenancy: TenancyDep, ctx: TenantContext, admission: A
                 if not task.done():  # we were cancelled: settle it whenever it finishes
                     task.add_done_callback(_settle_orphan)
                 raise
+            adm.refund_request = is_server_fault(failure)
             await adm.settle("error")
             raise
     finally:

@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 from sqlalchemy import select
 
-from serve_app.errors import APIError
+from serve_app.errors import APIError, is_server_fault
 from serve_app.telemetry import metrics as telemetry_metrics
 from serve_app.telemetry.context import annotate, phase
 from serve_app.tenancy import budget as budgetlib
@@ -92,6 +92,9 @@ class Admission:
         self.prompt_tokens = self.completion_tokens = self.images = 0
         self.gpu_seconds = 0.0
         self.status = "ok"
+        # Set when the request failed by our fault (tenancy/service.py `_settle` gives its
+        # request-rate unit back): failures of ours don't count against the tenant's rate.
+        self.refund_request = False
         self._settled = False
         self._lock = threading.Lock()
 
@@ -141,6 +144,7 @@ class Admission:
         status = None
         if et is not None:
             status = "disconnected" if issubclass(et, anyio.get_cancelled_exc_class()) else "error"
+            self.refund_request = e is not None and is_server_fault(e)
         await self.settle(status)
 
 
@@ -323,6 +327,8 @@ class Tenancy:
             adjust["tokens"] = tokens - g.taken.get("tokens", 0)
         if "images" in g.taken:
             adjust["images"] = adm.images - g.taken["images"]
+        if adm.refund_request and g.taken.get("requests"):
+            adjust["requests"] = -g.taken["requests"]
         cost = cost_micros(self.config.prices, prompt_tokens=adm.prompt_tokens,
                            completion_tokens=adm.completion_tokens, images=adm.images, gpu_seconds=adm.gpu_seconds)
         now = time.time()
