@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from serve_app import playground
 from serve_app.api import health, models
@@ -15,6 +15,7 @@ from serve_app.middleware import RequestGuard
 from serve_app.state import Services
 from serve_app.storage import files_router
 from serve_app.telemetry.middleware import TelemetryMiddleware
+from serve_app.text_guard import reject_invalid_text
 from serve_app.tenancy import admin_router, usage_router
 
 ROUTERS = (health.router, models.router, images.router, chat.router, jobs.router, library_router, files_router,
@@ -22,7 +23,10 @@ ROUTERS = (health.router, models.router, images.router, chat.router, jobs.router
 
 
 def create_app(services: Services) -> FastAPI:
-    app = FastAPI(title="genserve", version="0.1.0", docs_url="/docs", redoc_url=None)
+    # Every route first refuses text that can't be stored or encoded (lone surrogates, NUL): 400
+    # naming the field, before auth, admission or any storage.
+    app = FastAPI(title="genserve", version="0.1.0", docs_url="/docs", redoc_url=None,
+                  dependencies=[Depends(reject_invalid_text)])
     app.state.services = services
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_body_bytes=services.config.limits.max_body_bytes)

@@ -64,6 +64,14 @@ def unavailable(message: str, retry_after_s: int = 5, code: str = "service_unava
     )
 
 
+def is_server_fault(exc: BaseException) -> bool:
+    """A failure that is ours, not the client's: a 5xx APIError or any unexpected exception.
+    Cancellation (a client that went away) is neither."""
+    if isinstance(exc, APIError):
+        return exc.status >= 500
+    return isinstance(exc, Exception) and not isinstance(exc, StarletteHTTPException)
+
+
 def _loc_to_param(loc: tuple | list) -> str | None:
     # ("body", "size") -> "size"; ("body", "messages", 0, "role") -> "messages[0].role"
     parts = [p for p in loc if p not in ("body", "query", "path", "header")]

@@ -80,7 +80,7 @@ def test_bad_input_statuses(api) -> None:  # type: ignore[no-untyped-def]
     assert err(client.post("/v1/templates", json={"name": "x", "template": "t", "extra": 1}, headers=acme))[:2] == (
         400, "extra")
     assert err(client.post("/v1/templates", json={"name": "a b", "template": "t"}, headers=acme))[:2] == (400, "name")
-    assert err(client.get("/v1/templates?limit=0", headers=acme))[:2] == (400, "limit")
+    assert err(client.get("/v1/templates?limit=0", headers=acme))[:2] == (422, "limit")  # out of range
     assert err(client.get("/v1/templates/x?version=0", headers=acme))[:2] == (400, "version")
     assert err(client.get("/v1/templates/missing", headers=acme))[0] == 404
 

@@ -99,6 +99,9 @@ class CompletionRequest(_SamplingFields):
     def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, list) and len(v) != 1:
             raise ValueError(f"exactly one prompt per request is supported, got {len(v)}")
+        # An empty prompt leaves the engine nothing to continue from (it was a 500 there).
+        if (v if isinstance(v, str) else v[0]) == "":
+            raise ValueError("prompt must not be empty")
         return v
 
     @property

@@ -17,6 +17,7 @@ from serve_app.chat.protocol import (
     CompletionRequest,
     CompletionResponse,
 )
+from serve_app.errors import is_server_fault
 from serve_app.state import ServicesDep
 from serve_app.telemetry import metrics
 from serve_app.tenancy import (
@@ -65,6 +66,7 @@ async def _admitted_stream(tenancy: TenancyDep, ctx: TenantContext, admission: A
         try:
             chunks = await open_stream(meter=adm)
         except BaseException as e:
+            adm.refund_request = is_server_fault(e)
             await adm.settle(status_of(e))
             raise
         return _streaming(chunks, adm)
@@ -77,7 +79,7 @@ async def _admitted_stream(tenancy: TenancyDep, ctx: TenantContext, admission: A
             # The stream failed or was refused; the admission's own answer comes first (as if in
             # order). An admission that passed is settled — now, or whenever it completes if we
             # are cancelled first — never left holding its slot.
-            settle_when_admitted(task, status_of(e) or "error")
+            settle_when_admitted(task, status_of(e) or "error", refund_request=is_server_fault(e))
             try:
                 await asyncio.shield(task)
             except BaseException:

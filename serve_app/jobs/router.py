@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 
 from deployments.diffusion.types import ImageResult
 from serve_app.errors import not_found, unavailable
@@ -16,11 +17,15 @@ from serve_app.images.router import check_plan, render_for
 from serve_app.jobs.protocol import Job, JobCreateRequest, JobList
 from serve_app.jobs.runner import spec_of
 from serve_app.jobs.service import JOBS_KEY, Jobs
+from serve_app.jobs.store import JobRecord
+from serve_app.paging import limit_only
 from serve_app.state import ServicesDep
 from serve_app.tenancy import CurrentTenant, TenancyDep
 from serve_app.tenancy.service import status_of
 
 router = APIRouter(tags=["jobs"])
+logger = logging.getLogger("genserve.jobs")
+_unlisted: set[str] = set()  # ids of stored jobs that could not be shown (logged once each)
 
 
 async def get_jobs(services: ServicesDep) -> Jobs:
@@ -79,14 +84,27 @@ async def get_job(job_id: str, request: Request, jobs: JobsDep, ctx: CurrentTena
 
 @router.get("/v1/jobs", response_model=JobList, response_model_exclude_none=True)
 async def list_jobs(request: Request, jobs: JobsDep, ctx: CurrentTenant,
-                    limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None,
-                    status: str | None = None) -> JobList:
+                    limit: Annotated[int, Depends(limit_only(default_limit=20, max_limit=100))],
+                    after: str | None = None, status: str | None = None) -> JobList:
     rows = await anyio.to_thread.run_sync(lambda: jobs.store.list(ctx.tenant_id, limit=limit + 1, after=after,
                                                                     status=status))
     page = rows[:limit]
     base = _base_url(request)
-    return JobList(data=[jobs.public(j, base_url=base) for j in page], has_more=len(rows) > limit,
-                   last_id=page[-1].id if page else None)
+    return JobList(data=[j for j in (_listable(jobs, r, base) for r in page) if j is not None],
+                   has_more=len(rows) > limit, last_id=page[-1].id if page else None)
+
+
+def _listable(jobs: Jobs, record: JobRecord, base_url: str) -> Job | None:
+    """The job's public shape, or None for a stored row that can't become one (a spec written by
+    an older version, edited by hand...): one bad row must not hide the tenant's other jobs. (Text
+    that can't be encoded is already repaired where stored JSON is read: tenancy/db.py.)"""
+    try:
+        return jobs.public(record, base_url=base_url)
+    except Exception:
+        if record.id not in _unlisted:
+            _unlisted.add(record.id)
+            logger.exception("job %s can't be shown; left out of the list", record.id)
+        return None
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=Job, response_model_exclude_none=True)

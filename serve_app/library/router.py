@@ -13,6 +13,8 @@ from serve_app.library.protocol import (
     GenerationList, GenerationOut, RatingIn, TemplateCreate, TemplateList, TemplateOut,
 )
 from serve_app.library.service import LIBRARY_KEY, Library
+from serve_app.library.templates import MAX_PAGE
+from serve_app.paging import Page, paging
 from serve_app.state import ServicesDep
 from serve_app.tenancy import CurrentTenant
 
@@ -27,6 +29,7 @@ async def get_library(services: ServicesDep) -> Library:
 LibraryDep = Annotated[Library, Depends(get_library)]
 
 library_router = APIRouter(tags=["templates"])
+PageDep = Annotated[Page, Depends(paging(default_limit=50, max_limit=MAX_PAGE))]
 
 
 async def _url_maker(request: Request, services: ServicesDep) -> UrlMaker | None:
@@ -46,12 +49,11 @@ async def create_template(body: TemplateCreate, ctx: CurrentTenant, lib: Library
 
 
 @library_router.get("/v1/templates")
-async def list_templates(ctx: CurrentTenant, lib: LibraryDep, category: str | None = None,
-                         tag: str | None = None, q: Annotated[str | None, Query(max_length=200)] = None,
-                         limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                         offset: Annotated[int, Query(ge=0)] = 0) -> TemplateList:
+async def list_templates(ctx: CurrentTenant, lib: LibraryDep, page: PageDep, category: str | None = None,
+                         tag: str | None = None,
+                         q: Annotated[str | None, Query(max_length=200)] = None) -> TemplateList:
     return await to_thread.run_sync(lambda: lib.templates.search(ctx.tenant_id, category=category, tag=tag, q=q,
-                                                                 limit=limit, offset=offset))
+                                                                 limit=page.limit, offset=page.offset))
 
 
 @library_router.get("/v1/templates/{name}")
@@ -80,13 +82,12 @@ async def rate_generation(generation_id: str, body: RatingIn, ctx: CurrentTenant
 
 
 @library_router.get("/v1/generations")
-async def list_generations(ctx: CurrentTenant, lib: LibraryDep, url_of: UrlMakerDep, template: str | None = None,
-                           model: str | None = None, job_id: str | None = None, rated: bool | None = None,
-                           limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                           offset: Annotated[int, Query(ge=0)] = 0) -> GenerationList:
+async def list_generations(ctx: CurrentTenant, lib: LibraryDep, url_of: UrlMakerDep, page: PageDep,
+                           template: str | None = None, model: str | None = None, job_id: str | None = None,
+                           rated: bool | None = None) -> GenerationList:
     return await to_thread.run_sync(lambda: lib.generations.list(
-        ctx.tenant_id, template=template, model=model, job_id=job_id, rated=rated, limit=limit, offset=offset,
-        url_of=url_of))
+        ctx.tenant_id, template=template, model=model, job_id=job_id, rated=rated, limit=page.limit,
+        offset=page.offset, url_of=url_of))
 
 
 @library_router.get("/v1/generations/{generation_id}")

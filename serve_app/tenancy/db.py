@@ -20,11 +20,15 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 
+from serve_app.text_guard import loads_repaired
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 _PG_MIGRATION_LOCK = 0x67656E73  # any constant shared by all replicas ("gens")
 
 
 def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+    # Stored JSON is read back repaired: a row holding a lone surrogate (written before the edge
+    # check in serve_app/text_guard.py) would otherwise fail every response that includes it.
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         db = parsed.database
@@ -32,13 +36,14 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
             Path(db).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             url, pool_size=pool_size, max_overflow=pool_size,
-            connect_args={"timeout": 60, "check_same_thread": False},
+            connect_args={"timeout": 60, "check_same_thread": False}, json_deserializer=loads_repaired,
         )
         _sqlite_events(engine)
         return engine
     if parsed.drivername == "postgresql":  # default to psycopg 3, the driver we ship
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
+                         json_deserializer=loads_repaired)
 
 
 def _sqlite_events(engine: Engine) -> None:

@@ -31,7 +31,7 @@ from typing import Any, NoReturn, TypeVar
 import anyio
 from sqlalchemy import select
 
-from serve_app.errors import APIError
+from serve_app.errors import APIError, is_server_fault
 from serve_app.telemetry import metrics as telemetry_metrics
 from serve_app.telemetry.context import annotate, phase
 from serve_app.tenancy import budget as budgetlib
@@ -72,13 +72,16 @@ def status_of(exc: BaseException | None) -> str | None:
 _CANCELLED_NAMES = frozenset({"RequestCancelledError", "TaskCancelledError", "ClientDisconnect"})
 
 
-def settle_when_admitted(admission: asyncio.Future[Admission], status: str) -> None:
+def settle_when_admitted(admission: asyncio.Future[Admission], status: str, *, refund_request: bool = False) -> None:
     """For a caller cancelled while `admission` was still being decided: settle it (`status`) as
-    soon as it is granted; a refused or cancelled admission holds nothing."""
+    soon as it is granted; a refused or cancelled admission holds nothing. `refund_request`: the
+    request failed by our fault (its request-rate unit is given back)."""
 
     def done(fut: asyncio.Future[Admission]) -> None:
         if not fut.cancelled() and fut.exception() is None:
-            fut.result().settle_soon(status)
+            adm = fut.result()
+            adm.refund_request = adm.refund_request or refund_request
+            adm.settle_soon(status)
 
     admission.add_done_callback(done)
 
@@ -129,6 +132,9 @@ class Admission:
         self.prompt_tokens = self.completion_tokens = self.images = 0
         self.gpu_seconds = 0.0
         self.status = "ok"
+        # Set when the request failed by our fault (tenancy/service.py `_settle` gives its
+        # request-rate unit back): failures of ours don't count against the tenant's rate.
+        self.refund_request = False
         self._settled = False
         self._lock = threading.Lock()
         self._settling: concurrent.futures.Future[bool] | None = None
@@ -192,6 +198,8 @@ class Admission:
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
+        if e is not None:
+            self.refund_request = is_server_fault(e)
         await self.settle(status_of(e))
 
 
@@ -439,6 +447,8 @@ class Tenancy:
             adjust["tokens"] = tokens - g.taken.get("tokens", 0)
         if "images" in g.taken:
             adjust["images"] = adm.images - g.taken["images"]
+        if adm.refund_request and g.taken.get("requests"):
+            adjust["requests"] = -g.taken["requests"]
         cost = cost_micros(self.config.prices, prompt_tokens=adm.prompt_tokens,
                            completion_tokens=adm.completion_tokens, images=adm.images, gpu_seconds=adm.gpu_seconds)
         now = time.time()
