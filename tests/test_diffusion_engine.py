@@ -157,6 +157,29 @@ def test_cancel_does_not_stop_a_group_with_other_requests(sdxl: DiffusionEngine)
     assert steps == [1, 2] and np.array_equal(pixels(plain), one(sdxl, task(2)))
 
 
+@pytest.mark.parametrize("guidance_scale", [5.0, 1.0])  # with and without CFG's doubled rows
+def test_cancelled_task_leaves_the_batch_at_the_next_step(sdxl: DiffusionEngine, guidance_scale: float) -> None:
+    """A job cancelled mid-batch stops costing compute at the next step (its rows leave the
+    denoiser's batch) while the others in the batch finish bit-identical to lone runs."""
+    tasks = [task(1, task_id="job", steps=4, guidance_scale=guidance_scale),
+             task(2, "a dog", steps=4, guidance_scale=guidance_scale),
+             task(3, task_id="other", steps=4, guidance_scale=guidance_scale)]
+    rows: list[int] = []  # rows the denoiser saw per step (one U-Net call per step)
+    hook = sdxl.pipeline.unet.register_forward_pre_hook(lambda m, args: rows.append(int(args[0].shape[0])))
+    steps: list[int] = []
+    try:
+        job, dog, other = sdxl.generate_images(
+            tasks, on_step=lambda tid, step, total: steps.append(step) if tid == "job" else None,
+            should_cancel=lambda tid: tid == "job" and bool(steps))
+    finally:
+        hook.remove()
+    per_task = 2 if guidance_scale > 1 else 1
+    assert rows == [3 * per_task] + [2 * per_task] * 3  # the cancelled row left after step 1
+    assert isinstance(job, GenerationCancelled) and "step 1 of 4" in str(job) and steps == [1]
+    assert np.array_equal(pixels(dog), one(sdxl, tasks[1]))
+    assert np.array_equal(pixels(other), one(sdxl, tasks[2]))
+
+
 def test_failing_group_does_not_sink_others(sdxl: DiffusionEngine) -> None:
     def on_step(task_id: str | None, step: int, total: int) -> None:
         if task_id == "boom":

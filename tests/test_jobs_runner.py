@@ -31,6 +31,23 @@ SPEC = {"model": "m", "prompt": "a lighthouse", "negative_prompt": "", "tasks": 
         "base_url": None, "params": {}}
 
 
+class Stream:
+    """Like Serve's `DeploymentResponseGenerator`: async-iterable, with `cancel()`."""
+
+    def __init__(self, events) -> None:  # type: ignore[no-untyped-def]
+        self.events = events
+        self.cancelled = False
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self):  # type: ignore[no-untyped-def]
+        return await self.events.__anext__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class Diffusion:
     """Stands in for the diffusion deployment's handle: streams a progress event and an image per
     task; with `gate`, holds the stream after its first event until the gate opens."""
@@ -46,7 +63,10 @@ class Diffusion:
     def generate_stream(self) -> Diffusion:
         return self
 
-    async def remote(self, task):  # type: ignore[no-untyped-def]
+    def remote(self, task):  # type: ignore[no-untyped-def]
+        return Stream(self._events(task))
+
+    async def _events(self, task):  # type: ignore[no-untyped-def]
         yield {"step": 1, "total": task.steps}
         self.started.set()
         if self.gate is not None:

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from deployments.diffusion import sdxl, wuerstchen
-from deployments.diffusion.hooks import StopDenoising, circular_padding, generators, per_task_calls
+from deployments.diffusion.hooks import LiveRows, StopDenoising, circular_padding, generators, per_task_calls
 from deployments.diffusion.loading import FAMILIES, load_pipeline
 from deployments.diffusion.optimize import OptimizeOptions
 from deployments.diffusion.optimize import apply as apply_optimizations
@@ -199,10 +199,11 @@ class DiffusionEngine:
         Tasks with equal `group_key()` share one pipeline call. An invalid task gets its
         ValueError without running; a failing group gets its exception without affecting other
         groups. Each image's `info` carries the group's compute seconds and batch size.
-        `on_step(task_id, step, total)` is called for every task after each step; when
-        `should_cancel(task_id)` holds for every task of a group (so never for a group holding a
-        task without task_id), the group stops at that step. Tasks whose job was cancelled get
-        `GenerationCancelled`.
+        `on_step(task_id, step, total)` is called for every live task after each step.
+        `should_cancel(task_id)` is polled after each step: a cancelled task leaves its batch at
+        that step (SDXL drops its rows, the others continue bit-identically; Würstchen keeps
+        computing it to the end), and when every task of a group is cancelled the group stops.
+        Tasks whose job was cancelled get `GenerationCancelled`.
         """
         results: list[Image.Image | Exception | None] = [None] * len(tasks)
         groups: dict[tuple, list[int]] = {}
@@ -233,14 +234,16 @@ class DiffusionEngine:
                         cancelled[j] = where
             return len(cancelled) == len(tasks)
 
+        rows = LiveRows(len(tasks), cancelled)
+
         def step_done(step: int) -> bool:
             total = self.total_steps(tasks[0])
             if on_step is not None:
-                for task in tasks:
-                    on_step(task.task_id, step, total)
+                for j in rows.live:  # a task that left the batch reports no more steps
+                    on_step(tasks[j].task_id, step, total)
             return poll_cancel(f"step {step} of {total}")
 
-        images: list[Image.Image] = []
+        images: dict[int, Image.Image] = {}  # task index -> its image
         if not poll_cancel("before start"):
             started = time.perf_counter()
             try:
@@ -250,16 +253,17 @@ class DiffusionEngine:
                     )
                     if self.batch_invariant:
                         for module, method in self._family.heavy_calls(self.pipeline):
-                            stack.enter_context(per_task_calls(module, method, len(tasks)))
-                    images = self._run_family(tasks, step_done)
+                            stack.enter_context(per_task_calls(module, method, rows.__len__))
+                    finished = self._run_family(tasks, step_done, rows)
+                    images = dict(zip(rows.live, finished, strict=True))
             except StopDenoising:
-                images = []
+                images = {}
             except Exception as exc:  # one group's failure must not sink the other groups
                 if _is_cuda_failure(exc):
                     self._broken = f"{type(exc).__name__}: {exc}"
                 return [exc] * len(tasks)
             compute_s = time.perf_counter() - started
-            for image in images:
+            for image in images.values():
                 image.info[COMPUTE_S] = compute_s
                 image.info[BATCH_SIZE] = len(tasks)
 
@@ -267,15 +271,18 @@ class DiffusionEngine:
         for j, task in enumerate(tasks):
             if j in cancelled:
                 out.append(GenerationCancelled(f"task {task.task_id!r} cancelled {cancelled[j]}"))
-            elif j < len(images):
+            elif j in images:
                 out.append(images[j])
-            else:  # stopped early only when every task was cancelled, so unreachable
+            else:  # a task leaves the batch only once cancelled, so unreachable
                 out.append(GenerationCancelled(f"task {task.task_id!r} stopped"))
         return out
 
-    def _run_family(self, tasks: list[ImageTask], step_done: Callable[[int], bool]) -> list[Image.Image]:
-        """One pipeline call for a group; `step_done(step)` returns True to stop denoising."""
+    def _run_family(
+        self, tasks: list[ImageTask], step_done: Callable[[int], bool], rows: LiveRows
+    ) -> list[Image.Image]:
+        """One pipeline call for a group: the images of the tasks in `rows.live` at the end, in
+        that order; `step_done(step)` returns True to stop denoising."""
         gens = generators(tasks)
         if self.family == "sdxl":
-            return sdxl.run(self.pipeline, tasks, step_done, gens)
+            return sdxl.run(self.pipeline, tasks, step_done, gens, rows)
         return wuerstchen.run(self.pipeline, tasks, step_done, gens, decoder_steps=self.decoder_steps)

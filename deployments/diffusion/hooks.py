@@ -5,12 +5,13 @@
   once per task so a seed gives the same pixels alone or batched.
 - `generators`: one seeded CPU generator per task (same starting noise on CPU and CUDA).
 - `StopDenoising`: raised from a step callback to leave a pipeline early.
+- `LiveRows`: which tasks of a group are still denoising (a cancelled one leaves at a step).
 - `weighted_sum`: the multi-prompt rule, `sum(w_i * e_i) / sum(w_i)` over embedding tuples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,6 +23,43 @@ from deployments.diffusion.types import ImageTask
 
 class StopDenoising(Exception):
     """Raised from a step callback to leave a pipeline that has no `_interrupt` flag."""
+
+
+class LiveRows:
+    """The tasks of one group still in its batch, as indices into the group's task list, in row
+    order. A family that can shrink its batch mid-loop (SDXL) asks `leaving()` after each step and
+    drops those rows (latents, embeddings, generators), so a cancelled task stops costing compute
+    at once while the others continue with exactly the values they would have had."""
+
+    def __init__(self, n: int, cancelled: dict[int, str]) -> None:
+        self.live = list(range(n))
+        self._cancelled = cancelled  # task index -> where it was cancelled (filled by the engine)
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    def leaving(self) -> list[int] | None:
+        """Row positions to keep when some live task was cancelled since the last call (the
+        list is applied to `live` here), else None. Never empties the batch: when every task is
+        cancelled the engine stops the whole call instead."""
+        keep = [pos for pos, i in enumerate(self.live) if i not in self._cancelled]
+        if len(keep) == len(self.live) or not keep:
+            return None
+        self.live = [self.live[pos] for pos in keep]
+        return keep
+
+
+def take_rows(value: Any, keep: list[int], n: int) -> Any:
+    """`value` with only the rows `keep` of a batch of `n` tasks: a tensor of `n` rows keeps
+    those rows, one of `2n` rows (classifier-free guidance: [uncond; cond]) keeps them in both
+    halves; anything else is returned as is."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    if value.shape[0] == n:
+        return value[keep]
+    if value.shape[0] == 2 * n:
+        return value[keep + [n + k for k in keep]]
+    return value
 
 
 def generators(tasks: Sequence[ImageTask]) -> list[torch.Generator]:
@@ -75,7 +113,7 @@ def _merge(outs: list[Any], order: torch.Tensor) -> Any:
 
 
 @contextmanager
-def per_task_calls(module: torch.nn.Module, method: str, n_tasks: int) -> Iterator[None]:
+def per_task_calls(module: torch.nn.Module, method: str, n_tasks: int | Callable[[], int]) -> Iterator[None]:
     """Run `module.<method>` once per task, on exactly the rows that task would have alone.
 
     CPU kernels pick different code paths by batch size (oneDNN conv algorithms, MKL's small-M
@@ -84,12 +122,15 @@ def per_task_calls(module: torch.nn.Module, method: str, n_tasks: int) -> Iterat
     few hundred moves by 1. Feeding each task's rows (its own, or its [cond, uncond] pair under
     guidance) as their own call gives every task the shapes of a lone run: batch-invariant by
     construction. Everything between these calls (scheduler steps, guidance) is elementwise.
+    `n_tasks` may be a callable: the live count of a batch that drops cancelled rows.
     """
     original = getattr(module, method)
+    count = n_tasks
 
     def per_task(*args: Any, **kwargs: Any) -> Any:
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         n = first.shape[0] if first is not None and first.dim() > 0 else 0
+        n_tasks = count() if callable(count) else count
         if n_tasks == 1 or n not in (n_tasks, 2 * n_tasks):
             return original(*args, **kwargs)
         groups = [[i] if n == n_tasks else [i, n_tasks + i] for i in range(n_tasks)]

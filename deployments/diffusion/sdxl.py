@@ -14,8 +14,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from deployments.diffusion.hooks import StopDenoising, weighted_sum
+from deployments.diffusion.hooks import LiveRows, StopDenoising, take_rows, weighted_sum
 from deployments.diffusion.types import ImageTask
+
+
+# The loop's per-row tensors the step callback may replace (diffusers' `_callback_tensor_inputs`).
+SHRINKABLE = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids")
 
 
 def size_rules(pipeline: Any) -> tuple[int, int]:
@@ -39,8 +43,15 @@ def run(
     tasks: list[ImageTask],
     step_done: Callable[[int], bool],
     generators: list[torch.Generator],
+    rows: LiveRows | None = None,
 ) -> list[Image.Image]:
-    """Images for `tasks` in order; raises `StopDenoising` when `step_done(step)` asks to stop."""
+    """Images for the tasks still live at the end (`rows.live`, all of `tasks` without `rows`),
+    in that order; raises `StopDenoising` when `step_done(step)` asks to stop.
+
+    With `rows`, a task cancelled mid-loop leaves the batch after the step that noticed it: its
+    rows of the latents, embeddings and time ids are dropped, and its generator with them (the
+    scheduler draws per-row noise from the remaining ones in order), so the other tasks go on
+    exactly as they would have (the seed rule) and the cancelled one costs nothing more."""
     first = tasks[0]
     cfg = first.guidance_scale > 1 and p.unet.config.time_cond_proj_dim is None
     cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -76,12 +87,22 @@ def run(
         kwargs["negative_prompt_embeds"] = torch.cat([e for e, _ in neg])
         kwargs["negative_pooled_prompt_embeds"] = torch.cat([pl for _, pl in neg])
 
+    # An LCM-style `timestep_cond` has batch rows the callback can't replace: keep the rows then.
+    shrinkable = rows is not None and p.unet.config.time_cond_proj_dim is None
+
     def on_step_end(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         if step_done(i + 1):
             # diffusers' own stop flag: the loop skips the remaining steps and the pipeline
             # still runs its clean-up (offload hooks); the decoded images are discarded.
             pipe._interrupt = True
             raise_after[0] = True
+        elif shrinkable:
+            n = len(rows)
+            keep = rows.leaving()
+            if keep is not None:
+                # The pipeline's step kwargs hold this same list: shrink it in place.
+                generators[:] = [generators[k] for k in keep]
+                return {k: take_rows(v, keep, n) for k, v in tensors.items()}
         return tensors
 
     raise_after = [False]
@@ -93,6 +114,7 @@ def run(
         guidance_scale=first.guidance_scale,
         generator=generators,
         callback_on_step_end=on_step_end,
+        callback_on_step_end_tensor_inputs=list(SHRINKABLE) if shrinkable else ["latents"],
         output_type="pil",
     ).images
     if raise_after[0]:

@@ -9,7 +9,10 @@ class JobsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     lease_s: float = Field(15.0, ge=1.0, description="A running job's owner must renew within this time.")
-    heartbeat_s: float = Field(3.0, gt=0.0, description="How often owners renew leases and look for cancels.")
+    heartbeat_s: float = Field(3.0, gt=0.0, description="How often owners renew leases.")
+    cancel_poll_s: float = Field(0.25, gt=0.0, description=(
+        "How often a replica running jobs reads their cancel flags: a DELETE that landed on another "
+        "replica reaches the model within this time (one read by primary key; only while jobs run)."))
     reap_interval_s: float = Field(2.0, gt=0.0, description="How often each replica looks for expired leases.")
     max_attempts: int = Field(3, ge=1, le=20, description="Runs of one job before it fails with a reason.")
     retry_backoff_s: float = Field(1.0, ge=0.0)

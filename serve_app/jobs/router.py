@@ -109,8 +109,12 @@ def _listable(jobs: Jobs, record: JobRecord, base_url: str) -> Job | None:
 
 @router.delete("/v1/jobs/{job_id}", response_model=Job, response_model_exclude_none=True)
 async def cancel_job(job_id: str, request: Request, jobs: JobsDep, ctx: CurrentTenant) -> Job:
-    """Cancels a queued job at once; a running one stops at its next denoising step."""
-    job = await anyio.to_thread.run_sync(jobs.store.request_cancel, job_id, ctx.tenant_id)
+    """Cancels a job. A queued job ends `cancelled` at once and never runs. A running job's image
+    calls are cancelled and each image stops at its next denoising step (on whichever ingress
+    replica runs it, within `jobs.cancel_poll_s`); it ends `cancelled`, with no results and no
+    charge. A job whose images were all done when the cancel arrived is delivered (`succeeded`,
+    billed). Answers the job as it is then (a running job elsewhere may still say `running`)."""
+    job = await jobs.cancel(job_id, ctx.tenant_id)
     if job is None:
         raise not_found(f"No job {job_id!r}.", param="job_id", code="job_not_found")
     return jobs.public(job, base_url=_base_url(request))

@@ -4,9 +4,16 @@ No new queue: a job is executed by the replica that accepted it, as ordinary str
 the diffusion deployment's handle (Serve routes, batches and applies backpressure). What a queue
 would add, durability, comes from the database: each active job is leased to one replica, which
 renews the lease while it works. A background loop in every replica:
-  - renews its leases and stops jobs whose cancel was requested (or whose lease it lost);
+  - renews its leases and stops jobs whose lease it lost;
   - claims jobs whose lease expired (their replica died), re-running them from their stored spec,
     or failing them with a reason once `max_attempts` runs were used.
+
+Cancel (`DELETE /v1/jobs/{id}`) sets the row's `cancel_requested`; a queued job ends at once and can
+no longer be claimed. A running job is stopped by its runner: at once when the DELETE came to the
+replica running it (`cancel`), else within `cancel_poll_s` (a second loop reads the flags). Stopping
+cancels the job's Serve calls (`DeploymentResponseGenerator.cancel()`; an awaiting task that is
+cancelled does not cancel the remote call by itself), and the diffusion replica drops each image at
+its next denoising step. A cancelled job records no images and bills nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import anyio
 from deployments.diffusion.types import ImageResult, ImageTask, WeightedPrompt
 from serve_app.images.service import degradation
 from serve_app.jobs.config import JobsConfig
-from serve_app.jobs.store import JobRecord, JobStore
+from serve_app.jobs.store import CANCELLED_REASON, JobRecord, JobStore
 from serve_app.prompts.render import RenderedImageRequest
 from serve_app.telemetry import metrics, tracing
 
@@ -88,6 +95,7 @@ class JobRunner:
         self._ending: set[asyncio.Task] = set()
         self._settle: dict[str, Callable[[str, list[ImageResult]], Awaitable[None]]] = {}
         self._loop_task: asyncio.Task | None = None
+        self._cancel_task: asyncio.Task | None = None
         # Terminal-hook tasks (webhooks): referenced until done, since the event loop keeps only
         # weak references to tasks and an unreferenced one can vanish mid-flight.
         self._hooks: set[asyncio.Task] = set()
@@ -98,11 +106,13 @@ class JobRunner:
     def start(self) -> None:
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._maintenance_loop())
+        if self._cancel_task is None:
+            self._cancel_task = asyncio.get_running_loop().create_task(self._cancel_loop())
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Cancel the loop and the running jobs, then wait for their wrap-up (each cancelled run
         still ends its job and releases its usage); bounded, so a stuck database can't hold it up."""
-        tasks = [t for t in [self._loop_task, *self._running.values()] if t is not None]
+        tasks = [t for t in [self._loop_task, self._cancel_task, *self._running.values()] if t is not None]
         for t in tasks:
             t.cancel()
         if tasks:
@@ -119,6 +129,21 @@ class JobRunner:
             self._settle[job.id] = settle
         self._spawn(job.id)
         return job
+
+    def cancel(self, job_id: str) -> bool:
+        """Stop this replica's run of `job_id` now (its cancel is already in the database). False
+        when it does not run here, or is past its work (ending: the images are all done)."""
+        task = self._running.get(job_id)
+        if task is None or task in self._ending or task.done():
+            return False
+        task.cancel()
+        return True
+
+    async def wait_ended(self, job_id: str, timeout_s: float) -> None:
+        """Wait (bounded) until this replica's run of `job_id` is over."""
+        task = self._running.get(job_id)
+        if task is not None:
+            await asyncio.wait({task}, timeout=timeout_s)
 
     def estimated_seconds(self, queue_position: int, n_images: int) -> float:
         return round((queue_position + 1) * n_images * self._seconds_per_image, 1)
@@ -155,16 +180,25 @@ class JobRunner:
             raise
         if job is None:  # cancelled while queued, or another replica holds it
             self._mark_ending()
+            # Cancel requested while it was back in the queue (a retry) or orphaned: end it here.
+            if await anyio.to_thread.run_sync(self.store.end_cancelled, job_id, self.owner):
+                await self.announce(job_id)
             await self._settle_usage(job_id, "cancelled", [])
             return
         started = time.monotonic()
         try:
+            if job.cancel_requested:  # cancelled between the claim and its read: never call the model
+                raise asyncio.CancelledError
             results = await self._execute(job)
+            # Every image is done: a cancel arriving now has no step left to stop, so the job is
+            # delivered (and billed) rather than its finished images thrown away.
+            self._mark_ending()
             outcome = await self.finish_hook(job, results) if self.finish_hook else {}
         except asyncio.CancelledError:
-            # Our own heartbeat cancelled it: the client asked, or the lease went to someone else.
+            # The client's cancel (here, or seen in the row), or the lease went to someone else
+            # (then `finish` below finds the job not ours and changes nothing).
             with anyio.CancelScope(shield=True):
-                await self._end(job, "cancelled", error="cancelled by the client")
+                await self._end(job, "cancelled", error=CANCELLED_REASON)
                 await self._settle_usage(job_id, "cancelled", [])
             raise
         except Exception as e:  # noqa: BLE001 - every failure ends as a retry or a reason
@@ -190,21 +224,35 @@ class JobRunner:
         async def one(i: int, task: ImageTask) -> ImageResult:
             nonlocal last_write
             result: ImageResult | None = None
-            async for event in handle.options(stream=True).generate_stream.remote(task):
-                if isinstance(event, dict):
-                    steps[i] = event["step"] / max(1, event["total"])
-                    now = time.monotonic()
-                    if now - last_write > 0.5:  # progress writes are throttled, not every step
-                        last_write = now
-                        progress = round(0.99 * sum(steps) / len(steps), 4)
-                        await anyio.to_thread.run_sync(self.store.set_progress, job.id, self.owner, progress)
-                else:
-                    result = event
+            stream = handle.options(stream=True).generate_stream.remote(task)
+            try:
+                async for event in stream:
+                    if isinstance(event, dict):
+                        steps[i] = event["step"] / max(1, event["total"])
+                        now = time.monotonic()
+                        if now - last_write > 0.5:  # progress writes are throttled, not every step
+                            last_write = now
+                            progress = round(0.99 * sum(steps) / len(steps), 4)
+                            await anyio.to_thread.run_sync(self.store.set_progress, job.id, self.owner, progress)
+                    else:
+                        result = event
+            except asyncio.CancelledError:
+                # Leaving the loop does not cancel the Serve call: without this the replica would
+                # denoise (and the job finish) every image of a cancelled job.
+                stream.cancel()
+                raise
             if result is None:
                 raise RuntimeError("the diffusion stream ended without an image")
             return result
 
-        return list(await asyncio.gather(*(one(i, t) for i, t in enumerate(tasks))))
+        # A TaskGroup, not gather: one image failing or the job being cancelled cancels the
+        # job's other calls too (gather leaves them running).
+        try:
+            async with asyncio.TaskGroup() as group:
+                calls = [group.create_task(one(i, t)) for i, t in enumerate(tasks)]
+        except BaseExceptionGroup as failed:  # the first failure decides: retry later, retry, or fail
+            raise failed.exceptions[0] from None
+        return [c.result() for c in calls]
 
     async def _on_failure(self, job: JobRecord, exc: Exception) -> None:
         name = type(exc).__name__
@@ -247,8 +295,12 @@ class JobRunner:
         if not ok:
             logger.warning("job %s: lease lost before it could be marked %s", job.id, status)
             return
+        await self.announce(job.id)
+
+    async def announce(self, job_id: str) -> None:
+        """Run the terminal hook (webhook) of a job this replica just ended, in the background."""
         if self.terminal_hook is not None:
-            final = await anyio.to_thread.run_sync(self.store.get, job.id)
+            final = await anyio.to_thread.run_sync(self.store.get, job_id)
             if final is not None:
                 hook = asyncio.get_running_loop().create_task(self._guarded(self.terminal_hook(final)))
                 self._hooks.add(hook)
@@ -282,6 +334,21 @@ class JobRunner:
             except Exception:  # noqa: BLE001 - a DB hiccup must not stop the loop
                 logger.exception("job maintenance failed; retrying")
             await asyncio.sleep(self.config.heartbeat_s)
+
+    async def _cancel_loop(self) -> None:
+        """Stop the jobs running here whose cancel was requested on any replica (see module doc)."""
+        while True:
+            try:
+                ids = [j for j, t in self._running.items() if t not in self._ending]
+                if ids:
+                    for job_id in await anyio.to_thread.run_sync(self.store.cancels_requested, ids):
+                        if self.cancel(job_id):
+                            logger.info("job %s: cancel requested; stopping it", job_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a DB hiccup must not stop the loop
+                logger.exception("job cancel poll failed; retrying")
+            await asyncio.sleep(self.config.cancel_poll_s)
 
     async def _heartbeat(self) -> None:
         ids = list(self._running)

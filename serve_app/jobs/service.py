@@ -40,6 +40,22 @@ class Jobs:
         self.runner = JobRunner(self.store, diffusion=diffusion, config=config, finish_hook=self._store_results,
                                 terminal_hook=self._on_terminal, orphan_usage=self._orphan_usage)
 
+    async def cancel(self, job_id: str, tenant_id: int, *, wait_s: float = 2.0) -> JobRecord | None:
+        """`DELETE /v1/jobs/{id}`: a queued job ends `cancelled` at once (its webhook fires); a
+        running one is flagged, and stopped now when it runs on this replica (waiting up to
+        `wait_s` for it to end, so the answer usually says `cancelled`), else by its own replica
+        within `cancel_poll_s`. A job already ended is returned as it is."""
+        job, ended = await anyio.to_thread.run_sync(self.store.request_cancel, job_id, tenant_id)
+        if job is None:
+            return None
+        if ended:
+            self.runner.cancel(job_id)  # a local run waiting to claim it releases its usage now
+            await self.runner.announce(job_id)
+        elif job.status == "running" and self.runner.cancel(job_id):
+            await self.runner.wait_ended(job_id, wait_s)
+            job = await anyio.to_thread.run_sync(self.store.get, job_id, tenant_id)
+        return job
+
     async def _store_results(self, job: JobRecord, results: list[ImageResult]) -> dict:
         """Upload every image (retried inside the store; a failure fails the attempt, so the job is
         retried or fails with the reason — an image is never silently lost), then log it."""

@@ -16,6 +16,9 @@ from serve_app.telemetry.metrics import record_job_transition
 from serve_app.tenancy.db import read_tx, write_tx
 
 
+CANCELLED_REASON = "cancelled by the client"
+
+
 def new_job_id() -> str:
     return "job_" + secrets.token_urlsafe(12)
 
@@ -102,11 +105,12 @@ class JobStore:
 
     def claim(self, job_id: str, owner: str, lease_s: float) -> JobRecord | None:
         """Take the job to run it: allowed for its current lease owner, or anyone once the lease
-        expired. Counts an attempt. None when someone else holds it or it already ended."""
+        expired. Counts an attempt. None when someone else holds it, it already ended, or its
+        cancel was requested (one conditional UPDATE: a cancel committed first always wins)."""
         now = time.time()
         with write_tx(self.engine) as conn:
             res = conn.execute(update(Job).where(
-                Job.id == job_id, Job.status.in_(ACTIVE),
+                Job.id == job_id, Job.status.in_(ACTIVE), Job.cancel_requested.is_(False),
                 or_(Job.lease_owner == owner, Job.lease_owner.is_(None), Job.lease_expires_at < now),
             ).values(status="running", lease_owner=owner, lease_expires_at=now + lease_s,
                      attempts=Job.attempts + 1, started_at=func.coalesce(Job.started_at, _now())))
@@ -125,6 +129,30 @@ class JobStore:
             rows = conn.execute(select(Job.id, Job.cancel_requested).where(
                 Job.id.in_(job_ids), Job.lease_owner == owner, Job.status.in_(ACTIVE))).all()
         return {r[0]: bool(r[1]) for r in rows}
+
+    def cancels_requested(self, job_ids: list[str]) -> set[str]:
+        """Which of these active jobs have a cancel requested (DELETE may land on any replica: the
+        row is where the runner learns of it). A read by primary key, cheap enough to poll."""
+        if not job_ids:
+            return set()
+        with read_tx(self.engine) as conn:
+            rows = conn.execute(select(Job.id).where(Job.id.in_(job_ids), Job.cancel_requested.is_(True),
+                                                     Job.status.in_(ACTIVE))).all()
+        return {r[0] for r in rows}
+
+    def end_cancelled(self, job_id: str, owner: str) -> bool:
+        """End an active job whose cancel was requested but that no runner is running: one that
+        was put back to the queue (a retry) or whose lease expired. By its owner or once its
+        lease expired, so a runner still stopping it is not overtaken."""
+        with write_tx(self.engine) as conn:
+            done = conn.execute(update(Job).where(
+                Job.id == job_id, Job.status.in_(ACTIVE), Job.cancel_requested.is_(True),
+                or_(Job.lease_owner == owner, Job.lease_owner.is_(None), Job.lease_expires_at < time.time()),
+            ).values(status="cancelled", error=CANCELLED_REASON, finished_at=_now(), lease_owner=None,
+                     lease_expires_at=None)).rowcount == 1
+        if done:
+            record_job_transition("cancelled")
+        return done
 
     def set_progress(self, job_id: str, owner: str, progress: float) -> None:
         with write_tx(self.engine) as conn:
@@ -154,18 +182,19 @@ class JobStore:
             record_job_transition(status)
         return done
 
-    def request_cancel(self, job_id: str, tenant_id: int) -> JobRecord | None:
-        """A queued job is cancelled at once; a running one is flagged for its owner to stop."""
+    def request_cancel(self, job_id: str, tenant_id: int) -> tuple[JobRecord | None, bool]:
+        """A queued job is cancelled at once (so no runner can claim it after); a running one is
+        flagged for its owner to stop. Returns (the job, whether this call ended it)."""
         with write_tx(self.engine) as conn:
             cancelled = conn.execute(
                 update(Job).where(Job.id == job_id, Job.tenant_id == tenant_id, Job.status == "queued")
                 .values(status="cancelled", cancel_requested=True, finished_at=_now(), lease_owner=None,
-                        lease_expires_at=None, error="cancelled by the client")).rowcount
+                        lease_expires_at=None, error=CANCELLED_REASON)).rowcount
             conn.execute(update(Job).where(Job.id == job_id, Job.tenant_id == tenant_id, Job.status == "running")
                          .values(cancel_requested=True))
         if cancelled == 1:
             record_job_transition("cancelled")
-        return self.get(job_id, tenant_id)
+        return self.get(job_id, tenant_id), cancelled == 1
 
     def expired(self, limit: int = 50) -> list[JobRecord]:
         """Active jobs whose owner stopped renewing (a dead or overloaded replica)."""
