@@ -146,6 +146,15 @@ class LLMModelConfig(_Strict):
     aliases: list[str] = Field(default_factory=list)
     description: str = ""
 
+    @model_validator(mode="after")
+    def _check_engine_kwargs(self) -> "LLMModelConfig":
+        # The replica checks prompts against `max_model_len`; the same key in engine_kwargs would
+        # give the engine another context than the one requests are checked against.
+        if "max_model_len" in self.engine_kwargs:
+            raise ValueError("engine_kwargs.max_model_len: set the model's own `max_model_len` field instead "
+                             "(the replica checks prompt lengths against it and passes it to the engine)")
+        return self
+
     @property
     def deployment_name(self) -> str:
         return f"LLM-{self.name}"
@@ -172,6 +181,9 @@ class AppConfig(_Strict):
     diffusion_models: list[DiffusionModelConfig] = Field(min_length=1)
     llm_models: list[LLMModelConfig] = Field(default_factory=list)
     default_image_model: str | None = None
+    enhance_model: str | None = Field(
+        None, description="The chat model (name or alias) that expands prompts for `enhance` on images and "
+        "jobs. None: the first of llm_models.")
     templates: list[PromptTemplateConfig] = Field(default_factory=list)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     tenancy: TenancyConfig = Field(default_factory=TenancyConfig)
@@ -195,6 +207,9 @@ class AppConfig(_Strict):
                 f"default_image_model ({self.default_image_model!r}) is not one of diffusion_models "
                 f"({[m.name for m in self.diffusion_models]})"
             )
+        if self.enhance_model is not None and self.find_llm(self.enhance_model) is None:
+            raise ValueError(f"enhance_model ({self.enhance_model!r}) is not one of llm_models "
+                             f"({[m.name for m in self.llm_models]})")
         known = set(seen)
         for plan in self.tenancy.plans:
             if plan.allowed_models != "*":
@@ -206,6 +221,13 @@ class AppConfig(_Strict):
     @property
     def image_model_default(self) -> str:
         return self.default_image_model or self.diffusion_models[0].name
+
+    @property
+    def enhance_llm(self) -> LLMModelConfig | None:
+        """The chat model `enhance` uses (None: no LLM configured, enhance answers 404)."""
+        if self.enhance_model is not None:
+            return self.find_llm(self.enhance_model)
+        return self.llm_models[0] if self.llm_models else None
 
     def find_diffusion(self, name: str) -> DiffusionModelConfig | None:
         for m in self.diffusion_models:

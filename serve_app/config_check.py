@@ -37,6 +37,9 @@ def check_document(doc: dict[str, Any]) -> list[AppConfig]:
             if d["name"].startswith("Diffusion-") and gpus and not lo <= gpus <= hi:
                 raise ValueError(f"{where}: ray_actor_options.num_gpus must be 0 (CPU) or between {lo} and "
                                  f"{hi}, got {gpus}")
+            if d["name"].startswith("LLM-") and gpus and gpus != int(gpus):
+                raise ValueError(f"{where}: ray_actor_options.num_gpus of an LLM must be whole GPUs (its engine "
+                                 f"sizes its KV cache from the card's memory), got {gpus}")
             if "autoscaling_config" not in d and "num_replicas" not in d:
                 raise ValueError(f"{where}: give autoscaling_config (or num_replicas)")
         configs.append(cfg)

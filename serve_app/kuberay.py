@@ -187,31 +187,67 @@ def _bounds(d: dict[str, Any]) -> tuple[int, int]:
     return n, n
 
 
+def _selector(d: dict[str, Any]) -> dict[str, str]:
+    return (d.get("ray_actor_options") or {}).get("label_selector") or {}
+
+
+def _gpu_pools(gpu_deps: list[dict[str, Any]], gpu_groups: list[dict[str, Any]]) -> dict[str, frozenset[str]]:
+    """Per GPU deployment, the worker groups its `label_selector` lets Ray place it on (exact
+    label values; no selector: any GPU group)."""
+    where = {}
+    for d in gpu_deps:
+        sel = _selector(d)
+        fits = frozenset(g["groupName"] for g in gpu_groups
+                         if all((g.get("labels") or {}).get(k) == v for k, v in sel.items()))
+        if not fits:
+            labels = {g["groupName"]: g.get("labels") or {} for g in gpu_groups}
+            raise ValueError(f"deployment {d['name']!r}: label_selector {sel} matches no GPU worker group "
+                             f"(their Ray labels: {labels}); its replicas would stay pending")
+        where[d["name"]] = fits
+    return where
+
+
 def _check_gpu_capacity(gpu_deps: list[dict[str, Any]], gpu_groups: list[dict[str, Any]]) -> None:
     if not gpu_groups:
         names = [d["name"] for d in gpu_deps]
         raise ValueError(f"deployments {names} ask for GPUs but no worker group has {GPU_RESOURCE} limits")
-    c0 = gpu_groups[0]["template"]["spec"]["containers"][0]
-    per_pod = int(_limit(c0, GPU_RESOURCE))
-    cpus = _limit(c0, "cpu")
-    fracs_min = [float(d["ray_actor_options"]["num_gpus"]) for d in gpu_deps for _ in range(_bounds(d)[0])]
-    fracs_max = [float(d["ray_actor_options"]["num_gpus"]) for d in gpu_deps for _ in range(_bounds(d)[1])]
-    min_pods = sum(g["minReplicas"] for g in gpu_groups)
-    max_pods = sum(g["maxReplicas"] for g in gpu_groups)
+    where = _gpu_pools(gpu_deps, gpu_groups)
+    groups = {g["groupName"]: g for g in gpu_groups}
+    # Each set of groups that some deployment is confined to must hold every deployment confined
+    # within it (a deployment pinned to `gpu-llm` can't borrow a `gpu` pod, and vice versa).
+    for pool in sorted(set(where.values()), key=sorted):
+        _check_pool([groups[n] for n in sorted(pool)], [d for d in gpu_deps if where[d["name"]] <= pool])
+    for name, g in groups.items():
+        _check_pod_cpus(g, [d for d in gpu_deps if name in where[d["name"]]])
+
+
+def _check_pool(pool: list[dict[str, Any]], deps: list[dict[str, Any]]) -> None:
+    per_pod = {g["groupName"]: int(_limit(g["template"]["spec"]["containers"][0], GPU_RESOURCE)) for g in pool}
+    fracs_min = [float(d["ray_actor_options"]["num_gpus"]) for d in deps for _ in range(_bounds(d)[0])]
+    fracs_max = [float(d["ray_actor_options"]["num_gpus"]) for d in deps for _ in range(_bounds(d)[1])]
     need_min, need_max = gpus_needed(fracs_min), gpus_needed(fracs_max)
-    if min_pods * per_pod < need_min:
-        raise ValueError(f"GPU worker minReplicas ({min_pods} pods x {per_pod} GPU) < {need_min} GPUs the "
-                         "deployments' min_replicas need: the floor would not be warm")
-    if max_pods * per_pod < need_max:
-        raise ValueError(f"GPU worker maxReplicas ({max_pods} pods x {per_pod} GPU) < {need_max} GPUs the "
-                         "deployments' max_replicas need: replicas above it would stay pending")
-    # A full GPU pod holds per_pod / smallest-fraction replicas; their CPUs must fit too.
-    smallest = min(fracs_max)
+    names = [g["groupName"] for g in pool]
+    for bound, need, what in (("minReplicas", need_min, "min_replicas need: the floor would not be warm"),
+                              ("maxReplicas", need_max, "max_replicas need: replicas above it would stay pending")):
+        have = sum(g[bound] * per_pod[g["groupName"]] for g in pool)
+        if have < need:
+            shape = " + ".join(f"{g[bound]} pods x {per_pod[g['groupName']]} GPU" for g in pool)
+            raise ValueError(f"GPU worker {bound} ({shape}) < {need} GPUs the deployments "
+                             f"{[d['name'] for d in deps]} (groups {names}) {what}")
+
+
+def _check_pod_cpus(group: dict[str, Any], deps: list[dict[str, Any]]) -> None:
+    """A full GPU pod holds per_pod / smallest-fraction replicas; their CPUs must fit too."""
+    if not deps:
+        return
+    c0 = group["template"]["spec"]["containers"][0]
+    per_pod, cpus = int(_limit(c0, GPU_RESOURCE)), _limit(c0, "cpu")
+    smallest = min(float(d["ray_actor_options"]["num_gpus"]) for d in deps)
     per_pod_replicas = math.floor(per_pod / smallest + 1e-9)
-    worst_cpu = max(float(d["ray_actor_options"].get("num_cpus", 1)) for d in gpu_deps)
+    worst_cpu = max(float(d["ray_actor_options"].get("num_cpus", 1)) for d in deps)
     if per_pod_replicas * worst_cpu > cpus:
-        raise ValueError(f"a GPU pod has {cpus:g} CPUs but fits {per_pod_replicas} replicas of up to "
-                         f"{worst_cpu:g} CPUs each ({per_pod_replicas * worst_cpu:g} CPUs)")
+        raise ValueError(f"a pod of GPU group {group['groupName']!r} has {cpus:g} CPUs but fits {per_pod_replicas} "
+                         f"replicas of up to {worst_cpu:g} CPUs each ({per_pod_replicas * worst_cpu:g} CPUs)")
 
 
 def _check_spread_capacity(d: dict[str, Any], cpu_groups: list[dict[str, Any]]) -> None:

@@ -40,6 +40,53 @@ def test_production_config_uses_fractional_gpus_and_real_models() -> None:
     assert all(d["max_ongoing_requests"] > 5 for d in app["deployments"])  # Serve's default of 5 caps batches
 
 
+def test_production_config_holds_ingress_llm_and_diffusion_nodes() -> None:
+    """All three kinds of node, and `enhance` resolves to an LLM deployed in the same file, on vLLM
+    with whole GPUs, that the plans let tenants use (issue 18: production answered 404 before)."""
+    doc = yaml.safe_load((CONFIGS / "serve.yaml").read_text())
+    (cfg,) = check_document(doc)
+    deps = {d["name"]: d for d in doc["applications"][0]["deployments"]}
+    kinds = {name.split("-", 1)[0] for name in deps}
+    assert kinds == {"Ingress", "LLM", "Diffusion"}, sorted(deps)
+    llm = cfg.enhance_llm
+    assert llm is not None and cfg.find_llm(llm.name) is llm
+    assert llm.deployment_name in deps, f"enhance model {llm.name!r} has no deployment"
+    assert (llm.model, llm.engine) == ("meta-llama/Llama-3.1-8B-Instruct", "vllm")
+    assert llm.max_model_len == 8192 and llm.engine_kwargs["max_num_seqs"] == 256
+    dep = deps[llm.deployment_name]
+    assert dep["ray_actor_options"]["num_gpus"] == 1
+    # Serve admits as many as the engine batches; the autoscaler targets well below that.
+    assert dep["max_ongoing_requests"] >= llm.engine_kwargs["max_num_seqs"] > dep["autoscaling_config"][
+        "target_ongoing_requests"]
+    assert dep["max_queued_requests"] > 0
+    for plan in cfg.tenancy.plans:
+        assert plan.allows(llm.name), f"plan {plan.name!r} can't use enhance"
+
+
+def test_enhance_model_must_be_an_llm() -> None:
+    args = copy.deepcopy(_local_doc()["applications"][0]["args"])
+    args["enhance_model"] = "sdxl-tiny"
+    with pytest.raises(ValidationError, match=r"enhance_model \('sdxl-tiny'\) is not one of llm_models"):
+        AppConfig.model_validate(args)
+    args["enhance_model"] = "chat"  # an alias of tiny-chat
+    assert AppConfig.model_validate(args).enhance_llm.name == "tiny-chat"
+
+
+def test_llm_context_is_not_set_twice() -> None:
+    args = copy.deepcopy(_local_doc()["applications"][0]["args"])
+    args["llm_models"][0]["engine_kwargs"] = {"max_model_len": 4096}
+    with pytest.raises(ValidationError, match="engine_kwargs.max_model_len"):
+        AppConfig.model_validate(args)
+
+
+def test_llm_gpus_must_be_whole() -> None:
+    doc = _local_doc()
+    llm = next(d for d in doc["applications"][0]["deployments"] if d["name"].startswith("LLM-"))
+    llm["ray_actor_options"]["num_gpus"] = 0.5
+    with pytest.raises(ValueError, match="must be whole GPUs"):
+        check_document(doc)
+
+
 def _local_doc() -> dict:
     return yaml.safe_load((CONFIGS / "local.yaml").read_text())
 

@@ -224,7 +224,7 @@ def test_pdbs_select_real_pods(rs: dict[str, Any]) -> None:
         matching = [labels for labels in pods if sel.items() <= labels.items()]
         assert len(matching) == 1, f"PDB {pdb['metadata']['name']} matches {len(matching)} pod templates"
         covered.add(matching[0]["app.kubernetes.io/component"])
-    assert covered == {"ray-head", "ingress-worker", "gpu-worker", "gcs-redis"}
+    assert covered == {"ray-head", "ingress-worker", "gpu-worker", "gpu-llm-worker", "gcs-redis"}
 
 
 def test_kustomization_lists_manifests_but_not_secrets() -> None:
@@ -247,9 +247,55 @@ def _render_with(serve_edit: Any = None, template_edit: Any = None) -> str:
     return kr.render_rayservice(template, serve)
 
 
+def _edit_deployment(name: str, old: str, new: str) -> Any:
+    """A serve.yaml edit confined to deployment `name`'s block."""
+    def edit(text: str) -> str:
+        head, _, rest = text.partition(f"      - name: {name}\n")
+        assert rest, name
+        block, sep, tail = rest.partition("\n      - name: ")
+        assert old in block, (name, old)
+        return head + f"      - name: {name}\n" + block.replace(old, new) + sep + tail
+    return edit
+
+
 def test_render_rejects_gpu_max_above_pool() -> None:
     with pytest.raises(ValueError, match=r"maxReplicas \(6 pods x 1 GPU\) < 8 GPUs"):
-        _render_with(serve_edit=lambda s: s.replace("max_replicas: 4", "max_replicas: 8"))
+        _render_with(serve_edit=_edit_deployment("Diffusion-wuerstchen", "max_replicas: 4", "max_replicas: 8"))
+
+
+def test_llm_has_its_own_whole_gpu_group(rs: dict[str, Any]) -> None:
+    """The production LLM (vLLM, num_gpus 1) lands on a GPU group sized for its autoscaling bounds,
+    one replica per pod, and the diffusion replicas are kept off it."""
+    serve = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    deps = {d["name"]: d for d in serve["applications"][0]["deployments"]}
+    (llm,) = [d for name, d in deps.items() if name.startswith("LLM-")]
+    opts = llm["ray_actor_options"]
+    assert opts["num_gpus"] == 1
+    groups = _groups(rs)
+    targets = [g for name, g in groups.items() if name != "head" and opts["label_selector"].items() <= (
+        g.get("labels") or {}).items()]
+    assert [g["groupName"] for g in targets] == ["gpu-llm"]
+    (g,) = targets
+    (c,) = g["template"]["spec"]["containers"]
+    assert kr.quantity(c["resources"]["limits"]["nvidia.com/gpu"]) == 1
+    assert g["minReplicas"] >= llm["autoscaling_config"]["min_replicas"]
+    assert g["maxReplicas"] >= llm["autoscaling_config"]["max_replicas"]
+    assert kr.quantity(c["resources"]["limits"]["cpu"]) >= opts["num_cpus"]
+    for name, d in deps.items():
+        if name.startswith("Diffusion-"):
+            assert d["ray_actor_options"]["label_selector"] == {"genserve.io/pool": "gpu"}, name
+
+
+def test_render_rejects_llm_max_above_its_group() -> None:
+    """The LLM can't borrow the diffusion group's GPUs: its own group must hold its max_replicas."""
+    with pytest.raises(ValueError, match=r"maxReplicas \(4 pods x 1 GPU\) < 6 GPUs .*LLM-"):
+        _render_with(serve_edit=_edit_deployment("LLM-llama-3.1-8b-instruct", "max_replicas: 4", "max_replicas: 6"))
+
+
+def test_render_rejects_selector_without_group() -> None:
+    edit = _edit_deployment("LLM-llama-3.1-8b-instruct", "genserve.io/pool: gpu-llm", "genserve.io/pool: a100")
+    with pytest.raises(ValueError, match="matches no GPU worker group"):
+        _render_with(serve_edit=edit)
 
 
 def test_render_rejects_ingress_beyond_cpu_pool() -> None:
@@ -277,7 +323,7 @@ def test_render_rejects_env_drift() -> None:
 
 def test_render_rejects_invalid_serve_config() -> None:
     with pytest.raises(Exception, match="num_gpus"):
-        _render_with(serve_edit=lambda s: s.replace("num_gpus: 0.5, num_cpus: 2}", "num_gpus: 0.1, num_cpus: 2}", 1))
+        _render_with(serve_edit=lambda s: s.replace("num_gpus: 0.5, num_cpus: 2,", "num_gpus: 0.1, num_cpus: 2,", 1))
 
 
 def test_render_needs_one_marker() -> None:

@@ -280,6 +280,37 @@ async def test_settings_change_model_and_aspect(genserve_url: str, api_key: str)
 
 
 @pytest.mark.ray
+async def test_enhance_setting_submits_enhanced_jobs_and_shows_the_drawn_prompt(genserve_url: str) -> None:
+    """/settings → enhance on: the bot's job asks for `enhance`, and the caption shows what the LLM
+    made of the prompt (the job result's revised_prompt), marked ✨."""
+    key = new_tenant_key(genserve_url, plan="pro")
+    auth = {"Authorization": f"Bearer {key}"}
+    async with running_bot(genserve_url, key) as tg:
+        tg.say("/settings")
+        menu = await tg.expect("sendMessage", lambda c: c.text.startswith("Settings"))
+        assert "Enhance prompts: off" in menu.text
+        tg.press(menu.result["message_id"], "set:enhance:on")
+        edited = await tg.expect("editMessageText", lambda c: "Enhance prompts: on" in c.text)
+        labels = [b["text"] for row in json.loads(edited.fields["reply_markup"])["inline_keyboard"] for b in row]
+        assert "✓ ✨ enhance" in labels, labels
+        tg.say("/txt2img a red kite over hills --seed 8")
+        _, photo = await expect_photo(tg, tg.cursor)
+        assert_png(photo)
+    (job,) = httpx.get(f"{genserve_url}/v1/jobs?limit=1", headers=auth).json()["data"]
+    drawn = job["results"][0]["revised_prompt"]
+    assert job["prompt"] == "a red kite over hills" and drawn and drawn != job["prompt"]
+    cap = photo.fields["caption"]
+    assert "seed 8" in cap and f"✨ {drawn}"[:200] in cap, cap
+    report = httpx.get(f"{genserve_url}/admin/tenants/{job_tenant(genserve_url, key)}/usage",
+                       headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
+    assert any(m["model"] == "tiny-chat" and m["completion_tokens"] > 0 for m in report["by_model"]), report
+
+
+def job_tenant(genserve_url: str, key: str) -> str:
+    return httpx.get(f"{genserve_url}/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()["tenant"]
+
+
+@pytest.mark.ray
 async def test_api_errors_become_friendly_messages(genserve_url: str, api_key: str) -> None:
     async with running_bot(genserve_url, api_key) as tg:
         tg.say("/txt2img")

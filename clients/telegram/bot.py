@@ -37,7 +37,7 @@ _AR_FLAG = re.compile(r"(?:^|\s)(?:--|—)(?:ar|aspect)(?:\s|$)", re.IGNORECASE)
 _CALLBACK_LIMIT = 64  # bytes of callback_data Telegram accepts
 COMMANDS = [BotCommand(command="txt2img", description="Draw a picture from a description"),
             BotCommand(command="templates", description="Start from a prompt template"),
-            BotCommand(command="settings", description="Model and aspect ratio"),
+            BotCommand(command="settings", description="Model, aspect ratio, prompt enhancing"),
             BotCommand(command="help", description="What this bot does"),
             BotCommand(command="cancel", description="Stop the current step")]
 
@@ -51,6 +51,7 @@ class Flow(StatesGroup):
 class UserPrefs:
     model: str | None = None  # None: genserve's default model
     aspect: str | None = None  # None: the model's native size (or the template's --ar)
+    enhance: bool = False  # the LLM expands each prompt first (`enhance` on the job; `--enhance` works too)
 
 
 def with_aspect(prompt: str, aspect: str | None) -> str:
@@ -174,9 +175,11 @@ class GenserveBot:
         ar_row = [InlineKeyboardButton(text=mark("native", prefs.aspect is None), callback_data="set:ar:-")]
         ar_row += [InlineKeyboardButton(text=mark(a, prefs.aspect == a), callback_data=f"set:ar:{a}")
                    for a in ASPECT_RATIOS]
+        enhance_row = [InlineKeyboardButton(text=mark("✨ enhance", prefs.enhance), callback_data="set:enhance:on"),
+                       InlineKeyboardButton(text=mark("as written", not prefs.enhance), callback_data="set:enhance:off")]
         text = (f"Settings\nModel: {prefs.model or 'default'}\nAspect ratio: {prefs.aspect or 'native'}\n"
-                "Tap to change.")
-        return text, InlineKeyboardMarkup(inline_keyboard=[model_row, ar_row])
+                f"Enhance prompts: {'on' if prefs.enhance else 'off'}\nTap to change.")
+        return text, InlineKeyboardMarkup(inline_keyboard=[model_row, ar_row, enhance_row])
 
     async def change_setting(self, query: CallbackQuery) -> None:
         _, key, value = (query.data or "").split(":", 2)
@@ -186,10 +189,13 @@ class GenserveBot:
             prefs.model = chosen
         elif key == "ar" and (chosen is None or chosen in ASPECT_RATIOS):
             prefs.aspect = chosen
+        elif key == "enhance" and value in ("on", "off"):
+            prefs.enhance = value == "on"
         else:
             await query.answer("Unknown setting.")
             return
-        await query.answer(f"{'Model' if key == 'model' else 'Aspect ratio'}: {value if chosen else 'default'}")
+        label = {"model": "Model", "ar": "Aspect ratio", "enhance": "Enhance prompts"}[key]
+        await query.answer(f"{label}: {value if chosen else 'default'}")
         text, markup = await self._settings_view(query.from_user.id)
         if query.message is not None:
             try:
@@ -211,6 +217,8 @@ class GenserveBot:
         prefs = self.prefs_of(user_id)
         if prefs.model:
             body = {"model": prefs.model, **body}
+        if prefs.enhance:
+            body = {**body, "enhance": True}
         body = {**body, "n": 1, "user": f"telegram:{user_id}"}
         status = await bot.send_message(chat_id, "⏳ sending your request…")
         shown = status.text

@@ -11,10 +11,11 @@ HELP = (
     "This bot draws a picture from your description.\n\n"
     "/txt2img: describe an image and get it back\n"
     "/templates: start from a ready-made prompt template\n"
-    "/settings: choose the model and the aspect ratio\n"
+    "/settings: choose the model, the aspect ratio, and whether to enhance prompts\n"
     "/cancel: stop what you are doing\n\n"
     "Write descriptions in English. Parameters work too, e.g.\n"
-    "a lighthouse at dawn --ar 16:9 --no people --seed 7"
+    "a lighthouse at dawn --ar 16:9 --no people --seed 7\n"
+    "Add --enhance to have the prompt expanded by the language model first."
 )
 ASK_PROMPT = "Describe the image (in English). Parameters like --ar 3:2 or --no text are welcome."
 CAPTION_LIMIT = 1024  # Telegram's caption limit
@@ -57,7 +58,11 @@ def caption(job: dict[str, Any], index: int) -> str:
     extra = []
     if params.get("negative_prompt"):
         extra.append(f"no: {params['negative_prompt']}")
-    text = "\n".join([head, *extra, str(job.get("prompt", ""))])
+    asked = str(job.get("prompt", ""))
+    drawn = results[index].get("revised_prompt") if index < len(results) else None
+    # With enhance, what was drawn is the language model's expansion of what was asked.
+    prompt = f"✨ {drawn}" if drawn and drawn != asked else asked
+    text = "\n".join([head, *extra, prompt])
     return text if len(text) <= CAPTION_LIMIT else text[: CAPTION_LIMIT - 1] + "…"
 
 

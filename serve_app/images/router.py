@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request, Response
 
 from serve_app.errors import bad_request
 from serve_app.images import qos, service
+from serve_app.images.enhance import enhance_admitted, enhance_target
 from serve_app.images.protocol import ImageGenerationRequest, ImageGenerationResponse, PromptRenderRequest
 from serve_app.library import LIBRARY_KEY
 from serve_app.prompts.render import RenderedImageRequest, render_image_request
@@ -41,12 +42,12 @@ async def create_image(body: ImageGenerationRequest, request: Request, services:
     # Everything that can reject the request runs before quota is taken.
     rendered, template = await render_for(services, ctx, body)
     check_plan(ctx, rendered)
+    llm = enhance_target(services, ctx, rendered)
     rendered = qos.stamp(rendered, ctx.plan, body.quality, explicit_steps=body.steps is not None)
     admission = await tenancy.admit(ctx, route="images", model=rendered.model.name, images=len(rendered.tasks))
     async with admission:
-        if rendered.enhance:
-            rendered, expansion = await service.enhance(services, rendered)
-            admission.add(prompt_tokens=expansion.prompt_tokens, completion_tokens=expansion.completion_tokens)
+        if llm is not None:
+            rendered = await enhance_admitted(services, tenancy, ctx, llm, rendered)
         results = await service.run_tasks(services, rendered)
         admission.add(images=len(results), gpu_seconds=service.gpu_seconds(results))
         keys, urls = [], []

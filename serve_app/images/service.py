@@ -31,10 +31,12 @@ def render(services: Services, req: ImageGenerationRequest | PromptRenderRequest
         variables=req.variables, enhance=getattr(req, "enhance", False))
 
 
-async def enhance(services: Services, rendered: RenderedImageRequest) -> tuple[RenderedImageRequest, Expansion]:
+async def enhance(services: Services, rendered: RenderedImageRequest, *, model: str | None = None,
+                  max_tokens: int = 77) -> tuple[RenderedImageRequest, Expansion]:
     """The chain's LLM step: expand the prompt into Subject/Style/Composition/Lighting/Quality,
-    then draw that (sizes, seeds and other parameters stay as rendered)."""
-    exp = await expand(services, rendered.prompt, seed=rendered.tasks[0].seed)
+    then draw that (sizes, seeds and other parameters stay as rendered). Metered by the caller
+    (`images.enhance.enhance_admitted`)."""
+    exp = await expand(services, rendered.prompt, model=model, max_tokens=max_tokens, seed=rendered.tasks[0].seed)
     tasks = tuple(dataclasses.replace(t, prompt=exp.text, weighted_prompts=()) for t in rendered.tasks)
     return dataclasses.replace(rendered, prompt=exp.text, tasks=tasks), exp
 

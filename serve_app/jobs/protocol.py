@@ -19,6 +19,8 @@ class JobCreateRequest(ImageGenerationRequest):
 class JobResult(BaseModel):
     url: str
     seed: int | None = None
+    revised_prompt: str | None = Field(None, description="What was drawn: the LLM's expansion with `enhance`, "
+                                       "else the rendered prompt (as `data[].revised_prompt` of the sync route).")
 
 
 class JobUsed(BaseModel):
@@ -49,7 +51,7 @@ class Job(BaseModel):
     error: str | None = None
     results: list[JobResult] = Field(default_factory=list)
     generation_id: str | None = None
-    prompt: str
+    prompt: str = Field(description="The rendered prompt as asked (before `enhance`; results carry what was drawn).")
     params: dict = Field(description="What was asked for (the rendered request).")
     used: JobUsed | None = Field(None, description="What was actually used; set once the job succeeded.")
 

@@ -13,6 +13,7 @@ from deployments.diffusion.types import ImageResult
 from serve_app.errors import not_found, unavailable
 from serve_app.images import qos
 from serve_app.images import service as images
+from serve_app.images.enhance import enhance_admitted, enhance_target
 from serve_app.images.router import check_plan, render_for
 from serve_app.jobs.protocol import Job, JobCreateRequest, JobList
 from serve_app.jobs.runner import spec_of
@@ -44,6 +45,7 @@ async def create_job(body: JobCreateRequest, request: Request, response: Respons
                      jobs: JobsDep, ctx: CurrentTenant, tenancy: TenancyDep) -> Job:
     rendered, template = await render_for(services, ctx, body)
     check_plan(ctx, rendered)
+    llm = enhance_target(services, ctx, rendered)
     rendered = qos.stamp(rendered, ctx.plan, body.quality, explicit_steps=body.steps is not None)
     if body.webhook_url is not None and jobs.webhooks is not None:
         await jobs.webhooks.avalidate(body.webhook_url)
@@ -58,8 +60,12 @@ async def create_job(body: JobCreateRequest, request: Request, response: Respons
         await admission.settle(status)
 
     try:
-        spec = spec_of(rendered, tenant=ctx.tenant, base_url=_base_url(request),
-                       extra={"template_ref": dataclasses.asdict(template) if template else None})
+        extra: dict = {"template_ref": dataclasses.asdict(template) if template else None}
+        if llm is not None:
+            # Expanded once, here: every attempt (a retry after a replica died) draws the same prompt.
+            extra["asked_prompt"] = rendered.prompt
+            rendered = await enhance_admitted(services, tenancy, ctx, llm, rendered)
+        spec = spec_of(rendered, tenant=ctx.tenant, base_url=_base_url(request), extra=extra)
         job = await jobs.runner.submit(tenant_id=ctx.tenant_id, model=rendered.model.name, spec=spec,
                                        webhook_url=body.webhook_url, settle=settle)
     except BaseException as e:

@@ -87,7 +87,8 @@ class Jobs:
             await self.webhooks.send(job.webhook_url, payload, job_id=job.id)
 
     def public(self, job: JobRecord, *, base_url: str | None, queue_position: int | None = None) -> Job:
-        results = [JobResult(url=self.storage.url(k, base_url=base_url), seed=t.get("seed"))
+        results = [JobResult(url=self.storage.url(k, base_url=base_url), seed=t.get("seed"),
+                             revised_prompt=job.spec["prompt"])
                    for k, t in zip(job.result_keys or [], job.spec["tasks"], strict=False)]
         eta = None
         if queue_position is not None:
@@ -95,5 +96,6 @@ class Jobs:
         return Job(id=job.id, status=job.status, model=job.model, progress=round(job.progress, 4),
                    queue_position=queue_position, estimated_seconds=eta, attempts=job.attempts,
                    created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-                   error=job.error, results=results, generation_id=job.generation_id, prompt=job.spec["prompt"],
+                   error=job.error, results=results, generation_id=job.generation_id,
+                   prompt=job.spec.get("asked_prompt") or job.spec["prompt"],
                    params=job.spec.get("params", {}), used=JobUsed(**job.used) if job.used else None)

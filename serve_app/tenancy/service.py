@@ -338,11 +338,14 @@ class Tenancy:
 
     # ---- admission --------------------------------------------------------------------------
     def admit_sync(self, ctx: TenantContext, *, route: str, model: str, images: int = 0, est_tokens: int = 0,
-                   est_gpu_seconds: float = 0.0) -> Admission:
+                   est_gpu_seconds: float = 0.0, within_request: bool = False) -> Admission:
         plan, now = ctx.plan, time.time()
         self._maybe_sweep(now)
         needs = []
-        if plan.requests_per_minute is not None:
+        # A step of a request that holds its own admission (an image request's prompt expansion)
+        # takes its tokens/images and budget, but no second request unit or concurrency slot.
+        concurrency = None if within_request else plan.max_concurrent_requests
+        if plan.requests_per_minute is not None and not within_request:
             needs.append(Need("requests", 1, plan.requests_per_minute))
         if est_tokens > 0 and plan.tokens_per_minute is not None:
             needs.append(Need("tokens", est_tokens, plan.tokens_per_minute))
@@ -351,7 +354,7 @@ class Tenancy:
         budget = plan.monthly_budget_usd
         est = estimate_micros(self.config.prices, tokens=est_tokens, images=images, gpu_seconds=est_gpu_seconds)
         try:
-            grant, hold = self._acquire(ctx, needs, est, now)
+            grant, hold = self._acquire(ctx, needs, est, now, concurrency)
         except (Rejected, budgetlib.OverBudget) as refusal:
             # Full because of leases that ran out since the last sweep (a dead replica's)? Free
             # them now and try once more, so a freed slot is usable at once, not after the sweep.
@@ -360,7 +363,7 @@ class Tenancy:
             if not (limited and now - self._last_sweep >= 1.0 and self._sweep_quietly(now) > 0):
                 self._refused(ctx, refusal)
             try:
-                grant, hold = self._acquire(ctx, needs, est, now)
+                grant, hold = self._acquire(ctx, needs, est, now, concurrency)
             except (Rejected, budgetlib.OverBudget) as again:
                 self._refused(ctx, again)
         telemetry_metrics.record_tenant_request(ctx.tenant, route)
@@ -377,12 +380,13 @@ class Tenancy:
         telemetry_metrics.record_rate_limited(ctx.tenant, "budget")
         raise _quota_error(refusal) from None
 
-    def _acquire(self, ctx: TenantContext, needs: list[Need], est: int, now: float) -> tuple[Grant, str | None]:
-        """Rate units, the slot and the budget hold, all or nothing (Rejected/OverBudget)."""
-        plan, cfg, budget = ctx.plan, self.config, ctx.plan.monthly_budget_usd
+    def _acquire(self, ctx: TenantContext, needs: list[Need], est: int, now: float,
+                 concurrency: int | None) -> tuple[Grant, str | None]:
+        """Rate units, a slot (if `concurrency` limits) and the budget hold, all or nothing."""
+        cfg, budget = self.config, ctx.plan.monthly_budget_usd
         hold: str | None = None
         if self.redis is not None:
-            grant = self.redis.acquire(ctx.tenant_id, needs, plan.max_concurrent_requests)
+            grant = self.redis.acquire(ctx.tenant_id, needs, concurrency)
             try:
                 if budget is not None:
                     with write_tx(self.engine) as conn:
@@ -391,9 +395,9 @@ class Tenancy:
             except BaseException:
                 self.redis.refund(ctx.tenant_id, grant)
                 raise
-        elif needs or plan.max_concurrent_requests is not None or budget is not None:
+        elif needs or concurrency is not None or budget is not None:
             with write_tx(self.engine) as conn:
-                grant = limits_sql.acquire(conn, ctx.tenant_id, needs, plan.max_concurrent_requests,
+                grant = limits_sql.acquire(conn, ctx.tenant_id, needs, concurrency,
                                            now=now, window_s=cfg.rate_window_s, lease_ttl_s=cfg.lease_ttl_s)
                 if budget is not None:
                     hold = budgetlib.reserve(conn, ctx.tenant_id, est, int(round(budget * 1e6)),
@@ -403,15 +407,17 @@ class Tenancy:
         return grant, hold
 
     async def admit(self, ctx: TenantContext, *, route: str, model: str, images: int = 0, est_tokens: int = 0,
-                    est_gpu_seconds: float = 0.0) -> Admission:
+                    est_gpu_seconds: float = 0.0, within_request: bool = False) -> Admission:
         """Take rate units, a concurrency slot and a budget hold, all or nothing; 429 if any is
         refused. `est_tokens` should be an upper bound (prompt + max_tokens): it is held from the
-        token window and the budget and corrected to the actual count at settle."""
-        annotate(model=model)  # labels the request's latency metric, logs and span
+        token window and the budget and corrected to the actual count at settle. `within_request`:
+        a step of an already admitted request (no request unit, no slot; its own ledger row)."""
+        if not within_request:
+            annotate(model=model)  # labels the request's latency metric, logs and span
         with phase("admit"):
             admission = asyncio.wrap_future(self._submit(
                 lambda: self.admit_sync(ctx, route=route, model=model, images=images, est_tokens=est_tokens,
-                                        est_gpu_seconds=est_gpu_seconds)))
+                                        est_gpu_seconds=est_gpu_seconds, within_request=within_request)))
             try:
                 return await asyncio.shield(admission)
             except BaseException:
