@@ -29,16 +29,13 @@ async def get_jobs(services: ServicesDep) -> Jobs:
 JobsDep = Annotated[Jobs, Depends(get_jobs)]
 
 
-def _base_url(request: Request) -> str:
-    return str(request.base_url).rstrip("/")
-
-
 @router.post("/v1/jobs", response_model=Job, response_model_exclude_none=True, status_code=202)
 async def create_job(body: JobCreateRequest, request: Request, response: Response, services: ServicesDep,
                      jobs: JobsDep, ctx: CurrentTenant, tenancy: TenancyDep) -> Job:
     rendered, template = await render_for(services, ctx, body)
     check_plan(ctx, rendered)
-    rendered = qos.stamp(rendered, ctx.plan, body.quality, explicit_steps=body.steps is not None)
+    rendered = qos.stamp(rendered, ctx.plan, body.quality, explicit_steps=body.steps is not None,
+                         metadata=body.metadata)
     if body.webhook_url is not None and jobs.webhooks is not None:
         await jobs.webhooks.avalidate(body.webhook_url)
     backlog = await anyio.to_thread.run_sync(jobs.store.backlog)
@@ -52,7 +49,7 @@ async def create_job(body: JobCreateRequest, request: Request, response: Respons
         await admission.settle(status)
 
     try:
-        spec = spec_of(rendered, tenant=ctx.tenant, base_url=_base_url(request),
+        spec = spec_of(rendered, tenant=ctx.tenant,
                        extra={"template_ref": dataclasses.asdict(template) if template else None})
         job = await jobs.runner.submit(tenant_id=ctx.tenant_id, model=rendered.model.name, spec=spec,
                                        webhook_url=body.webhook_url, settle=settle)
@@ -62,7 +59,7 @@ async def create_job(body: JobCreateRequest, request: Request, response: Respons
     response.headers.update(admission.headers())
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     position = await anyio.to_thread.run_sync(jobs.store.queue_position, job)
-    return jobs.public(job, base_url=_base_url(request), queue_position=position)
+    return jobs.public(job, queue_position=position)
 
 
 @router.get("/v1/jobs/{job_id}", response_model=Job, response_model_exclude_none=True)
@@ -73,7 +70,7 @@ async def get_job(job_id: str, request: Request, jobs: JobsDep, ctx: CurrentTena
     position = None
     if job.status == "queued":
         position = await anyio.to_thread.run_sync(jobs.store.queue_position, job)
-    return jobs.public(job, base_url=_base_url(request), queue_position=position)
+    return jobs.public(job, queue_position=position)
 
 
 @router.get("/v1/jobs", response_model=JobList, response_model_exclude_none=True)
@@ -83,8 +80,7 @@ async def list_jobs(request: Request, jobs: JobsDep, ctx: CurrentTenant,
     rows = await anyio.to_thread.run_sync(lambda: jobs.store.list(ctx.tenant_id, limit=limit + 1, after=after,
                                                                     status=status))
     page = rows[:limit]
-    base = _base_url(request)
-    return JobList(data=[jobs.public(j, base_url=base) for j in page], has_more=len(rows) > limit,
+    return JobList(data=[jobs.public(j) for j in page], has_more=len(rows) > limit,
                    last_id=page[-1].id if page else None)
 
 
@@ -94,4 +90,4 @@ async def cancel_job(job_id: str, request: Request, jobs: JobsDep, ctx: CurrentT
     job = await anyio.to_thread.run_sync(jobs.store.request_cancel, job_id, ctx.tenant_id)
     if job is None:
         raise not_found(f"No job {job_id!r}.", param="job_id", code="job_not_found")
-    return jobs.public(job, base_url=_base_url(request))
+    return jobs.public(job)
