@@ -136,3 +136,19 @@ async def test_trusted_hosts_refuse_other_host_headers() -> None:
         assert (await c.get("/ping", headers={"Host": "node1.internal.example"})).status_code == 200
         r = await c.get("/ping", headers={"Host": EVIL})
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host"
+
+
+def test_production_config_requires_public_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from serve_app.config import load_app_config
+
+    args = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "serve.yaml").read_text())[
+        "applications"][0]["args"]
+    monkeypatch.delenv("GENSERVE_PUBLIC_BASE_URL", raising=False)
+    with pytest.raises(ValueError, match="GENSERVE_PUBLIC_BASE_URL"):
+        load_app_config(args)
+    monkeypatch.setenv("GENSERVE_PUBLIC_BASE_URL", "https://api.example.com/")
+    assert load_app_config(args).public_base_url == "https://api.example.com"
