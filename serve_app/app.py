@@ -17,6 +17,7 @@ from serve_app.storage import files_router
 from serve_app.telemetry.middleware import TelemetryMiddleware
 from serve_app.text_guard import reject_invalid_text
 from serve_app.tenancy import admin_router, usage_router
+from serve_app.trusted_hosts import TrustedHosts
 
 ROUTERS = (health.router, models.router, images.router, chat.router, jobs.router, library_router, files_router,
            admin_router, usage_router, playground.router)
@@ -30,6 +31,8 @@ def create_app(services: Services) -> FastAPI:
     app.state.services = services
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_body_bytes=services.config.limits.max_body_bytes)
+    if services.config.trusted_hosts is not None:
+        app.add_middleware(TrustedHosts, allowed_hosts=services.config.trusted_hosts)
     # Outermost: request id, root span, latency and access log also for what the guard rejects.
     app.add_middleware(TelemetryMiddleware, access_log=services.config.telemetry.access_log)
     for r in ROUTERS:

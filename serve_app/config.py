@@ -13,12 +13,17 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_app.jobs.config import JobsConfig
 from serve_app.storage.config import StorageConfig
 from serve_app.telemetry.config import TelemetryConfig
 from serve_app.tenancy.config import TenancyConfig
+
+
+DEFAULT_PUBLIC_BASE_URL = "http://127.0.0.1:8000"  # Serve's default http_options
 
 
 class _Strict(BaseModel):
@@ -191,6 +196,28 @@ class AppConfig(_Strict):
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     work_dir: Path = Field(Path(".work"), description="Databases, results and caches (relative to cwd).")
+    public_base_url: str = Field(
+        DEFAULT_PUBLIC_BASE_URL, description="The origin clients reach this app at, e.g. https://api.example.com: "
+        "result and webhook-payload URLs are built from it, never from the request's Host header. Default: "
+        "Serve's bind address (`genserve run` and the launcher fill in the configured http_options); production "
+        "configs must set it (configs/serve.yaml: env GENSERVE_PUBLIC_BASE_URL).")
+    trusted_hosts: list[str] | None = Field(
+        None, description="If set, requests whose Host header is not listed get 400 (Starlette's "
+        "TrustedHostMiddleware; `*.example.com` wildcards). None: any Host is served (it is never used for URLs).")
+
+    @field_validator("public_base_url", mode="before")
+    @classmethod
+    def _check_public_base_url(cls, v: object) -> object:
+        if isinstance(v, str):
+            if not v.strip():  # `${GENSERVE_PUBLIC_BASE_URL}` unset in the environment
+                raise ValueError("public_base_url is empty: set it (env GENSERVE_PUBLIC_BASE_URL in configs/serve.yaml) "
+                                 "to the origin clients use, e.g. https://api.example.com")
+            parts = urlsplit(v.strip())
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+                raise ValueError(f"public_base_url ({v!r}) must be an http(s) origin with an optional path, "
+                                 "e.g. https://api.example.com")
+            return v.strip().rstrip("/")
+        return v
 
     @model_validator(mode="after")
     def _check_names(self) -> "AppConfig":

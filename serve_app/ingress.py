@@ -27,7 +27,7 @@ def build_services(cfg: AppConfig, diffusion: dict[str, Any], llm: dict[str, Any
     tenancy = Tenancy(cfg.tenancy, work_dir=cfg.work_dir)  # runs `alembic upgrade head` under a lock
     if cfg.tenancy.local_tenant.enabled:
         ensure_local_tenant(tenancy)
-    storage = build_store(cfg.storage, work_dir=cfg.work_dir)
+    storage = build_store(cfg.storage, work_dir=cfg.work_dir, public_base_url=cfg.public_base_url)
     library = Library(tenancy.engine, cfg.templates)
     webhooks = WebhookSender(cfg.jobs.webhooks, work_dir=cfg.work_dir, engine=tenancy.engine)
     jobs = Jobs(config=cfg.jobs, tenancy=tenancy, storage=storage, diffusion=dict(diffusion), library=library,

@@ -28,6 +28,7 @@ def deploy(doc: dict[str, Any], *, host: str | None = None, port: int | None = N
         http["host"] = host
     if port is not None:
         http["port"] = port
+    _default_public_base_url(doc)
     schema = validate_serve_config(doc)
     client = _private_api.serve_start(
         http_options=schema.http_options.model_dump(),
@@ -36,6 +37,22 @@ def deploy(doc: dict[str, Any], *, host: str | None = None, port: int | None = N
     )
     client.deploy_apps(schema, _blocking=False)
     return schema
+
+
+def _default_public_base_url(doc: dict[str, Any]) -> None:
+    """genserve apps without `public_base_url` get the address Serve is told to bind: result URLs come
+    from configuration, never from a request's Host header (a wildcard bind means this machine)."""
+    from serve_app.config_check import GRAPH_IMPORT_PATH
+
+    http = doc.get("http_options") or {}
+    host = str(http.get("host") or "127.0.0.1")
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    host = f"[{host}]" if ":" in host else host
+    for app in doc.get("applications") or []:
+        if app.get("import_path") == GRAPH_IMPORT_PATH:
+            args = app.setdefault("args", {})
+            prefix = str(app.get("route_prefix") or "/").rstrip("/")
+            args.setdefault("public_base_url", f"http://{host}:{http.get('port') or 8000}{prefix}")
 
 
 def wait_running(app_name: str, timeout_s: float = 300.0, poll_s: float = 0.5) -> None:

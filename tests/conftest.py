@@ -14,6 +14,8 @@ REPO = Path(__file__).resolve().parent.parent
 WORK = Path(os.environ.get("GENSERVE_WORK", REPO / ".work")).resolve()
 os.environ["GENSERVE_WORK"] = str(WORK)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# configs/serve.yaml requires it (result URLs come from config, never from Host); tests validate that file.
+os.environ.setdefault("GENSERVE_PUBLIC_BASE_URL", "https://genserve.example.com")
 ARTIFACTS = REPO / "tests" / "artifacts"
 
 

@@ -52,7 +52,7 @@ def deploy(name: str, *, base_url: str, work_dir: Path, models_dir: Path, plans:
              "size_multiple": 8, "min_side": 32, "max_side": 64, "default_steps": 4, "max_steps": 50,
              **(model or {})}
     cfg = load_app_config({
-        "work_dir": str(work_dir), "diffusion_models": [entry],
+        "work_dir": str(work_dir), "diffusion_models": [entry], "public_base_url": f"{base_url}/{name}",
         "tenancy": {"plans": plans, "default_plan": plans[0]["name"], "local_tenant": {"enabled": False}},
     })
     tenancy = Tenancy(cfg.tenancy, work_dir=cfg.work_dir)

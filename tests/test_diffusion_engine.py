@@ -204,9 +204,11 @@ def test_cuda_failure_marks_engine_unhealthy(tiny_models_dir: Path) -> None:
         engine.health()
 
 
-def test_png_carries_generation_parameters(sdxl: DiffusionEngine) -> None:
+def test_png_carries_generation_parameters_only_when_asked(sdxl: DiffusionEngine) -> None:
     t = task(42, "Ünïcödé 猫", negative_prompt="blurry", guidance_scale=6.5)
-    [result] = sdxl.generate([t])
+    [private] = sdxl.generate([t])
+    assert isinstance(private, ImageResult) and Image.open(io.BytesIO(private.png)).text == {}  # privacy default
+    [result] = sdxl.generate([replace(t, embed_metadata=True)])
     assert isinstance(result, ImageResult)
     image = Image.open(io.BytesIO(result.png))
     assert image.format == "PNG" and image.size == (64, 64)

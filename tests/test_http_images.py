@@ -23,7 +23,7 @@ def _post(url: str, body: dict, auth: dict[str, str]) -> httpx.Response:
 
 
 def test_generates_pngs_with_parameters(genserve_url: str, auth: dict) -> None:
-    r = _post(genserve_url, {"prompt": "a lighthouse at dawn --ar 3:2 --seed 5", "n": 2}, auth)
+    r = _post(genserve_url, {"prompt": "a lighthouse at dawn --ar 3:2 --seed 5", "n": 2, "metadata": True}, auth)
     assert r.status_code == 200, r.text
     body = r.json()
     assert len(body["data"]) == 2 and body["genserve"]["model"] == "sdxl-tiny"

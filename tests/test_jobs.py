@@ -31,7 +31,7 @@ def wait_job(url: str, auth: dict, job_id: str, timeout_s: float = 120) -> dict:
 
 def test_job_lifecycle_and_signed_result_urls(genserve_url: str, auth: dict) -> None:
     r = httpx.post(genserve_url + "/v1/jobs", headers=auth, timeout=30,
-                   json={"prompt": "a quiet harbour --ar 3:2 --seed 21", "n": 3, "steps": 4})
+                   json={"prompt": "a quiet harbour --ar 3:2 --seed 21", "n": 3, "steps": 4, "metadata": True})
     assert r.status_code == 202, r.text
     job = r.json()
     assert job["status"] in ("queued", "running") and job["id"].startswith("job_")

@@ -25,7 +25,7 @@ def api(db_url: str, tmp_path: Path) -> Iterator[tuple[TestClient, dict, dict, L
         tenancy.create_tenant(name)
     keys = {n: {"Authorization": f"Bearer {tenancy.create_key(n).key}"} for n in ("acme", "bolt")}
     lib = Library(tenancy.engine)
-    store = LocalResultStore(tmp_path / "results", signing_key=b"s" * 32)
+    store = LocalResultStore(tmp_path / "results", signing_key=b"s" * 32, public_base_url="http://testserver")
     app = FastAPI()
     install_error_handlers(app)
     cfg = AppConfig(diffusion_models=[DiffusionModelConfig(name="tiny", family="sdxl", model="none")])

@@ -62,6 +62,7 @@ def files_base(store: LocalResultStore) -> Iterator[str]:
     app.state.services = Services(config=cfg, extras={STORAGE_KEY: store})
     app.include_router(files_router)
     base, server, thread = serve_in_thread(app)
+    store.public_base_url = base  # the configured origin (build_store passes AppConfig.public_base_url)
     yield base
     server.should_exit = True
     thread.join(10)
@@ -122,7 +123,7 @@ def test_write_failure_is_retried_then_raised_with_reason(store: LocalResultStor
 
 async def test_signed_url_serves_the_png_with_its_metadata(store: LocalResultStore, files_base: str) -> None:
     key = store.put(result_key("acme", "img_1"), png())
-    url = store.url(key, base_url=files_base + "/")
+    url = store.url(key)
     assert url.startswith(f"{files_base}/files/acme/")
     async with httpx.AsyncClient() as client:
         r = await client.get(url)
@@ -137,7 +138,7 @@ async def test_signed_url_serves_the_png_with_its_metadata(store: LocalResultSto
 async def test_bad_expired_and_missing(store: LocalResultStore, files_base: str) -> None:
     key = store.put("acme/2026/01/01/img_2.png", png())
     other = store.put("acme/2026/01/01/img_3.png", png())
-    url = store.url(key, base_url=files_base)
+    url = store.url(key)
     q = parse_qs(urlsplit(url).query)
     async with httpx.AsyncClient() as client:
         tampered = url[:-4] + ("0000" if not url.endswith("0000") else "1111")
@@ -151,7 +152,7 @@ async def test_bad_expired_and_missing(store: LocalResultStore, files_base: str)
         later = url.replace(f"expires={q['expires'][0]}", f"expires={int(q['expires'][0]) + 1000}")
         assert (await client.get(later)).status_code == 403
         assert (await client.get(f"{files_base}/files/{key}")).status_code == 403  # unsigned
-        expired = store.url(other, base_url=files_base, expires_s=-1)
+        expired = store.url(other, expires_s=-1)
         r = await client.get(expired)
         assert r.status_code == 403 and "expired" in r.json()["error"]["message"]
         store.delete(key)
@@ -172,8 +173,11 @@ def test_short_lived_url_stops_working(store: LocalResultStore) -> None:
 def test_public_base_url_and_relative_urls(tmp_path: Path) -> None:
     cfg = StorageConfig.model_validate({"local": {"dir": str(tmp_path / "r"), "signing_key": "s" * 32,
                                                   "public_base_url": "https://img.example.com/"}})
-    s = build_store(cfg, tmp_path)
-    assert s.url("a/b.png", base_url="http://ignored").startswith("https://img.example.com/files/a/b.png?expires=")
+    s = build_store(cfg, tmp_path, public_base_url="https://api.example.com")  # storage's own origin wins
+    assert s.url("a/b.png").startswith("https://img.example.com/files/a/b.png?expires=")
+    app_origin = build_store(StorageConfig.model_validate({"local": {"dir": str(tmp_path / "r"), "signing_key": "s" * 32}}),
+                             tmp_path, public_base_url="https://api.example.com")
+    assert app_origin.url("a/b.png").startswith("https://api.example.com/files/a/b.png?expires=")
     plain = LocalResultStore(tmp_path / "r2", signing_key=b"x" * 16)
     assert plain.url("a/b.png").startswith("/files/a/b.png?expires=")
 

@@ -67,7 +67,7 @@ async def receiver() -> AsyncIterator[Receiver]:
     ("http://127.0.0.1:8000/hook", "loopback"), ("http://localhost/hook", "loopback"),
     ("http://10.1.2.3/", "private"), ("http://192.168.0.10/", "private"), ("http://169.254.169.254/", "link-local"),
     ("http://[::1]/", "loopback"), ("http://[::ffff:127.0.0.1]/", "loopback"), ("http://0.0.0.0/", "unspecified"),
-    ("http://224.0.0.1/", "multicast"), ("http://100.64.0.1/", "non-public"),
+    ("http://224.0.0.1/", "multicast"), ("http://100.64.0.1/", "carrier-grade NAT"),
     ("http://no-such-host.invalid/", "does not resolve"), ("http://example.com:99999/", "port"),
 ])
 def test_refused_urls_name_webhook_url(url: str, why: str) -> None:

@@ -163,17 +163,13 @@ class DiffusionServer:
 
     async def finish(self, task: ImageTask, d: _Denoised) -> ImageResult:
         from deployments.diffusion.engine import GenerationCancelled
-        from deployments.diffusion.png import encode_png
+        from deployments.diffusion.png import encode_png, png_params
 
         if isinstance(d.image, BaseException):
             if isinstance(d.image, GenerationCancelled):
                 self.images_cancelled += 1
             raise d.image
-        params = {
-            "prompt": task.prompt, "negative_prompt": task.negative_prompt, "seed": task.seed,
-            "steps": task.steps, "guidance_scale": task.guidance_scale, "model": self.name,
-            "width": task.width, "height": task.height,
-        }
+        params = png_params(task, self.name)
         png = await asyncio.get_running_loop().run_in_executor(
             self._png_pool, functools.partial(encode_png, compress_level=PNG_COMPRESS_LEVEL), d.image, params)
         self.images_done += 1

@@ -1,4 +1,5 @@
-"""PNG output: the image bytes a task gets back, with its generation parameters as text chunks.
+"""PNG output: the image bytes a task gets back, with its generation parameters as text chunks
+when the task asks for them (`ImageTask.embed_metadata`; off by default for privacy).
 
 Kept free of torch so that encoding (which runs off the denoising thread, in the deployment's
 PNG pool) and its tests import quickly.
@@ -31,6 +32,10 @@ def format_weighted(parts: Sequence[WeightedPrompt]) -> str:
 
 
 def png_params(task: ImageTask, model: str) -> dict[str, Any]:
+    """The text chunks of a task's PNG: none unless the task asks (`embed_metadata`), since whoever
+    holds a result URL can read them (prompt, negative prompt, seed)."""
+    if not task.embed_metadata:
+        return {}
     params: dict[str, Any] = {
         "prompt": task.prompt,
         "negative_prompt": task.negative_prompt,

@@ -39,6 +39,9 @@ class ImageTask:
     priority: int = 0
     # The replica may lower `steps` under load (adaptive quality); False for an explicit --q/steps.
     quality_auto: bool = False
+    # Write prompt, negative prompt, seed and settings into the PNG as text chunks. Off by default:
+    # anyone holding a result URL could read the prompt (the plan/request `metadata` option).
+    embed_metadata: bool = False
 
     @property
     def megapixels(self) -> float:
@@ -52,7 +55,7 @@ class ImageTask:
 
 @dataclass
 class ImageResult:
-    """A generated image as PNG bytes (parameters embedded as PNG text) plus what was used."""
+    """A generated image as PNG bytes (parameters embedded as PNG text if the task asked) plus what was used."""
 
     png: bytes
     seed: int

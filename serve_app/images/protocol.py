@@ -32,6 +32,10 @@ class ImageGenerationRequest(BaseModel):
     template_version: int | None = Field(None, ge=1)
     variables: dict[str, str] = Field(default_factory=dict)
     enhance: bool = False
+    metadata: bool | None = Field(
+        None, description="Embed prompt, negative prompt, seed and settings in the PNG as text chunks (anyone "
+        "holding the image or its URL can read them). Default: the plan's `png_metadata` (off unless the "
+        "operator turned it on).")
 
     @field_validator("prompt")
     @classmethod

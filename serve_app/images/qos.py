@@ -1,6 +1,7 @@
 """Per-request quality-of-service fields the ingress stamps on each `ImageTask`: the plan's priority
 (the diffusion replica's batch queue serves higher first) and whether adaptive quality may lower
-steps under load (docs/priority-and-quality.md)."""
+steps under load (docs/priority-and-quality.md), and whether the PNG carries its parameters
+(`metadata`, default the plan's `png_metadata`; docs/security.md)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,20 @@ def allows_auto_quality(plan: PlanConfig, quality: str | None, *, explicit_steps
     return quality is None and plan.adaptive_quality
 
 
+def embeds_metadata(plan: PlanConfig, metadata: bool | None) -> bool:
+    """PNG text chunks (prompt, seed...): the request's `metadata` if given, else the plan's default."""
+    return plan.png_metadata if metadata is None else metadata
+
+
 def stamp(rendered: RenderedImageRequest, plan: PlanConfig, quality: str | None, *,
-          explicit_steps: bool) -> RenderedImageRequest:
+          explicit_steps: bool, metadata: bool | None = None) -> RenderedImageRequest:
+    """`metadata`: the request's choice about PNG text chunks; None = the plan's `png_metadata`."""
     auto = allows_auto_quality(plan, quality, explicit_steps=explicit_steps,
                                flag_q=rendered.parsed.params.quality is not None)
-    tasks = tuple(dataclasses.replace(t, priority=plan.priority, quality_auto=auto) for t in rendered.tasks)
+    embed = embeds_metadata(plan, metadata)
+    tasks = tuple(dataclasses.replace(t, priority=plan.priority, quality_auto=auto, embed_metadata=embed)
+                  for t in rendered.tasks)
     return dataclasses.replace(rendered, tasks=tasks)
 
 
-__all__ = ["allows_auto_quality", "stamp"]
+__all__ = ["allows_auto_quality", "embeds_metadata", "stamp"]

@@ -43,7 +43,8 @@ async def create_image(body: ImageGenerationRequest, request: Request, services:
     rendered, template = await render_for(services, ctx, body)
     check_plan(ctx, rendered)
     llm = enhance_target(services, ctx, rendered)
-    rendered = qos.stamp(rendered, ctx.plan, body.quality, explicit_steps=body.steps is not None)
+    rendered = qos.stamp(rendered, ctx.plan, body.quality, explicit_steps=body.steps is not None,
+                         metadata=body.metadata)
     admission = await tenancy.admit(ctx, route="images", model=rendered.model.name, images=len(rendered.tasks))
     async with admission:
         if llm is not None:
@@ -53,7 +54,7 @@ async def create_image(body: ImageGenerationRequest, request: Request, services:
         keys, urls = [], []
         if body.response_format == "url":
             keys = await service.store_results(services.extras[STORAGE_KEY], ctx.tenant_id, results)
-            urls = [services.extras[STORAGE_KEY].url(k, base_url=str(request.base_url)) for k in keys]
+            urls = [services.extras[STORAGE_KEY].url(k) for k in keys]
     generation_id = await anyio.to_thread.run_sync(lambda: services.extras[LIBRARY_KEY].log_rendered(
         ctx.tenant_id, rendered, template=template, result_keys=keys, latency_s=time.monotonic() - started))
     response.headers.update(admission.headers())

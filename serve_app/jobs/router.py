@@ -36,17 +36,14 @@ async def get_jobs(services: ServicesDep) -> Jobs:
 JobsDep = Annotated[Jobs, Depends(get_jobs)]
 
 
-def _base_url(request: Request) -> str:
-    return str(request.base_url).rstrip("/")
-
-
 @router.post("/v1/jobs", response_model=Job, response_model_exclude_none=True, status_code=202)
 async def create_job(body: JobCreateRequest, request: Request, response: Response, services: ServicesDep,
                      jobs: JobsDep, ctx: CurrentTenant, tenancy: TenancyDep) -> Job:
     rendered, template = await render_for(services, ctx, body)
     check_plan(ctx, rendered)
     llm = enhance_target(services, ctx, rendered)
-    rendered = qos.stamp(rendered, ctx.plan, body.quality, explicit_steps=body.steps is not None)
+    rendered = qos.stamp(rendered, ctx.plan, body.quality, explicit_steps=body.steps is not None,
+                         metadata=body.metadata)
     if body.webhook_url is not None and jobs.webhooks is not None:
         await jobs.webhooks.avalidate(body.webhook_url)
     backlog = await anyio.to_thread.run_sync(jobs.store.backlog)
@@ -65,7 +62,7 @@ async def create_job(body: JobCreateRequest, request: Request, response: Respons
             # Expanded once, here: every attempt (a retry after a replica died) draws the same prompt.
             extra["asked_prompt"] = rendered.prompt
             rendered = await enhance_admitted(services, tenancy, ctx, llm, rendered)
-        spec = spec_of(rendered, tenant=ctx.tenant, base_url=_base_url(request), extra=extra)
+        spec = spec_of(rendered, tenant=ctx.tenant, extra=extra)
         job = await jobs.runner.submit(tenant_id=ctx.tenant_id, model=rendered.model.name, spec=spec,
                                        webhook_url=body.webhook_url, settle=settle)
     except BaseException as e:
@@ -74,7 +71,7 @@ async def create_job(body: JobCreateRequest, request: Request, response: Respons
     response.headers.update(admission.headers())
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     position = await anyio.to_thread.run_sync(jobs.store.queue_position, job)
-    return jobs.public(job, base_url=_base_url(request), queue_position=position)
+    return jobs.public(job, queue_position=position)
 
 
 @router.get("/v1/jobs/{job_id}", response_model=Job, response_model_exclude_none=True)
@@ -85,7 +82,7 @@ async def get_job(job_id: str, request: Request, jobs: JobsDep, ctx: CurrentTena
     position = None
     if job.status == "queued":
         position = await anyio.to_thread.run_sync(jobs.store.queue_position, job)
-    return jobs.public(job, base_url=_base_url(request), queue_position=position)
+    return jobs.public(job, queue_position=position)
 
 
 @router.get("/v1/jobs", response_model=JobList, response_model_exclude_none=True)
@@ -95,17 +92,16 @@ async def list_jobs(request: Request, jobs: JobsDep, ctx: CurrentTenant,
     rows = await anyio.to_thread.run_sync(lambda: jobs.store.list(ctx.tenant_id, limit=limit + 1, after=after,
                                                                     status=status))
     page = rows[:limit]
-    base = _base_url(request)
-    return JobList(data=[j for j in (_listable(jobs, r, base) for r in page) if j is not None],
+    return JobList(data=[j for j in (_listable(jobs, r) for r in page) if j is not None],
                    has_more=len(rows) > limit, last_id=page[-1].id if page else None)
 
 
-def _listable(jobs: Jobs, record: JobRecord, base_url: str) -> Job | None:
+def _listable(jobs: Jobs, record: JobRecord) -> Job | None:
     """The job's public shape, or None for a stored row that can't become one (a spec written by
     an older version, edited by hand...): one bad row must not hide the tenant's other jobs. (Text
     that can't be encoded is already repaired where stored JSON is read: tenancy/db.py.)"""
     try:
-        return jobs.public(record, base_url=base_url)
+        return jobs.public(record)
     except Exception:
         if record.id not in _unlisted:
             _unlisted.add(record.id)
@@ -123,4 +119,4 @@ async def cancel_job(job_id: str, request: Request, jobs: JobsDep, ctx: CurrentT
     job = await jobs.cancel(job_id, ctx.tenant_id)
     if job is None:
         raise not_found(f"No job {job_id!r}.", param="job_id", code="job_not_found")
-    return jobs.public(job, base_url=_base_url(request))
+    return jobs.public(job)

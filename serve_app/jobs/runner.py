@@ -42,11 +42,11 @@ logger = logging.getLogger("genserve.jobs")
 _RETRY_LATER = ("BackPressureError", "DeploymentUnavailableError")
 
 
-def spec_of(rendered: RenderedImageRequest, *, tenant: str, base_url: str | None, extra: dict | None = None) -> dict:
+def spec_of(rendered: RenderedImageRequest, *, tenant: str, extra: dict | None = None) -> dict:
     """Everything a (re-)run needs, JSON-serializable: the tasks carry their seeds."""
     return {
         "model": rendered.model.name, "prompt": rendered.prompt, "negative_prompt": rendered.negative_prompt,
-        "tasks": [asdict(t) for t in rendered.tasks], "tenant": tenant, "base_url": base_url,
+        "tasks": [asdict(t) for t in rendered.tasks], "tenant": tenant,
         "params": rendered.describe(), **(extra or {}),
     }
 

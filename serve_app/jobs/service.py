@@ -83,12 +83,12 @@ class Jobs:
 
     async def _on_terminal(self, job: JobRecord) -> None:
         if job.webhook_url and self.webhooks is not None:
-            payload = self.public(job, base_url=job.spec.get("base_url")).model_dump(mode="json")
+            # URLs from config: a job's spec may still carry a `base_url` taken from an old request's Host.
+            payload = self.public(job).model_dump(mode="json")
             await self.webhooks.send(job.webhook_url, payload, job_id=job.id)
 
-    def public(self, job: JobRecord, *, base_url: str | None, queue_position: int | None = None) -> Job:
-        results = [JobResult(url=self.storage.url(k, base_url=base_url), seed=t.get("seed"),
-                             revised_prompt=job.spec["prompt"])
+    def public(self, job: JobRecord, *, queue_position: int | None = None) -> Job:
+        results = [JobResult(url=self.storage.url(k), seed=t.get("seed"), revised_prompt=job.spec["prompt"])
                    for k, t in zip(job.result_keys or [], job.spec["tasks"], strict=False)]
         eta = None
         if queue_position is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from anyio import to_thread
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 
 from serve_app.library.generations import UrlMaker
 from serve_app.library.protocol import (
@@ -32,12 +32,11 @@ library_router = APIRouter(tags=["templates"])
 PageDep = Annotated[Page, Depends(paging(default_limit=50, max_limit=MAX_PAGE))]
 
 
-async def _url_maker(request: Request, services: ServicesDep) -> UrlMaker | None:
+async def _url_maker(services: ServicesDep) -> UrlMaker | None:
     store = services.extras.get("storage")  # serve_app.storage.STORAGE_KEY; fresh URLs from stored keys
     if store is None:
         return None
-    base = str(request.base_url)
-    return lambda key: store.url(key, base_url=base)
+    return lambda key: store.url(key)  # origin from config, never from the request
 
 
 UrlMakerDep = Annotated[UrlMaker | None, Depends(_url_maker)]

@@ -1,9 +1,9 @@
 """Where generated images live: one `ResultStore` interface, local files or S3 (issue 5).
 
-    store = build_store(cfg.storage, work_dir=cfg.work_dir)    # one per replica
+    store = build_store(cfg.storage, work_dir=cfg.work_dir, public_base_url=cfg.public_base_url)  # one per replica
     services.extras[STORAGE_KEY] = store; app.include_router(files_router)
     key = await store.aput(result_key(ctx.tenant_id), png_bytes)   # StorageError after retries
-    url = store.url(key, base_url=str(request.base_url))
+    url = store.url(key)          # origin: storage.local.public_base_url, else the app's public_base_url
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from serve_app.storage.s3 import S3ResultStore
 from serve_app.storage.secrets import persisted_secret
 
 
-def build_store(cfg: StorageConfig, work_dir: Path | str) -> ResultStore:
+def build_store(cfg: StorageConfig, work_dir: Path | str, *, public_base_url: str | None = None) -> ResultStore:
+    """`public_base_url`: the app's public origin (AppConfig.public_base_url), used for file URLs
+    unless `storage.local.public_base_url` names another (e.g. a CDN in front of /files)."""
     if cfg.backend == "s3":
         assert cfg.s3 is not None  # checked by StorageConfig
         return S3ResultStore(cfg.s3, put_attempts=cfg.put_attempts, retry_backoff_s=cfg.retry_backoff_s)
@@ -28,7 +30,7 @@ def build_store(cfg: StorageConfig, work_dir: Path | str) -> ResultStore:
     key = (local.signing_key.get_secret_value().encode() if local.signing_key is not None
            else persisted_secret(Path(work_dir) / "url_signing_key"))
     return LocalResultStore(local.resolved_dir(Path(work_dir)), signing_key=key, url_expiry_s=local.url_expiry_s,
-                            public_base_url=local.public_base_url, put_attempts=cfg.put_attempts,
+                            public_base_url=local.public_base_url or public_base_url, put_attempts=cfg.put_attempts,
                             retry_backoff_s=cfg.retry_backoff_s)
 
 

@@ -91,8 +91,10 @@ class ResultStore(ABC):
         """Store `data` under `key` (retried; StorageError if it can't be stored). Returns the key."""
 
     @abstractmethod
-    def url(self, key: str, *, base_url: str | None = None, expires_s: int | None = None) -> str:
-        """A URL a client can GET without an API key, valid for `expires_s` (default: configured)."""
+    def url(self, key: str, *, expires_s: int | None = None) -> str:
+        """A URL a client can GET without an API key, valid for `expires_s` (default: configured). Its
+        origin comes from configuration only, never from a request's Host header (a client could
+        otherwise make the server hand out, and sign webhooks with, URLs on a host of its choosing)."""
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...

@@ -33,7 +33,8 @@ class LocalStorageConfig(_Strict):
     )
     url_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600, description="Lifetime of a signed file URL.")
     public_base_url: str | None = Field(
-        None, description="e.g. https://img.example.com; unset = URLs use the request's base URL.")
+        None, description="Origin of file URLs, e.g. https://img.example.com; unset = the app's public_base_url "
+        "(never the request's Host header).")
 
     def resolved_dir(self, work_dir: Path) -> Path:
         return Path(self.dir.replace("{work_dir}", str(Path(work_dir).resolve()))).expanduser()

@@ -70,10 +70,10 @@ class LocalResultStore(ResultStore):
         good = hmac.compare_digest(self.sign(key, expires).encode(), sig.encode())
         return good and expires > (time.time() if now is None else now)
 
-    def url(self, key: str, *, base_url: str | None = None, expires_s: int | None = None) -> str:
+    def url(self, key: str, *, expires_s: int | None = None) -> str:
         validate_key(key)
         expires = int(time.time()) + (self.url_expiry_s if expires_s is None else expires_s)
-        base = self.public_base_url or (base_url.rstrip("/") if base_url else "")
+        base = self.public_base_url or ""  # unset: a relative URL, never one built from the request
         query = urlencode({"expires": expires, "sig": self.sign(key, expires)})
         return f"{base}{self.route_prefix}/{quote(key)}?{query}"
 

@@ -52,8 +52,8 @@ class S3ResultStore(ResultStore):
                      backoff_s=self.retry_backoff_s)
         return key
 
-    def url(self, key: str, *, base_url: str | None = None, expires_s: int | None = None) -> str:
-        # Presigning is local computation (no request); base_url is irrelevant for S3.
+    def url(self, key: str, *, expires_s: int | None = None) -> str:
+        # Presigning is local computation (no request).
         return self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.cfg.bucket, "Key": self.object_key(key)},
             ExpiresIn=self.cfg.url_expiry_s if expires_s is None else expires_s)

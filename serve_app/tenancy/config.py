@@ -33,6 +33,10 @@ class PlanConfig(_Strict):
     adaptive_quality: bool = Field(False, description="Requests without `quality` may get fewer steps under "
                                    "load (`quality: \"auto\"` opts in on any plan; --q/steps never degrade).")
 
+    png_metadata: bool = Field(False, description="Default of a request's `metadata`: write prompt, negative "
+                               "prompt, seed and settings into result PNGs as text chunks (readable by anyone "
+                               "holding a result URL, hence off by default).")
+
     def allows(self, model: str) -> bool:
         return self.allowed_models == "*" or model in self.allowed_models
 
@@ -90,7 +94,8 @@ class TenancyConfig(_Strict):
     )
     key_pepper: SecretStr = Field(
         default_factory=lambda: _env_secret("GENSERVE_KEY_PEPPER") or SecretStr(""),
-        description="HMAC key for API-key hashes (env GENSERVE_KEY_PEPPER). Changing it voids all keys.",
+        description="HMAC key for API-key hashes (env GENSERVE_KEY_PEPPER). Changing it voids all keys. Unset: a "
+        "new SQLite database gets a random one kept beside it (<db>.pepper, 0600); see tenancy/pepper.py.",
     )
     plans: list[PlanConfig] = Field(default_factory=_default_plans, min_length=1)
     default_plan: str = "free"

@@ -9,6 +9,7 @@ from several processes serialize instead of failing with SQLITE_BUSY on lock upg
 from __future__ import annotations
 
 import fcntl
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,8 +33,8 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         db = parsed.database
-        if db and db != ":memory:":
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
+        if db and db != ":memory:" and not db.startswith("file:"):
+            _create_private(Path(db))
         engine = create_engine(
             url, pool_size=pool_size, max_overflow=pool_size,
             connect_args={"timeout": 60, "check_same_thread": False}, json_deserializer=loads_repaired,
@@ -44,6 +45,17 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
                          json_deserializer=loads_repaired)
+
+
+def _create_private(path: Path) -> None:
+    """Create a new database file as 0600 before SQLite opens it (it would use 0644 under the usual
+    umask; its WAL and shared-memory files copy the main file's mode). It holds key hashes, usage
+    and prompts. An existing file keeps its mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
 
 
 def _sqlite_events(engine: Engine) -> None:

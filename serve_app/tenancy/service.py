@@ -44,6 +44,7 @@ from serve_app.tenancy.limits import Grant, Need, Rejected, ratelimit_headers, w
 from serve_app.tenancy.limits_redis import RedisLimiter
 from serve_app.tenancy.models import ApiKey, Tenant
 from serve_app.tenancy.overlap import OverlapGuard
+from serve_app.tenancy.pepper import resolve_pepper
 from serve_app.tenancy.statements import statement
 from serve_app.tenancy.pricing import cost_micros, estimate_micros, usd
 from serve_app.tenancy.protocol import (
@@ -212,7 +213,7 @@ class Tenancy:
             upgrade(self.engine)
         self.redis = (RedisLimiter(config.redis_url, window_s=config.rate_window_s, lease_ttl_s=config.lease_ttl_s)
                       if config.redis_url else None)
-        self._pepper = config.key_pepper.get_secret_value()
+        self._pepper = resolve_pepper(config, self.engine)  # configured, else <db>.pepper (tenancy/pepper.py)
         # digest -> (fresh until (monotonic), context, key expiry (epoch) or None)
         self._auth_cache: dict[str, tuple[float, TenantContext, float | None]] = {}
         self._refreshing: set[str] = set()  # digests with a background re-check under way

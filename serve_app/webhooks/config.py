@@ -10,10 +10,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from sqlalchemy import Engine
 
+from serve_app.netguard import Resolver
 from serve_app.storage.secrets import persisted_secret
 from serve_app.webhooks.delivery import deliver
 from serve_app.webhooks.log import DeliveryLog
-from serve_app.webhooks.urls import avalidate_webhook_url, validate_webhook_url
+from serve_app.webhooks.urls import acheck_webhook_url, check_webhook_url_blocking, webhook_guard
 
 
 class WebhookConfig(BaseModel):
@@ -34,20 +35,23 @@ class WebhookConfig(BaseModel):
 
 
 class WebhookSender:
-    def __init__(self, cfg: WebhookConfig, *, work_dir: Path | str, engine: Engine) -> None:
+    def __init__(self, cfg: WebhookConfig, *, work_dir: Path | str, engine: Engine,
+                 resolver: Resolver | None = None) -> None:
         self.cfg = cfg
         self.secret = (cfg.secret.get_secret_value().encode() if cfg.secret is not None
                        else persisted_secret(Path(work_dir) / "webhook_secret"))
         self.log = DeliveryLog(engine)
+        # One guard (serve_app/netguard) checks the URL at job submit and again at each delivery.
+        self.guard = webhook_guard(allow_private=cfg.allow_private, allow_hosts=cfg.allow_hosts, resolver=resolver)
 
     def validate(self, url: str) -> None:
-        validate_webhook_url(url, allow_private=self.cfg.allow_private, allow_hosts=self.cfg.allow_hosts)
+        check_webhook_url_blocking(url, self.guard)
 
     async def avalidate(self, url: str) -> None:
-        await avalidate_webhook_url(url, allow_private=self.cfg.allow_private, allow_hosts=self.cfg.allow_hosts)
+        await acheck_webhook_url(url, self.guard)
 
     async def send(self, url: str, payload: dict[str, Any], *, job_id: str | None = None) -> bool:
         c = self.cfg
         return await deliver(url, payload, secret=self.secret, attempts=c.attempts, backoff_s=c.backoff_s,
                              timeout_s=c.timeout_s, max_backoff_s=c.max_backoff_s, record=self.log.arecord,
-                             job_id=job_id, allow_private=c.allow_private, allow_hosts=c.allow_hosts)
+                             job_id=job_id, guard=self.guard)

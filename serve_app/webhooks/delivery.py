@@ -1,9 +1,13 @@
 """POST a signed JSON event to a webhook URL, retrying with exponential backoff; every attempt
 is handed to `record` (the `webhook_deliveries` table in production).
 
+Each attempt goes through the URL guard (serve_app/netguard): the host is resolved once, every
+address checked, and the POST connects to a checked address only, so a name that rebinds to
+127.0.0.1 between the check and the connect can't redirect a signed request into loopback.
+
 Retried: network errors, timeouts, 5xx, 408/409/425/429. Not retried: other 4xx and 3xx
 (redirects are never followed: they could point into the private network), and a URL that no
-longer passes `validate_webhook_url` (DNS may have changed since the job was accepted).
+longer passes the guard (DNS may have changed since the job was accepted).
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from typing import Any
 import anyio
 import httpx
 
-from serve_app.errors import APIError
+from serve_app.netguard import URLRefused, UrlGuard
 from serve_app.webhooks.signing import SIGNATURE_HEADER, signature_header
-from serve_app.webhooks.urls import avalidate_webhook_url
+from serve_app.webhooks.urls import webhook_guard
 
 logger = logging.getLogger("genserve.webhooks")
 
@@ -68,42 +72,39 @@ async def deliver(url: str, payload: dict[str, Any], *, secret: bytes | str, att
                   backoff_s: float = 2.0, timeout_s: float = 10.0, record: Recorder | None = None,
                   job_id: str | None = None, max_backoff_s: float = 300.0, allow_private: bool = False,
                   allow_hosts: Sequence[str] = (), delivery_id: str | None = None,
-                  client: httpx.AsyncClient | None = None) -> bool:
-    """True once the receiver answers 2xx; False when attempts run out or the failure is final."""
+                  guard: UrlGuard | None = None) -> bool:
+    """True once the receiver answers 2xx; False when attempts run out or the failure is final.
+    `guard` defaults to one built from `allow_private`/`allow_hosts` (tests pass one with a resolver)."""
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
     key = secret.encode() if isinstance(secret, str) else secret
     body = encode_payload(payload)
     did = delivery_id or "whd_" + secrets.token_hex(12)
-    own = client is None
-    http = client or httpx.AsyncClient(follow_redirects=False, timeout=timeout_s)
-    try:
-        for n in range(1, attempts + 1):
-            t0, status, error, final = time.monotonic(), None, None, False
-            created = datetime.now(timezone.utc)
-            try:
-                await avalidate_webhook_url(url, allow_private=allow_private, allow_hosts=allow_hosts)
-                headers = {"Content-Type": "application/json", "User-Agent": "genserve-webhooks/1",
-                           SIGNATURE_HEADER: signature_header(body, key), "X-Genserve-Delivery": did,
-                           "X-Genserve-Attempt": str(n)}
-                r = await http.post(url, content=body, headers=headers, timeout=timeout_s)
-                status = r.status_code
-                if not 200 <= status < 300:
-                    error = f"HTTP {status}"
-                    final = status < 500 and status not in RETRYABLE_4XX
-            except APIError as e:
-                error, final = e.message, True
-            except httpx.HTTPError as e:
-                error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            attempt = DeliveryAttempt(did, job_id, url, n, status, error, round(time.monotonic() - t0, 4), created)
-            await _record(record, attempt)
-            if attempt.ok:
-                return True
-            logger.warning("webhook %s attempt %d/%d to %s failed: %s", did, n, attempts, url, error)
-            if final or n == attempts:
-                return False
-            await anyio.sleep(min(max_backoff_s, backoff_s * 2 ** (n - 1)))
-        return False
-    finally:
-        if own:
-            await http.aclose()
+    guard = guard or webhook_guard(allow_private=allow_private, allow_hosts=allow_hosts)
+    for n in range(1, attempts + 1):
+        t0, status, error, final = time.monotonic(), None, None, False
+        created = datetime.now(timezone.utc)
+        try:
+            headers = {"Content-Type": "application/json", "User-Agent": "genserve-webhooks/1",
+                       SIGNATURE_HEADER: signature_header(body, key), "X-Genserve-Delivery": did,
+                       "X-Genserve-Attempt": str(n)}
+            r = await guard.post(url, content=body, headers=headers, timeout_s=timeout_s)
+            status = r.status_code
+            if not 200 <= status < 300:
+                error = f"HTTP {status}"
+                final = status < 500 and status not in RETRYABLE_4XX
+        except URLRefused as e:
+            error, final = f"webhook_url is not allowed: {e}", True
+        except TimeoutError:
+            error = f"Timeout: no answer within {timeout_s:g}s"
+        except httpx.HTTPError as e:
+            error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        attempt = DeliveryAttempt(did, job_id, url, n, status, error, round(time.monotonic() - t0, 4), created)
+        await _record(record, attempt)
+        if attempt.ok:
+            return True
+        logger.warning("webhook %s attempt %d/%d to %s failed: %s", did, n, attempts, url, error)
+        if final or n == attempts:
+            return False
+        await anyio.sleep(min(max_backoff_s, backoff_s * 2 ** (n - 1)))
+    return False
