@@ -138,13 +138,15 @@ def test_s3rver_enforces_expiry_and_access_key(s3rver_endpoint: str) -> None:
     store = S3ResultStore(s3cfg(s3rver_endpoint), retry_backoff_s=0.01)
     key = store.put(result_key("acme", "img_exp"), b"png!")
     assert store.exists(key)
-    long_url, short_url = store.url(key), store.url(key, expires_s=1)
+    # 3 s, not 1: X-Amz-Date is truncated to the second, so a 1 s URL can be dead ~0 s after signing
+    # (seen on a loaded 2-core machine); the sleep below covers 3 s plus that second.
+    long_url, short_url = store.url(key), store.url(key, expires_s=3)
     assert httpx.get(long_url).content == b"png!"
     assert httpx.get(short_url).status_code == 200
     forged = long_url.replace("X-Amz-Credential=S3RVER", "X-Amz-Credential=INTRUDER")
     r = httpx.get(forged)
     assert r.status_code == 403 and b"InvalidAccessKeyId" in r.content
-    time.sleep(2.1)  # X-Amz-Date has 1 s resolution
+    time.sleep(4.1)  # X-Amz-Date has 1 s resolution
     r = httpx.get(short_url)
     assert r.status_code == 403 and b"expired" in r.content.lower()
     assert httpx.get(long_url).status_code == 200
