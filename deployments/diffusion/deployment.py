@@ -250,6 +250,9 @@ class Diffusion:
         share has not held (a failed probe fails the update). The dict crossed Serve as JSON and may
         come from a hand-edited Serve config: it is validated here, once, as `BatchingConfig`."""
         batching = BatchingConfig.model_validate({**self.batching.model_dump(), **user_config})
+        if batching.priority_aging_s != self.batching.priority_aging_s:
+            raise ValueError("user_config.priority_aging_s: the batcher's aging is fixed at start; change "
+                             "batching.priority_aging_s in the app's args instead")
         size, budget = batching.max_batch_size, batching.max_batch_megapixels
         if self._probe and budget is not None and (
                 self._probed is None or size > self._probed[0] or budget > self._probed[1]):
