@@ -137,6 +137,7 @@ def build_chat_app(model_cfg: dict, port: int, stream_ms: float, admission_overl
     from fastapi import FastAPI
     from ray import serve
 
+    from deployments.llm.config import LLMModelConfig
     from deployments.llm.deployment import LLMDeployment
 
     @serve.deployment(name="Ingress", max_ongoing_requests=256)
@@ -160,7 +161,7 @@ def build_chat_app(model_cfg: dict, port: int, stream_ms: float, admission_overl
 
     gpu = {"num_gpus": 1} if torch.cuda.is_available() else {}
     llm = LLMDeployment.options(name=f"LLM-{name}", ray_actor_options=gpu).bind(
-        model_cfg, work_dir=str(WORK), stream_batch_ms=stream_ms)
+        LLMModelConfig.model_validate({**model_cfg, "stream_interval_ms": stream_ms}), work_dir=WORK)
     return ChatIngress.bind(config, {name: llm})
 
 
@@ -172,12 +173,13 @@ async def bench_interleaved(model_cfg: dict, args: argparse.Namespace) -> dict[s
     import ray
     from ray import serve
 
+    from deployments.llm.config import LLMModelConfig
     from deployments.llm.deployment import LLMReplica
 
     os.environ.setdefault("RAY_TMPDIR", str(WORK / "ray-llm"))
     import torch
 
-    replica = LLMReplica(model_cfg, work_dir=str(WORK))
+    replica = LLMReplica(LLMModelConfig.model_validate(model_cfg), work_dir=WORK)
     await replica.start()
     ray.init(num_cpus=args.ray_cpus, num_gpus=1 if torch.cuda.is_available() else 0, include_dashboard=False,
              log_to_driver=False,

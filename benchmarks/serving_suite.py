@@ -431,7 +431,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def phase_optimize(args: argparse.Namespace, path: Path) -> dict:
-    from deployments.diffusion.optimize import OptimizeOptions
+    from deployments.diffusion.config import OptimizeConfig
     from deployments.diffusion.optimize import apply as apply_optimizations
 
     size, steps = args.optimize_shape
@@ -442,7 +442,7 @@ def phase_optimize(args: argparse.Namespace, path: Path) -> dict:
     ref = [np.asarray(im) for im in raw_batch(pipe, batch=batch, size=size, steps=steps, seed0=7)]
     results: dict[str, Any] = {"eager": eager, "variants": []}
     for spec in args.optimize_variants:
-        opts = OptimizeOptions(**spec)
+        opts = OptimizeConfig(**spec)
         del pipe
         if args.device == "cuda":
             torch.cuda.empty_cache()

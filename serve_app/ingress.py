@@ -15,7 +15,7 @@ from serve_app.library import LIBRARY_KEY, Library
 from serve_app.prompts.render import ConfigTemplates
 from serve_app.state import Services
 from serve_app.storage import STORAGE_KEY, build_store
-from serve_app.telemetry import setup_telemetry, telemetry_of
+from telemetry import setup_telemetry, telemetry_of
 from serve_app.tenancy import TENANCY_KEY, Tenancy, ensure_local_tenant
 from serve_app.webhooks import WebhookSender
 

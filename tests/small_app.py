@@ -64,9 +64,7 @@ def deploy(name: str, *, base_url: str, work_dir: Path, models_dir: Path, plans:
     m = cfg.diffusion_models[0]
     diffusion = Diffusion.options(name=m.deployment_name, num_replicas=1, ray_actor_options={"num_cpus": 0.1},
                                   max_ongoing_requests=max_ongoing_requests).bind(
-        name=m.name, family=m.family, model=m.model, device="cpu", max_batch_size=m.batching.max_batch_size,
-        batch_wait_timeout_s=m.batching.batch_wait_timeout_s, adaptive_quality=m.adaptive_quality.model_dump(),
-        priority_aging_s=m.batching.priority_aging_s)
+        m.model_copy(update={"device": "cpu"}))
     app = Ingress.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1}).bind(cfg, {m.name: diffusion}, {})
     serve._run(app, name=name, route_prefix=f"/{name}", _blocking=True)
     return SmallApp(name=name, url=f"{base_url}/{name}", model=m.name, keys=keys)

@@ -1,5 +1,5 @@
 """configs/grafana/genserve.json and configs/prometheus/alerts.yaml: shape, PromQL sanity, and every
-metric they name exists in serve_app/telemetry/catalog.py. With `promtool` on PATH (Debian package
+metric they name exists in telemetry/catalog.py. With `promtool` on PATH (Debian package
 `prometheus`), the PromQL is parsed by Prometheus itself and the alerts are unit-tested on
 synthetic series."""
 
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from serve_app.telemetry.catalog import CATALOGUE, GENSERVE_METRICS, SERVE_RESERVED_TAGS, exposed_names
+from telemetry.catalog import CATALOGUE, GENSERVE_METRICS, SERVE_RESERVED_TAGS, exposed_names
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "configs" / "grafana" / "genserve.json"
@@ -156,7 +156,7 @@ def test_expr_sanity_and_names_in_catalogue(expr: str) -> None:
     names = metric_names(expr)
     assert names, f"no metric in: {expr}"
     unknown = names - set(exposed_names())
-    assert not unknown, f"not in serve_app/telemetry/catalog.py: {sorted(unknown)} in {expr}"
+    assert not unknown, f"not in telemetry/catalog.py: {sorted(unknown)} in {expr}"
 
 
 def test_catalogue() -> None:

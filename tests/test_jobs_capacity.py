@@ -30,7 +30,7 @@ def test_job_backlog_limit_gives_503_with_retry_after(genserve_url: str, tiny_mo
     tenancy.close()
     m = cfg.diffusion_models[0]
     diffusion = Diffusion.options(name=m.deployment_name, ray_actor_options={"num_cpus": 0.1}).bind(
-        name=m.name, family=m.family, model=m.model, device="cpu")
+        m.model_copy(update={"device": "cpu"}))
     app = Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(cfg, {m.name: diffusion}, {})
     serve._run(app, name="capacity", route_prefix="/cap", _blocking=True)
     auth = {"Authorization": f"Bearer {key}"}

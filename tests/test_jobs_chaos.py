@@ -45,7 +45,7 @@ def test_jobs_survive_killed_replicas(genserve_url: str, tiny_models_dir, tmp_pa
     m = cfg.diffusion_models[0]
     diffusion = Diffusion.options(name=m.deployment_name, ray_actor_options={"num_cpus": 0.1},
                                   max_ongoing_requests=16).bind(
-        name=m.name, family=m.family, model=m.model, device="cpu", max_batch_size=4, batch_wait_timeout_s=0.01)
+        m.model_copy(update={"device": "cpu"}))
     app = Ingress.options(num_replicas=2, ray_actor_options={"num_cpus": 0.1}).bind(cfg, {m.name: diffusion}, {})
     serve._run(app, name=APP, route_prefix="/chaos", _blocking=True)
     base = genserve_url + "/chaos"

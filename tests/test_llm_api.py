@@ -16,6 +16,7 @@ import pytest_asyncio
 import uvicorn
 from fastapi import FastAPI
 
+from deployments.llm.config import LLMModelConfig
 from deployments.llm.deployment import LLMReplica
 from deployments.llm.tiny import build_tiny_llm
 from serve_app.chat import router as chat_router
@@ -83,7 +84,7 @@ async def app_url(tmp_path_factory):
     tenancy = Tenancy(config.tenancy, work_dir=tmp_path_factory.mktemp("llm-api"))
     tenancy.create_tenant("llm-tests", "enterprise")
     auth = {"Authorization": f"Bearer {tenancy.create_key('llm-tests').key}"}
-    replica = LLMReplica(llm_cfg, stream_batch_ms=10)
+    replica = LLMReplica(LLMModelConfig(**llm_cfg, stream_interval_ms=10))
     await replica.start()
     app = FastAPI()
     install_error_handlers(app)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.diffusion.quality import AdaptiveQuality, QualitySettings
+from deployments.diffusion.config import AdaptiveQualityConfig
+from deployments.diffusion.quality import AdaptiveQuality
 from deployments.diffusion.types import ImageTask
 from serve_app.images.qos import allows_auto_quality
 from serve_app.tenancy.config import PlanConfig
@@ -25,7 +26,7 @@ def _task(steps: int = 30, auto: bool = True) -> ImageTask:
 
 def _policy(clock: Clock, **kw) -> AdaptiveQuality:
     s = dict(enabled=True, high_water=1.5, low_water=0.5, hold_s=2.0, min_steps_fraction=0.5, min_steps=4)
-    return AdaptiveQuality(QualitySettings(**{**s, **kw}), clock=clock)
+    return AdaptiveQuality(AdaptiveQualityConfig(**{**s, **kw}), clock=clock)
 
 
 def test_hysteresis_degrades_above_high_and_restores_after_hold_below_low() -> None:
@@ -68,9 +69,9 @@ def test_disabled_policy_never_degrades() -> None:
 
 def test_settings_validation_names_values() -> None:
     with pytest.raises(ValueError, match=r"low_water \(2.0\) must be <= high_water \(1.0\)"):
-        QualitySettings(low_water=2.0, high_water=1.0)
-    with pytest.raises(ValueError, match="min_steps_fraction must be in"):
-        QualitySettings(min_steps_fraction=0.0)
+        AdaptiveQualityConfig(low_water=2.0, high_water=1.0)
+    with pytest.raises(ValueError, match=r"min_steps_fraction\n  Input should be greater than 0"):
+        AdaptiveQualityConfig(min_steps_fraction=0.0)
 
 
 def test_explicit_q_or_steps_wins_and_plan_opt_in() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from deployments.diffusion.config import DiffusionModelConfig
 from deployments.diffusion.deployment import Diffusion
 from deployments.diffusion.types import ImageTask
 
@@ -19,10 +20,11 @@ def _task(i: int) -> ImageTask:
 
 
 async def test_a_long_drain_is_not_calm(tiny_models_dir: Path) -> None:
-    replica = Diffusion.func_or_class(
-        name="q", family="sdxl", model=str(tiny_models_dir / "sdxl-tiny"), device="cpu", max_batch_size=4,
-        batch_wait_timeout_s=0.0, adaptive_quality={"enabled": True, "high_water": 1.5, "low_water": 0.5,
-                                                    "hold_s": HOLD_S, "min_steps_fraction": 0.5, "min_steps": 1})
+    replica = Diffusion.func_or_class(DiffusionModelConfig(
+        name="q", family="sdxl", model=str(tiny_models_dir / "sdxl-tiny"), device="cpu",
+        batching={"max_batch_size": 4, "batch_wait_timeout_s": 0.0},
+        adaptive_quality={"enabled": True, "high_water": 1.5, "low_water": 0.5, "hold_s": HOLD_S,
+                          "min_steps_fraction": 0.5, "min_steps": 1}))
     await replica.generate(_task(0))  # warm-up, alone: full quality
     loop = asyncio.get_running_loop()
     started = loop.time()

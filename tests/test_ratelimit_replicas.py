@@ -41,7 +41,7 @@ def test_two_ingress_replicas_admit_exactly_the_limit(genserve_url: str, tiny_mo
 
     m = cfg.diffusion_models[0]
     diffusion = Diffusion.options(name=m.deployment_name, ray_actor_options={"num_cpus": 0.1}).bind(
-        name=m.name, family=m.family, model=m.model, device="cpu")
+        m.model_copy(update={"device": "cpu"}))
     app = Ingress.options(num_replicas=2, ray_actor_options={"num_cpus": 0.1}).bind(cfg, {m.name: diffusion}, {})
     serve._run(app, name="ratelimit", route_prefix="/rl", _blocking=True)
     try:

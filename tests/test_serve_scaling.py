@@ -11,6 +11,7 @@ import time
 import pytest
 from ray import serve
 
+from deployments.diffusion.config import DiffusionModelConfig
 from deployments.diffusion.deployment import Diffusion
 from deployments.diffusion.types import ImageTask
 
@@ -39,7 +40,7 @@ def test_two_half_gpu_replicas_run_and_a_third_waits(genserve_url: str, tiny_mod
 
     app = Diffusion.options(name="Diffusion-placement", num_replicas=3,
                             ray_actor_options={"num_gpus": 0.5, "num_cpus": 0.1}).bind(
-        name="placement", family="sdxl", model=str(tiny_models_dir / "sdxl-tiny"), device="cpu")
+        DiffusionModelConfig(name="placement", family="sdxl", model=str(tiny_models_dir / "sdxl-tiny"), device="cpu"))
     handle = serve._run(app, name="placement", route_prefix=None, _blocking=False)
     try:
         assert _wait(lambda: _replica_states("placement", "Diffusion-placement").get("RUNNING") == 2, 120)
@@ -59,8 +60,8 @@ def test_autoscales_from_one_to_two_replicas_under_load(genserve_url: str, tiny_
         autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                             "upscale_delay_s": 1, "downscale_delay_s": 600, "metrics_interval_s": 0.5,
                             "look_back_period_s": 2},
-    ).bind(name="autoscale", family="sdxl", model=str(tiny_models_dir / "sdxl-tiny"), device="cpu",
-           max_batch_size=2, batch_wait_timeout_s=0.0)
+    ).bind(DiffusionModelConfig(name="autoscale", family="sdxl", model=str(tiny_models_dir / "sdxl-tiny"),
+                                device="cpu", batching={"max_batch_size": 2, "batch_wait_timeout_s": 0.0}))
     handle = serve._run(app, name="autoscale", route_prefix=None, _blocking=True)
     task = ImageTask(prompt="load", negative_prompt="", seed=1, width=64, height=64, steps=8, guidance_scale=5.0)
 

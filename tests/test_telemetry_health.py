@@ -13,13 +13,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from deployments.diffusion.config import DiffusionModelConfig
 from deployments.diffusion.deployment import DiffusionServer
 from deployments.diffusion.types import ImageTask
 from serve_app.telemetry.status import metrics_urls, serve_load, status
 
 
 def test_cuda_oom_makes_the_diffusion_server_unhealthy(tiny_models_dir: Path) -> None:
-    server = DiffusionServer(name="h", family="sdxl", model=str(tiny_models_dir / "sdxl-tiny"), device="cpu")
+    server = DiffusionServer(DiffusionModelConfig(name="h", family="sdxl", model=str(tiny_models_dir / "sdxl-tiny"),
+                                                  device="cpu"))
     server.check_health()
     task = ImageTask(prompt="x", negative_prompt="", seed=1, width=64, height=64, steps=2, guidance_scale=5.0)
     assert not isinstance(server.denoise([(task, time.monotonic())])[0].image, BaseException)

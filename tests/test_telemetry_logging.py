@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve_app.telemetry.context import RequestInfo, annotate, bind_request, unbind_request
-from serve_app.telemetry.logging import JsonFormatter, RedactingFilter, redact
+from telemetry.context import RequestInfo, annotate, bind_request, unbind_request
+from telemetry.logging import JsonFormatter, RedactingFilter, redact
 
 KEY = "gsk_" + "A1b2C3d4" * 5 + "xyz"
 

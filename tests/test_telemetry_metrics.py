@@ -14,7 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve_app.telemetry.catalog import GENSERVE_METRICS
+from telemetry.catalog import GENSERVE_METRICS
 from conftest import ADMIN_TOKEN
 
 pytestmark = pytest.mark.ray

@@ -26,8 +26,8 @@ import pytest
 from opentelemetry.trace import SpanKind
 
 from conftest import free_port, local_config_doc
-from serve_app.telemetry import tracing
-from serve_app.telemetry.config import TelemetryConfig
+from telemetry import tracing
+from telemetry.config import TelemetryConfig
 
 
 @dataclass
@@ -138,14 +138,13 @@ def traced_graph(genserve_url: str, collector: Collector, tmp_path_factory):
     doc = local_config_doc(free_port(), tmp_path_factory.mktemp("trace-work"))
     cfg = load_app_config(doc["applications"][0]["args"])
     cfg = cfg.model_copy(update={"diffusion_models": cfg.diffusion_models[:1]})  # sdxl-tiny is enough
-    telemetry = TelemetryConfig(otlp_endpoint=collector.url, service_name="genserve-test").model_dump()
+    telemetry = TelemetryConfig(otlp_endpoint=collector.url, service_name="genserve-test")
     m, lm = cfg.diffusion_models[0], cfg.llm_models[0]
     cpu = {"num_cpus": 0.25}
     diffusion = serve.run(Diffusion.options(name=m.deployment_name, ray_actor_options=cpu).bind(
-        name=m.name, family=m.family, model=m.model, device="cpu", max_batch_size=8, batch_wait_timeout_s=0.02,
-        telemetry=telemetry), name="trace-diffusion", route_prefix=None)
+        m.model_copy(update={"device": "cpu"}), telemetry), name="trace-diffusion", route_prefix=None)
     llm = serve.run(LLMDeployment.options(name=lm.deployment_name, ray_actor_options=cpu).bind(
-        lm.model_dump(mode="json"), work_dir=str(cfg.work_dir), telemetry=telemetry),
+        lm, work_dir=cfg.work_dir, telemetry=telemetry),
         name="trace-llm", route_prefix=None)
     tracing.reset_tracing()
     assert tracing.configure_tracing(TelemetryConfig(otlp_endpoint=collector.url), component="Ingress")

@@ -1,6 +1,7 @@
 """The Serve deployment around `DiffusionEngine`: batching, GPU fraction, PNG off the hot path.
 
-One deployment per configured model (the graph builder names them `Diffusion-<model>`).
+One deployment per configured model (the graph builder names them `Diffusion-<model>`), bound
+with that model's typed `DiffusionModelConfig` (deployments/diffusion/config.py).
 Requests are single images (`ImageTask`); the replica's batcher gathers them from all callers into
 one denoising call, formed when the GPU frees up (batcher.py says why not `@serve.batch`). The
 batch returns raw images and the GPU is free for the next batch at once: PNG encoding runs in a
@@ -22,9 +23,10 @@ from typing import Any
 from ray import serve
 
 from deployments.diffusion.batcher import LazyBatcher
-from deployments.diffusion.quality import REASON_LOAD, AdaptiveQuality, QualitySettings
+from deployments.diffusion.config import BatchingConfig, DiffusionModelConfig
+from deployments.diffusion.quality import REASON_LOAD, AdaptiveQuality
 from deployments.diffusion.types import ImageResult, ImageTask
-from serve_app.telemetry import metrics, setup_telemetry, tracing
+from telemetry import TelemetryConfig, metrics, setup_telemetry, tracing
 
 logger = logging.getLogger("genserve.diffusion")
 
@@ -80,19 +82,16 @@ def _cap_gpu_memory(device: str) -> float | None:
 class DiffusionServer:
     """Plain logic (testable without Serve); `Diffusion` below is the thin deployment."""
 
-    def __init__(self, *, name: str, family: str, model: str, dtype: str = "float32", device: str = "auto",
-                 variant: str | None = None, batch_invariant: bool | None = None, decoder_steps: int = 12,
-                 optimize: dict | None = None, vae_slicing: bool = False, engine: Any = None) -> None:
+    def __init__(self, config: DiffusionModelConfig, *, engine: Any = None) -> None:
         from deployments.diffusion.engine import DiffusionEngine
 
-        self.name = name
-        self.device = _resolve_device(device)
+        self.config = config
+        self.name = name = config.name
+        self.device = _resolve_device(config.device)
         self.gpu_share = _cap_gpu_memory(self.device)
         _set_cpu_threads(self.device)
         t0 = time.monotonic()
-        self.engine = engine or DiffusionEngine.from_pretrained(
-            name, model, family, dtype=dtype, device=self.device, variant=variant, batch_invariant=batch_invariant,
-            decoder_steps=decoder_steps, optimize=optimize, vae_slicing=vae_slicing)
+        self.engine = engine or DiffusionEngine.from_config(config, self.device)
         self.memory_probe: dict | None = None
         self.load_s = time.monotonic() - t0
         self._png_pool = ThreadPoolExecutor(max_workers=max(2, (os.cpu_count() or 2) // 2),
@@ -109,7 +108,7 @@ class DiffusionServer:
         # (step, total) of the last step callback and when it came: step time = gap between steps.
         self._step_key: tuple[int, int] | None = None
         self._step_at = 0.0
-        logger.info("model %s (%s) loaded on %s in %.1fs", name, model, self.device, self.load_s)
+        logger.info("model %s (%s) loaded on %s in %.1fs", name, config.model, self.device, self.load_s)
 
     # Called in the engine's thread: cheap bookkeeping only.
     def _on_step(self, task_id: str | None, step: int, total: int) -> None:
@@ -179,15 +178,16 @@ class DiffusionServer:
                            guidance_scale=task.guidance_scale, model=self.name, batch_size=d.batch_size,
                            compute_s=d.compute_s, queue_wait_s=d.queue_wait_s)
 
-    def probe_memory(self, *, native_side: int, max_side: int, size_multiple: int, max_batch_size: int,
-                     max_batch_megapixels: float) -> None:
+    def probe_memory(self, *, max_batch_size: int, max_batch_megapixels: float) -> None:
         """On CUDA: run the worst-case batches once (deployments/diffusion/memory.py)."""
         if self.device != "cuda":
             return
         from deployments.diffusion import memory
 
-        shapes = memory.worst_case_shapes(native_side=native_side, max_side=max_side, size_multiple=size_multiple,
-                                          max_batch_size=max_batch_size, max_batch_megapixels=max_batch_megapixels)
+        c = self.config
+        shapes = memory.worst_case_shapes(native_side=c.native_resolution, max_side=c.max_side,
+                                          size_multiple=c.size_multiple, max_batch_size=max_batch_size,
+                                          max_batch_megapixels=max_batch_megapixels)
         self.memory_probe = memory.probe(self.engine, shapes, share=self.gpu_share)
 
     def progress(self, task_id: str) -> tuple[int, int] | None:
@@ -223,46 +223,45 @@ class DiffusionServer:
     graceful_shutdown_timeout_s=30,
 )
 class Diffusion:
-    def __init__(self, *, name: str, family: str, model: str, dtype: str = "float32", device: str = "auto",
-                 variant: str | None = None, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.05,
-                 batch_invariant: bool | None = None, decoder_steps: int = 12, optimize: dict | None = None,
-                 telemetry: dict | None = None, adaptive_quality: dict | None = None,
-                 priority_aging_s: float = 10.0, max_batch_megapixels: float | None = None,
-                 vae_slicing: bool = True, probe: dict | None = None) -> None:
-        setup_telemetry(telemetry, component=f"Diffusion-{name}")
-        self.server = DiffusionServer(name=name, family=family, model=model, dtype=dtype, device=device,
-                                      variant=variant, batch_invariant=batch_invariant, decoder_steps=decoder_steps,
-                                      optimize=optimize, vae_slicing=vae_slicing)
-        self._batcher = LazyBatcher(self._run_batch, max_batch_size=int(max_batch_size),
-                                    wait_s=float(batch_wait_timeout_s),
-                                    priority_of=lambda item: item[0].priority, aging_s=float(priority_aging_s),
-                                    cost_of=lambda item: item[0].megapixels)
-        self.quality = AdaptiveQuality(QualitySettings(**(adaptive_quality or {})))
-        self._probe = probe
+    """`Diffusion.options(name=cfg.deployment_name, user_config=cfg.batching_user_config()).bind(cfg, telemetry)`."""
+
+    def __init__(self, config: DiffusionModelConfig, telemetry: TelemetryConfig | None = None) -> None:
+        setup_telemetry(telemetry, component=config.deployment_name)
+        self.server = DiffusionServer(config)
+        self._probe = config.probe_memory
         self._probed: tuple[int, float] | None = None  # (max_batch_size, megapixels) proven to fit
-        self._set_batching(max_batch_size, batch_wait_timeout_s, max_batch_megapixels)
+        self.batching = config.batching.model_copy(update={"max_batch_megapixels": config.batch_megapixels})
+        self._batcher = LazyBatcher(self._run_batch, max_batch_size=self.batching.max_batch_size,
+                                    wait_s=self.batching.batch_wait_timeout_s,
+                                    priority_of=lambda item: item[0].priority, aging_s=self.batching.priority_aging_s,
+                                    cost_of=lambda item: item[0].megapixels)
+        self._batcher.set_max_batch_cost(self.batching.max_batch_megapixels)
+        self.quality = AdaptiveQuality(config.adaptive_quality)
 
-    def _set_batching(self, max_batch_size: int, batch_wait_timeout_s: float,
-                      max_batch_megapixels: float | None) -> None:
-        self._batcher.set_max_batch_size(int(max_batch_size))
-        self._batcher.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
-        self._batcher.set_max_batch_cost(max_batch_megapixels)
-        self.max_batch_size = int(max_batch_size)
-        self.batch_wait_timeout_s = float(batch_wait_timeout_s)
-        self.max_batch_megapixels = max_batch_megapixels
+    @property
+    def max_batch_size(self) -> int:
+        return self.batching.max_batch_size
 
-    def reconfigure(self, user_config: dict) -> None:
-        """`user_config: {max_batch_size, batch_wait_timeout_s, max_batch_megapixels}` changes batching
-        without a restart. Serve calls this before the replica takes traffic, and again on each
-        `serve deploy` that changes it: a budget larger than the one proven is probed first, so a
-        replica never takes a batch its GPU share has not held (a failed probe fails the update)."""
-        size = int(user_config.get("max_batch_size", self.max_batch_size))
-        budget = user_config.get("max_batch_megapixels", self.max_batch_megapixels)
-        if self._probe is not None and budget is not None and (
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """`user_config` (`DiffusionModelConfig.batching_user_config()`: max_batch_size,
+        batch_wait_timeout_s, max_batch_megapixels) changes batching without a restart. Serve calls
+        this before the replica takes traffic, and again on each `serve deploy` that changes it: a
+        budget larger than the one proven is probed first, so a replica never takes a batch its GPU
+        share has not held (a failed probe fails the update). The dict crossed Serve as JSON and may
+        come from a hand-edited Serve config: it is validated here, once, as `BatchingConfig`."""
+        batching = BatchingConfig.model_validate({**self.batching.model_dump(), **user_config})
+        if batching.priority_aging_s != self.batching.priority_aging_s:
+            raise ValueError("user_config.priority_aging_s: the batcher's aging is fixed at start; change "
+                             "batching.priority_aging_s in the app's args instead")
+        size, budget = batching.max_batch_size, batching.max_batch_megapixels
+        if self._probe and budget is not None and (
                 self._probed is None or size > self._probed[0] or budget > self._probed[1]):
-            self.server.probe_memory(**self._probe, max_batch_size=size, max_batch_megapixels=float(budget))
-            self._probed = (size, float(budget))
-        self._set_batching(size, user_config.get("batch_wait_timeout_s", self.batch_wait_timeout_s), budget)
+            self.server.probe_memory(max_batch_size=size, max_batch_megapixels=budget)
+            self._probed = (size, budget)
+        self._batcher.set_max_batch_size(size)
+        self._batcher.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self._batcher.set_max_batch_cost(budget)
+        self.batching = batching
 
     async def _run_batch(self, items: list[tuple[ImageTask, float]]) -> list[_Denoised]:
         # Load falls while the queue drains, with no arrival to see it: observing it here too keeps
@@ -336,8 +335,9 @@ class Diffusion:
         self.server.cancel(task_id)
 
     async def stats(self) -> dict:
-        return {**self.server.stats(), "max_batch_size": self.max_batch_size,
-                "batch_wait_timeout_s": self.batch_wait_timeout_s, "max_batch_megapixels": self.max_batch_megapixels,
+        return {**self.server.stats(), "max_batch_size": self.batching.max_batch_size,
+                "batch_wait_timeout_s": self.batching.batch_wait_timeout_s,
+                "max_batch_megapixels": self.batching.max_batch_megapixels,
                 "queued": self._batcher.queued,
                 "running": self._batcher.running, "load": round(self._load(), 3),
                 "degraded": self.quality.degraded}

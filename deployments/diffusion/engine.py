@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 
 from deployments.diffusion import sdxl, wuerstchen
+from deployments.diffusion.config import DiffusionModelConfig, OptimizeConfig
 from deployments.diffusion.hooks import LiveRows, StopDenoising, circular_padding, generators, per_task_calls
 from deployments.diffusion.loading import FAMILIES, load_pipeline
-from deployments.diffusion.optimize import OptimizeOptions
 from deployments.diffusion.optimize import apply as apply_optimizations
 from deployments.diffusion.png import encode_png, format_weighted, png_params
 from deployments.diffusion.types import ImageResult, ImageTask
@@ -108,17 +108,25 @@ class DiffusionEngine:
         variant: str | None = None,
         decoder_steps: int = 12,
         batch_invariant: bool | None = None,
-        optimize: dict | OptimizeOptions | None = None,
+        optimize: OptimizeConfig | None = None,
         vae_slicing: bool = False,
     ) -> DiffusionEngine:
         pipeline = load_pipeline(
             model_id_or_path, family, dtype=dtype, device=device, variant=variant  # type: ignore[arg-type]
         )
-        pipeline = apply_optimizations(pipeline, family, OptimizeOptions.of(optimize))
+        pipeline = apply_optimizations(pipeline, family, optimize or OptimizeConfig())
         return cls(
             name, pipeline, family, decoder_steps=decoder_steps, batch_invariant=batch_invariant,
             vae_slicing=vae_slicing,
         )
+
+    @classmethod
+    def from_config(cls, config: DiffusionModelConfig, device: str) -> DiffusionEngine:
+        """Load the model of one deployment's config on `device` (resolved: "cpu" or "cuda")."""
+        return cls.from_pretrained(
+            config.name, config.model, config.family, dtype=config.dtype, device=device, variant=config.variant,
+            decoder_steps=config.decoder_steps, batch_invariant=config.batch_invariant, optimize=config.optimize,
+            vae_slicing=config.vae_slicing)
 
     # -- limits and checks ---------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Speed-ups for a loaded pipeline, chosen in config (`optimize:` of a diffusion model).
+"""Speed-ups for a loaded pipeline, chosen in config (`optimize:` of a diffusion model,
+`OptimizeConfig` in deployments/diffusion/config.py).
 
 Eager stays the default: compiling the SDXL UNet takes minutes per (batch, size) shape, which
 matters more than per-image speed for autoscaled replicas that start often. Each option keeps the
@@ -8,29 +9,11 @@ the same seed (PSNR, max abs pixel difference).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-
-
-@dataclass(frozen=True)
-class OptimizeOptions:
-    compile: CompileMode = "none"
-    channels_last: bool = False
-    fuse_qkv: bool = False
-
-    @classmethod
-    def of(cls, value: dict | OptimizeOptions | None) -> OptimizeOptions:
-        if value is None:
-            return cls()
-        return value if isinstance(value, OptimizeOptions) else cls(**value)
-
-    @property
-    def enabled(self) -> bool:
-        return self != OptimizeOptions()
+from deployments.diffusion.config import OptimizeConfig
 
 
 def _denoisers(pipeline: Any, family: str) -> list[tuple[Any, str]]:
@@ -40,7 +23,7 @@ def _denoisers(pipeline: Any, family: str) -> list[tuple[Any, str]]:
     return [(pipeline.prior_pipe, "prior"), (pipeline.decoder_pipe, "decoder")]
 
 
-def apply(pipeline: Any, family: str, options: OptimizeOptions) -> Any:
+def apply(pipeline: Any, family: str, options: OptimizeConfig) -> Any:
     if not options.enabled:
         return pipeline
     if options.fuse_qkv and hasattr(pipeline, "fuse_qkv_projections"):

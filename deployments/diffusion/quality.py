@@ -5,7 +5,7 @@ so 1.0 means "a full batch is waiting or running". Hysteresis keeps it from flap
 once load exceeds `high_water`; restore only after load has stayed at or below `low_water` for
 `hold_s` seconds. Only tasks that allow it (`ImageTask.quality_auto`, never an explicit `--q` or
 `steps`) are changed, and only within bounds: steps = max(min_steps, ceil(steps · fraction)),
-never more than asked for.
+never more than asked for. Settings: `AdaptiveQualityConfig` (deployments/diffusion/config.py).
 """
 
 from __future__ import annotations
@@ -14,35 +14,15 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from deployments.diffusion.config import AdaptiveQualityConfig
 from deployments.diffusion.types import ImageTask
 
 REASON_LOAD = "load"
 
 
-@dataclass(frozen=True)
-class QualitySettings:
-    enabled: bool = False
-    high_water: float = 1.5
-    low_water: float = 0.5
-    hold_s: float = 5.0
-    min_steps_fraction: float = 0.5
-    min_steps: int = 1
-
-    def __post_init__(self) -> None:
-        if self.low_water > self.high_water:
-            raise ValueError(f"low_water ({self.low_water}) must be <= high_water ({self.high_water})")
-        if not 0 < self.min_steps_fraction <= 1:
-            raise ValueError(f"min_steps_fraction must be in (0, 1], got {self.min_steps_fraction}")
-        if self.min_steps < 1:
-            raise ValueError(f"min_steps must be >= 1, got {self.min_steps}")
-        if self.hold_s < 0:
-            raise ValueError(f"hold_s must be >= 0, got {self.hold_s}")
-
-
 class AdaptiveQuality:
-    def __init__(self, settings: QualitySettings, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, settings: AdaptiveQualityConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self._clock = clock
         self.degraded = False
@@ -80,4 +60,4 @@ class AdaptiveQuality:
         return dataclasses.replace(task, steps=steps), True
 
 
-__all__ = ["AdaptiveQuality", "QualitySettings", "REASON_LOAD"]
+__all__ = ["AdaptiveQuality", "REASON_LOAD"]

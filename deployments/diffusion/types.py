@@ -32,7 +32,7 @@ class ImageTask:
     weighted_prompts: tuple[WeightedPrompt, ...] = ()
     # Correlates progress callbacks and cancellation with a job (None for plain requests).
     task_id: str | None = None
-    # W3C `traceparent` + request id/tenant of the caller (serve_app.telemetry.tracing.outgoing);
+    # W3C `traceparent` + request id/tenant of the caller (telemetry.tracing.outgoing);
     # not part of equality or hashing: it says who asked, not what to draw.
     trace_context: dict[str, str] | None = field(default=None, compare=False, hash=False)
     # The tenant plan's priority: the replica's batch queue serves higher first (with aging).

@@ -1,9 +1,12 @@
 """The LLM Serve deployment: a thin wrapper that builds an engine from config and serves LLMServer.
 
+Bound with the model's typed `LLMModelConfig` (deployments/llm/config.py), as Ray's LLM server takes
+`LLMConfig`: `LLMDeployment.options(name=cfg.deployment_name).bind(cfg, work_dir=..., telemetry=...)`.
+
 The ingress calls, through a DeploymentHandle:
   - `handle.options(stream=True).generate_stream.remote(req)` -> lists of StreamItem
     (first list is `[Started]`; then the first ChoiceDelta at once, the rest coalesced every
-    `stream_batch_ms`);
+    `LLMModelConfig.stream_interval_ms` while more than `stream_coalesce_above` streams are open);
   - `handle.generate.remote(req)` -> GenerationResult;
   - `handle.count_tokens.remote(text)` -> int; `handle.stats.remote()` -> dict.
 When the caller's request is cancelled (client disconnect), Serve cancels `generate_stream` in the
@@ -18,44 +21,34 @@ from typing import Any, AsyncIterator
 from ray import serve
 
 from deployments.llm.coalesce import coalesce
+from deployments.llm.config import LLMModelConfig
 from deployments.llm.engine import LLMEngine, build_engine, resolve_engine_kind
 from deployments.llm.server import LLMServer
 from deployments.llm.types import ChoiceDelta, GenerationRequest, GenerationResult, Started, StreamItem
-from serve_app.telemetry import setup_telemetry, tracing
+from telemetry import TelemetryConfig, setup_telemetry, tracing
 
 
 class LLMReplica:
     """Plain class (no Ray): what the Serve deployment runs; tests build it with any engine."""
 
-    def __init__(
-        self,
-        model_config: dict[str, Any],
-        *,
-        work_dir: str | None = None,
-        stream_batch_ms: float = 50.0,
-        engine: LLMEngine | None = None,
-    ) -> None:
-        from serve_app.config import LLMModelConfig  # the one schema for model configs
-
-        cfg = LLMModelConfig.model_validate(model_config)
-        if stream_batch_ms < 0:
-            raise ValueError(f"stream_batch_ms must be >= 0, got {stream_batch_ms}")
+    def __init__(self, config: LLMModelConfig, *, work_dir: str | Path | None = None,
+                 engine: LLMEngine | None = None) -> None:
         if engine is None:
-            kind = resolve_engine_kind(cfg.engine)
-            kwargs = dict(cfg.engine_kwargs)
+            kind = resolve_engine_kind(config.engine)
+            kwargs = dict(config.engine_kwargs)
             if work_dir is not None and kind == "vllm":  # vLLM/inductor caches inside the work dir
                 kwargs.setdefault("cache_dir", str(Path(work_dir) / "cache"))
-            engine = build_engine(cfg.model, engine=kind, max_model_len=cfg.max_model_len,
-                                  dtype=cfg.dtype, device=cfg.device, engine_kwargs=kwargs)
-        self.config = cfg
-        self.stream_batch_ms = stream_batch_ms
+            engine = build_engine(config.model, engine=kind, max_model_len=config.max_model_len,
+                                  dtype=config.dtype, device=config.device, engine_kwargs=kwargs)
+        self.config = config
         self._open_streams = 0
-        self.server = LLMServer(engine, model_name=cfg.name, default_max_tokens=cfg.default_max_tokens)
+        self.server = LLMServer(engine, model_name=config.name, default_max_tokens=config.default_max_tokens)
 
     async def start(self) -> None:
         await self.server.start()
 
     async def generate_stream(self, req: GenerationRequest) -> AsyncIterator[list[StreamItem]]:
+        cfg = self.config
         stream = self.server.stream(req)
         span = tracing.start_remote_span("llm.stream", req.trace_context, model=self.config.name, n=req.n,
                                          max_tokens=req.max_tokens)
@@ -69,7 +62,7 @@ class LLMReplica:
             yield [started]
             self._open_streams += 1
             counted = True
-            if self.stream_batch_ms == 0:
+            if cfg.stream_interval_ms == 0:
                 async for item in stream:
                     completion_tokens += item.num_tokens if isinstance(item, ChoiceDelta) else 0
                     yield [item]
@@ -94,7 +87,7 @@ class LLMReplica:
         """Per token while few streams are open (latency), per interval while many are (throughput)."""
         if self._open_streams <= self.config.stream_coalesce_above:
             return 0.0
-        return self.stream_batch_ms / 1000
+        return self.config.stream_interval_ms / 1000
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
         with tracing.continue_trace("llm.generate", req.trace_context, model=self.config.name, n=req.n,
@@ -119,12 +112,12 @@ class LLMReplica:
 
 @serve.deployment(name="LLM", max_ongoing_requests=64, health_check_period_s=10)
 class LLMDeployment(LLMReplica):
-    """`LLMDeployment.options(name=cfg.deployment_name).bind(cfg.model_dump(mode="json"), work_dir=...)`."""
+    """`LLMDeployment.options(name=cfg.deployment_name).bind(cfg, work_dir=..., telemetry=...)`."""
 
-    async def __init__(self, model_config: dict[str, Any], *, work_dir: str | None = None,
-                       stream_batch_ms: float = 50.0, telemetry: dict | None = None) -> None:
-        setup_telemetry(telemetry, component=f"LLM-{model_config.get('name')}")
-        LLMReplica.__init__(self, model_config, work_dir=work_dir, stream_batch_ms=stream_batch_ms)
+    async def __init__(self, config: LLMModelConfig, *, work_dir: str | Path | None = None,
+                       telemetry: TelemetryConfig | None = None) -> None:
+        setup_telemetry(telemetry, component=config.deployment_name)
+        LLMReplica.__init__(self, config, work_dir=work_dir)
         await self.start()
 
     async def __del__(self) -> None:

@@ -63,7 +63,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
-    # W3C `traceparent` + request id/tenant of the caller (serve_app.telemetry.tracing.outgoing).
+    # W3C `traceparent` + request id/tenant of the caller (telemetry.tracing.outgoing).
     trace_context: dict[str, str] | None = field(default=None, compare=False, hash=False)
 
     def __post_init__(self) -> None:

@@ -19,7 +19,7 @@ from serve_app.chat.protocol import (
 )
 from serve_app.errors import is_server_fault
 from serve_app.state import ServicesDep
-from serve_app.telemetry import metrics
+from telemetry import metrics
 from serve_app.tenancy import (
     Admission, CurrentTenant, MeteredStreamingResponse, TenancyDep, TenantContext, ensure_model_allowed,
 )

@@ -32,9 +32,9 @@ from serve_app.chat.protocol import (
 )
 from serve_app.errors import APIError, bad_request, not_found, unavailable
 from serve_app.state import Services
-from serve_app.telemetry import tracing
-from serve_app.telemetry.context import phase
-from serve_app.telemetry.metrics import StreamTimer
+from telemetry import tracing
+from telemetry.context import phase
+from telemetry.metrics import StreamTimer
 
 logger = logging.getLogger("genserve.chat")
 

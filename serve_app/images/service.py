@@ -15,7 +15,7 @@ from serve_app.images.protocol import (GenerationInfo, ImageData, ImageGeneratio
 from serve_app.prompts.render import RenderedImageRequest, TemplateSource, render_image_request
 from serve_app.storage import ResultStore, StorageError, result_key
 from serve_app.state import Services
-from serve_app.telemetry import tracing
+from telemetry import tracing
 
 
 def render(services: Services, req: ImageGenerationRequest | PromptRenderRequest,

@@ -34,7 +34,7 @@ from serve_app.images.service import degradation
 from serve_app.jobs.config import JobsConfig
 from serve_app.jobs.store import CANCELLED_REASON, JobRecord, JobStore
 from serve_app.prompts.render import RenderedImageRequest
-from serve_app.telemetry import metrics, tracing
+from telemetry import metrics, tracing
 
 logger = logging.getLogger("genserve.jobs")
 

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, func, insert, or_, select, update
 
 from serve_app.jobs.models import ACTIVE, TERMINAL, Job
-from serve_app.telemetry.metrics import record_job_transition
+from telemetry.metrics import record_job_transition
 from serve_app.tenancy.db import read_tx, write_tx
 
 

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import anyio
 
-from serve_app.telemetry import tracing
+from telemetry import tracing
 
 logger = logging.getLogger("genserve.storage")
 

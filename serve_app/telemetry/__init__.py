@@ -1,20 +1,10 @@
-"""Telemetry: the metric catalogue (names the dashboards and alerts rely on), metrics, traces,
-JSON logs, and `setup_telemetry`, which each deployment calls once at start-up."""
+"""The ingress's half of telemetry: the HTTP middleware (middleware.py) and `genserve status`
+(status.py). Everything a model replica also needs (config, metrics, tracing, JSON logs, request
+context) lives in the top-level `telemetry` package, which knows nothing about HTTP; it is
+re-exported here so the application has one place to import telemetry from."""
 
-from serve_app.telemetry.catalog import CATALOGUE, GENSERVE_METRICS, RAY_METRICS, MetricSpec, exposed_names
-from serve_app.telemetry.config import TelemetryConfig, telemetry_of
+from telemetry import (CATALOGUE, GENSERVE_METRICS, RAY_METRICS, MetricSpec, TelemetryConfig, catalog, context,
+                       exposed_names, metrics, setup_telemetry, telemetry_of, tracing)
 
-
-def setup_telemetry(config: TelemetryConfig | dict | None, *, component: str) -> TelemetryConfig:
-    """JSON logs and, when configured, the OTLP trace exporter for this process (idempotent)."""
-    from serve_app.telemetry.logging import install_logging
-    from serve_app.telemetry.tracing import configure_tracing
-
-    cfg = config if isinstance(config, TelemetryConfig) else TelemetryConfig.model_validate(config or {})
-    install_logging(component, json_logs=cfg.json_logs)
-    configure_tracing(cfg, component=component)
-    return cfg
-
-
-__all__ = ["CATALOGUE", "GENSERVE_METRICS", "RAY_METRICS", "MetricSpec", "TelemetryConfig", "exposed_names",
-           "setup_telemetry", "telemetry_of"]
+__all__ = ["CATALOGUE", "GENSERVE_METRICS", "RAY_METRICS", "MetricSpec", "TelemetryConfig", "catalog", "context",
+           "exposed_names", "metrics", "setup_telemetry", "telemetry_of", "tracing"]

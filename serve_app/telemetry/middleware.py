@@ -22,8 +22,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app.telemetry import metrics, tracing
-from serve_app.telemetry.context import RequestInfo, bind_request, unbind_request
+from telemetry import metrics, tracing
+from telemetry.context import RequestInfo, bind_request, unbind_request
 
 access_log = logging.getLogger("genserve.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")

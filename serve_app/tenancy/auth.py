@@ -11,7 +11,7 @@ from fastapi import Depends, Request
 
 from serve_app.errors import APIError, bad_request
 from serve_app.state import ServicesDep
-from serve_app.telemetry.context import annotate, phase
+from telemetry.context import annotate, phase
 from serve_app.tenancy.service import Tenancy, TenantContext
 
 TENANCY_KEY = "tenancy"

@@ -32,8 +32,8 @@ import anyio
 from sqlalchemy import select
 
 from serve_app.errors import APIError, is_server_fault
-from serve_app.telemetry import metrics as telemetry_metrics
-from serve_app.telemetry.context import annotate, phase
+from telemetry import metrics as telemetry_metrics
+from telemetry.context import annotate, phase
 from serve_app.tenancy import budget as budgetlib
 from serve_app.tenancy import keys as keylib
 from serve_app.tenancy import limits_sql, store

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from opentelemetry import trace
 
-from serve_app.telemetry.context import current_request
+from telemetry.context import current_request
 
 REDACTED = "[REDACTED]"
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (

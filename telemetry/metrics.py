@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from serve_app.telemetry.catalog import GENSERVE_METRICS
+from telemetry.catalog import GENSERVE_METRICS
 
 _lock = threading.Lock()
 # Metric objects are per process (Ray's metrics agent aggregates across replicas): created once,

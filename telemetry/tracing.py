@@ -23,8 +23,8 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from serve_app.telemetry.config import TelemetryConfig
-from serve_app.telemetry.context import RequestInfo, bind_request, current_request, unbind_request
+from telemetry.config import TelemetryConfig
+from telemetry.context import RequestInfo, bind_request, current_request, unbind_request
 
 T = TypeVar("T")
 

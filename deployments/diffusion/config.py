@@ -1,0 +1,133 @@
+"""The diffusion deployment's contract: one image model's typed config (`diffusion_models[]` of the
+app's args), bound to the `Diffusion` deployment as this object.
+
+Defined here, beside the code that reads it, and composed by `serve_app/config.py` (the app's
+`args`); nothing in it knows about HTTP or tenants. Errors name the field and the value.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchingConfig(_Strict):
+    """Also the `user_config` of a Diffusion deployment (all but `priority_aging_s`): a `serve deploy`
+    that changes it reconfigures the running replicas (Diffusion.reconfigure)."""
+
+    max_batch_size: int = Field(8, ge=1, le=128, description="Images per denoising call.")
+    batch_wait_timeout_s: float = Field(
+        0.05, ge=0.0, le=10.0, description="How long a partial batch waits for more requests."
+    )
+    max_batch_megapixels: float | None = Field(
+        None, gt=0.0, le=1000.0, description="Most pixels one batch may hold (sum over its images, in "
+        "megapixels): the replica's GPU memory cap. The batcher closes a batch before it would exceed this, "
+        "the ingress refuses (422) an image larger than it, and on CUDA the replica runs this worst case once "
+        "at start. None: max_batch_size images at the model's native resolution.")
+    priority_aging_s: float = Field(
+        10.0, gt=0.0, le=3600.0, description="Plan priority aging: each second waited adds 1/aging_s to "
+        "an image's priority, so a low plan waits at most ~aging_s x priority gap (docs/priority-and-quality.md).")
+
+
+class AdaptiveQualityConfig(_Strict):
+    """Fewer steps under load for requests that allow it (deployments/diffusion/quality.py).
+    Load = (images queued + running on the replica) / max_batch_size."""
+
+    enabled: bool = False
+    high_water: float = Field(1.5, ge=0.0, description="Degrade when load exceeds this.")
+    low_water: float = Field(0.5, ge=0.0, description="Restore once load stays at or below this for hold_s.")
+    hold_s: float = Field(5.0, ge=0.0, le=600.0)
+    min_steps_fraction: float = Field(0.5, gt=0.0, le=1.0, description="Degraded steps = ceil(steps x this).")
+    min_steps: int = Field(1, ge=1, le=200, description="Never fewer steps than this.")
+
+    @model_validator(mode="after")
+    def _check_marks(self) -> AdaptiveQualityConfig:
+        if self.low_water > self.high_water:
+            raise ValueError(f"low_water ({self.low_water}) must be <= high_water ({self.high_water})")
+        return self
+
+
+CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
+class OptimizeConfig(_Strict):
+    """Pipeline speed-ups (deployments/diffusion/optimize.py). Eager is the default: compiling costs
+    minutes per shape at replica start."""
+
+    compile: CompileMode = "none"
+    channels_last: bool = False
+    fuse_qkv: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self != OptimizeConfig()
+
+
+class DiffusionModelConfig(_Strict):
+    name: str = Field(description="Public model name (the `model` field of requests).")
+    family: Literal["sdxl", "wuerstchen"]
+    model: str = Field(description="Hub id or local directory, loaded with from_pretrained.")
+    aliases: list[str] = Field(default_factory=list, description="Other names, e.g. `v6` for `--v 6`.")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    variant: str | None = None
+    native_resolution: int = Field(1024, ge=8, le=4096, description="Side of the native square size.")
+    size_multiple: int = Field(64, ge=8, le=128, description="Width/height are snapped to this.")
+    max_side: int = Field(1536, ge=8, le=8192)
+    min_side: int = Field(64, ge=8, le=4096)
+    default_steps: int = Field(30, ge=1, le=200)
+    max_steps: int = Field(80, ge=1, le=500)
+    default_guidance: float = Field(5.0, ge=0.0, le=50.0)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    batch_invariant: bool | None = Field(
+        None, description="Run the heavy models once per image so a seed gives the same pixels alone or "
+        "in a batch (CPU kernels change with batch size). None = on for CPU, off for CUDA.")
+    decoder_steps: int = Field(12, ge=1, le=100, description="Würstchen decoder steps (task steps are the prior's).")
+    optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
+    adaptive_quality: AdaptiveQualityConfig = Field(default_factory=AdaptiveQualityConfig)
+    vae_slicing: bool = Field(
+        True, description="SDXL: decode a batch's latents one image at a time. The VAE decode of a whole "
+        "batch is the memory peak at large sizes; slicing cuts it at a small cost (benchmarks/README.md).")
+    probe_memory: bool = Field(
+        True, description="On CUDA, run the largest batch the limits allow (1 step) when the replica starts, "
+        "so a budget that does not fit the replica's GPU share fails the deploy instead of a request later.")
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> DiffusionModelConfig:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) must be <= max_side ({self.max_side})")
+        if self.native_resolution % self.size_multiple:
+            raise ValueError(
+                f"native_resolution ({self.native_resolution}) must be a multiple of "
+                f"size_multiple ({self.size_multiple})"
+            )
+        if self.native_resolution**2 / 1e6 > self.batch_megapixels:
+            raise ValueError(f"batching.max_batch_megapixels ({self.batch_megapixels:g}) is smaller than one image at "
+                             f"the native resolution ({self.native_resolution}px): every default request would be refused")
+        if self.default_steps > self.max_steps:
+            raise ValueError(f"default_steps ({self.default_steps}) must be <= max_steps ({self.max_steps})")
+        return self
+
+    @property
+    def deployment_name(self) -> str:
+        return f"Diffusion-{self.name}"
+
+    @property
+    def batch_megapixels(self) -> float:
+        """The batch pixel budget in megapixels (see `BatchingConfig.max_batch_megapixels`)."""
+        if self.batching.max_batch_megapixels is not None:
+            return self.batching.max_batch_megapixels
+        return self.batching.max_batch_size * self.native_resolution**2 / 1e6
+
+    def batching_user_config(self) -> dict[str, float | int]:
+        """The deployment's `user_config` (JSON, as Serve requires): batching with the pixel budget
+        resolved, so a `serve deploy` that changes any of it reconfigures replicas in place."""
+        return {"max_batch_size": self.batching.max_batch_size,
+                "batch_wait_timeout_s": self.batching.batch_wait_timeout_s,
+                "max_batch_megapixels": self.batch_megapixels}
