@@ -64,6 +64,18 @@ def unavailable(message: str, retry_after_s: int = 5, code: str = "service_unava
     )
 
 
+def is_backend_at_capacity(exc: BaseException) -> bool:
+    """A model deployment refused the call for now (Serve's backpressure: its queue is full, or
+    it has no replica yet): the request may be retried, nothing about it was wrong.
+
+    The one place that recognises these; images and chat map it to 503 + Retry-After, the job
+    runner puts the job back in the queue."""
+    # Imported here, not at the top: tenancy imports this module and must not load Ray.
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    return isinstance(exc, (BackPressureError, DeploymentUnavailableError))
+
+
 def is_server_fault(exc: BaseException) -> bool:
     """A failure that is ours, not the client's: a 5xx APIError or any unexpected exception.
     Cancellation (a client that went away) is neither."""

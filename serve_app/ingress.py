@@ -12,7 +12,6 @@ from serve_app.app import create_app
 from serve_app.config import AppConfig, load_app_config
 from serve_app.jobs.service import JOBS_KEY, Jobs
 from serve_app.library import LIBRARY_KEY, Library
-from serve_app.prompts.render import ConfigTemplates
 from serve_app.state import Services
 from serve_app.storage import STORAGE_KEY, build_store
 from telemetry import setup_telemetry, telemetry_of
@@ -32,7 +31,7 @@ def build_services(cfg: AppConfig, diffusion: dict[str, Any], llm: dict[str, Any
     webhooks = WebhookSender(cfg.jobs.webhooks, work_dir=cfg.work_dir, engine=tenancy.engine)
     jobs = Jobs(config=cfg.jobs, tenancy=tenancy, storage=storage, diffusion=dict(diffusion), library=library,
                 webhooks=webhooks)
-    return Services(config=cfg, diffusion=dict(diffusion), llm=dict(llm), templates=ConfigTemplates(cfg),
+    return Services(config=cfg, diffusion=dict(diffusion), llm=dict(llm),
                     extras={TENANCY_KEY: tenancy, STORAGE_KEY: storage, LIBRARY_KEY: library, JOBS_KEY: jobs})
 
 

@@ -21,8 +21,6 @@ class Services:
     # Serve DeploymentHandles keyed by model name (the public `model` field).
     diffusion: dict[str, Any] = field(default_factory=dict)
     llm: dict[str, Any] = field(default_factory=dict)
-    # Named prompt templates (serve_app.prompts.render.TemplateSource).
-    templates: Any = None
     # Feature services attach here as they land (tenancy, jobs, storage, templates...).
     extras: dict[str, Any] = field(default_factory=dict)
 

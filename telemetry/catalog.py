@@ -96,8 +96,8 @@ GENSERVE_METRICS: dict[str, MetricSpec] = {
         "gauge", "Async jobs in each state, from the app database; every ingress replica reports the same "
         "count, so aggregate with max, not sum.", ("state",)),
     "genserve_degraded_requests_total": _g(
-        "counter", "Requests served in a degraded mode (fewer steps, fallback model, prompt "
-        "expansion skipped), by reason.", ("model", "reason")),
+        "counter", "Images generated with fewer denoising steps than asked (adaptive quality), by reason: "
+        "`load` (the replica was busy).", ("model", "reason")),
 }
 
 # dashboard/consts.py GPU_TAG_KEYS in Ray 2.60.

@@ -13,7 +13,7 @@ Where each is recorded:
   batch_size, queue_wait, diffusion_step   the diffusion replica (DiffusionServer)
   ttft, inter_token  the ingress chat service, on the SSE stream: what the client sees
   job_transitions    JobStore (each conditional UPDATE that took), jobs_in_state: the runner's reaper
-  degraded_requests  defined here; recorded where a request is served degraded (issue 9)
+  degraded_requests  the diffusion replica, per image that adaptive quality ran with fewer steps
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def record_usage(*, model: str, tenant: str, images: int = 0, prompt_tokens: int
 
 
 def record_degraded(model: str, reason: str) -> None:
-    """A request served in a degraded mode (fewer steps, fallback model, no prompt expansion)."""
+    """An image run with fewer steps than asked; `reason` is the degrade reason (only `load` today)."""
     _inc("genserve_degraded_requests_total", 1, {"model": model, "reason": reason})
 
 

@@ -28,7 +28,6 @@ from serve_app.jobs.models import Job
 from serve_app.jobs.service import JOBS_KEY, Jobs
 from serve_app.library import LIBRARY_KEY, Library
 from serve_app.library.models import Generation, PromptTemplateRow
-from serve_app.prompts.render import ConfigTemplates
 from serve_app.state import Services
 from serve_app.storage import STORAGE_KEY, LocalResultStore
 from serve_app.tenancy import TENANCY_KEY, Tenancy
@@ -57,7 +56,7 @@ def make_api(url: str, tmp_path: Path) -> Iterator[Api]:
     library = Library(tenancy.engine)
     jobs = Jobs(config=JobsConfig(), tenancy=tenancy, storage=store, diffusion={}, library=library)
     # No diffusion/LLM handles: a request that gets past validation ends in the model's 503.
-    services = Services(config=cfg, templates=ConfigTemplates(cfg),
+    services = Services(config=cfg,
                         extras={TENANCY_KEY: tenancy, LIBRARY_KEY: library, STORAGE_KEY: store, JOBS_KEY: jobs})
     with TestClient(create_app(services)) as client:
         yield Api(client, auth, tenancy, tenancy.authenticate_sync(key).tenant_id)

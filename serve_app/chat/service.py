@@ -30,7 +30,7 @@ from serve_app.chat.protocol import (
     Usage,
     finish_reason_for_api,
 )
-from serve_app.errors import APIError, bad_request, not_found, unavailable
+from serve_app.errors import APIError, bad_request, is_backend_at_capacity, not_found, unavailable
 from serve_app.state import Services
 from telemetry import tracing
 from telemetry.context import phase
@@ -77,9 +77,8 @@ def to_api_error(exc: BaseException) -> BaseException:
             return e
         if isinstance(e, LLMRequestError):
             return APIError(e.status, e.message, param=e.param, code=e.code)
-    name = type(exc).__name__
-    if name in ("BackPressureError", "DeploymentUnavailableError"):
-        return unavailable(f"The chat model is overloaded or starting ({name}); retry shortly.")
+    if is_backend_at_capacity(exc):
+        return unavailable(f"The chat model is overloaded or starting ({type(exc).__name__}); retry shortly.")
     return exc
 
 

@@ -9,6 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 _SIZE = re.compile(r"^\s*(\d{1,7})\s*[xX×]\s*(\d{1,7})\s*$")
 
+# OpenAI's `style` (dall-e-3): its two values, mapped to prompt parameters in prompts/render.py.
+Style = Literal["vivid", "natural"]
+STYLE_DOC = ("`vivid`: a default `--s 250` (stronger guidance: more saturated, dramatic); `natural`: the "
+             "model's own guidance (as when absent). A `--s` in the prompt or template wins.")
+
 
 class ImageGenerationRequest(BaseModel):
     # Unknown fields are errors: a typo ("step") must not silently do nothing.
@@ -16,13 +21,13 @@ class ImageGenerationRequest(BaseModel):
 
     prompt: str = Field(min_length=1)
     model: str | None = None
-    n: int = Field(1, ge=1, le=10)
+    n: int = Field(1, ge=1, description="Images to generate; at most the config's `limits.max_images_per_request`.")
     size: str | None = Field(None, description="`WxH`, e.g. `1024x1024`; `auto` = model native.")
     response_format: Literal["b64_json", "url"] = "b64_json"
     user: str | None = Field(None, max_length=256)
     # OpenAI fields accepted for client compatibility; `quality` is used by adaptive quality.
     quality: str | None = Field(None, max_length=32)
-    style: str | None = Field(None, max_length=32)
+    style: Style | None = Field(None, description=STYLE_DOC)
     # genserve extensions
     negative_prompt: str | None = None
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
@@ -91,8 +96,9 @@ class PromptRenderRequest(BaseModel):
 
     prompt: str = Field(min_length=1)
     model: str | None = None
-    n: int = Field(1, ge=1, le=10)
+    n: int = Field(1, ge=1)
     size: str | None = None
+    style: Style | None = Field(None, description=STYLE_DOC)
     negative_prompt: str | None = None
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     steps: int | None = Field(None, ge=1, le=500)

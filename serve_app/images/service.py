@@ -9,7 +9,7 @@ import time
 
 from deployments.diffusion.types import ImageResult
 from serve_app.chat.enhance import Expansion, expand
-from serve_app.errors import APIError, bad_request, unavailable
+from serve_app.errors import APIError, bad_request, is_backend_at_capacity, unavailable
 from serve_app.images.protocol import (GenerationInfo, ImageData, ImageGenerationRequest,
                                        ImageGenerationResponse, PromptRenderRequest)
 from serve_app.prompts.render import RenderedImageRequest, TemplateSource, render_image_request
@@ -28,7 +28,7 @@ def render(services: Services, req: ImageGenerationRequest | PromptRenderRequest
         config=services.config, templates=templates, prompt=req.prompt, model=req.model, n=req.n,
         size=size, negative_prompt=req.negative_prompt, seed=req.seed, steps=req.steps,
         guidance_scale=req.guidance_scale, template=req.template, template_version=req.template_version,
-        variables=req.variables, enhance=getattr(req, "enhance", False))
+        variables=req.variables, enhance=getattr(req, "enhance", False), style=req.style)
 
 
 async def enhance(services: Services, rendered: RenderedImageRequest, *, model: str | None = None,
@@ -58,8 +58,7 @@ async def run_tasks(services: Services, rendered: RenderedImageRequest) -> list[
 
 def map_backend_error(exc: Exception, model: str) -> APIError:
     """Serve's backpressure and replica failures become 503 + Retry-After, never a traceback."""
-    name = type(exc).__name__
-    if name in ("BackPressureError", "DeploymentUnavailableError"):
+    if is_backend_at_capacity(exc):
         return unavailable(f"Model {model!r} is at capacity; retry later.", retry_after_s=2,
                            code="at_capacity")
     if isinstance(exc, ValueError):
@@ -67,7 +66,7 @@ def map_backend_error(exc: Exception, model: str) -> APIError:
     cause = getattr(exc, "cause", None)
     if isinstance(cause, ValueError):
         return bad_request(str(cause))
-    return unavailable(f"Model {model!r} failed to generate ({name}); retry later.", retry_after_s=2,
+    return unavailable(f"Model {model!r} failed to generate ({type(exc).__name__}); retry later.", retry_after_s=2,
                        code="generation_failed")
 
 

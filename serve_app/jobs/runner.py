@@ -30,6 +30,7 @@ from typing import Any
 import anyio
 
 from deployments.diffusion.types import ImageResult, ImageTask, WeightedPrompt
+from serve_app.errors import is_backend_at_capacity
 from serve_app.images.service import degradation
 from serve_app.jobs.config import JobsConfig
 from serve_app.jobs.store import CANCELLED_REASON, JobRecord, JobStore
@@ -37,9 +38,6 @@ from serve_app.prompts.render import RenderedImageRequest
 from telemetry import metrics, tracing
 
 logger = logging.getLogger("genserve.jobs")
-
-# Serve's own "try again later" signals: the job goes back to the queue, no attempt is spent.
-_RETRY_LATER = ("BackPressureError", "DeploymentUnavailableError")
 
 
 def spec_of(rendered: RenderedImageRequest, *, tenant: str, extra: dict | None = None) -> dict:
@@ -257,7 +255,7 @@ class JobRunner:
     async def _on_failure(self, job: JobRecord, exc: Exception) -> None:
         name = type(exc).__name__
         reason = f"{name}: {exc}".strip()[:500]
-        if name in _RETRY_LATER:
+        if is_backend_at_capacity(exc):  # Serve's "try again later": back to the queue, no attempt spent
             logger.info("job %s: model at capacity, back to the queue", job.id)
             await anyio.to_thread.run_sync(lambda: self.store.release(job.id, self.owner, error=None))
             self._respawn_later(job.id)

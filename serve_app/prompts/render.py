@@ -79,6 +79,10 @@ def _merge_params(defaults: PromptParams, user: PromptParams) -> PromptParams:
     return PromptParams(**merged)
 
 
+# OpenAI's `style` as default prompt parameters (applied under the template's and the prompt's).
+STYLE_PARAMS: dict[str, PromptParams] = {"vivid": PromptParams(stylize=250), "natural": PromptParams()}
+
+
 def _parse_with_template(prompt: str, template: str | None, version: int | None, variables: dict[str, str],
                          templates: TemplateSource) -> ParsedPrompt:
     user = _parse(prompt)
@@ -145,11 +149,19 @@ def render_image_request(
     template_version: int | None = None,
     variables: dict[str, str] | None = None,
     enhance: bool = False,
+    style: str | None = None,
 ) -> RenderedImageRequest:
+    if n > config.limits.max_images_per_request:
+        raise bad_request(f"n is {n}; the limit is {config.limits.max_images_per_request} images per request.",
+                          param="n", code="too_many_images")
     if len(prompt) > config.limits.max_prompt_chars:
         raise bad_request(f"prompt is {len(prompt)} characters; the limit is {config.limits.max_prompt_chars}.",
                           param="prompt", code="prompt_too_long")
     parsed = _parse_with_template(prompt, template, template_version, variables or {}, templates)
+    if style is not None:
+        if style not in STYLE_PARAMS:
+            raise bad_request(f"style must be one of {sorted(STYLE_PARAMS)}, got {style!r}.", param="style")
+        parsed = parsed.model_copy(update={"params": _merge_params(STYLE_PARAMS[style], parsed.params)})
     p = parsed.params
     if not parsed.text.strip():
         raise bad_request("prompt has no text besides its parameters.", param="prompt", code="empty_prompt")
