@@ -59,3 +59,62 @@ def test_cancelling_the_consumer_closes_the_stream():
         return closed
 
     assert asyncio.run(main()) == [True]
+
+
+async def _spaced(items, gap_s: float):
+    for x in items:
+        yield x
+        await asyncio.sleep(gap_s)
+
+
+def test_interval_asked_before_each_wait_switches_between_per_item_and_batched():
+    """A callable interval: 0 sends each item as it comes, a positive one batches (the replica
+    switches with the number of open streams)."""
+    async def main(interval):
+        return [b async for b in coalesce(_spaced(range(8), 0.01), interval_s=interval)]
+
+    per_item = asyncio.run(main(lambda: 0.0))
+    assert per_item == [[i] for i in range(8)]
+    mode = {"wait": 0.0}
+
+    def switching() -> float:  # per item for the first lists, then batched, as when streams pile up
+        mode["calls"] = mode.get("calls", 0) + 1
+        return 0.0 if mode["calls"] <= 2 else 0.2
+
+    mixed = asyncio.run(main(switching))
+    assert mixed[:3] == [[0], [1], [2]] and len(mixed) < 8
+    assert [x for b in mixed for x in b] == list(range(8))
+
+
+def test_replica_streams_per_token_until_more_streams_than_the_threshold_are_open():
+    from deployments.llm.config import LLMModelConfig
+    from deployments.llm.deployment import LLMReplica
+    from deployments.llm.tiny import build_tiny_llm
+    from deployments.llm.types import ChoiceDelta, GenerationRequest
+    from tests.conftest import WORK
+
+    model = build_tiny_llm(WORK / "models" / "llm-tiny")
+
+    async def message_sizes(coalesce_above: int) -> list[int]:
+        cfg = LLMModelConfig(name="tiny", model=str(model), engine="transformers", max_model_len=256,
+                             stream_interval_ms=1000, stream_coalesce_above=coalesce_above)
+        replica = LLMReplica(cfg)
+        await replica.start()
+        try:
+            req = GenerationRequest(request_id="r", prompt="a red castle", max_tokens=8, ignore_eos=True, seed=1)
+            sizes = []
+            async for msg in replica.generate_stream(req):
+                deltas = [d for d in msg if isinstance(d, ChoiceDelta)]
+                if deltas:
+                    sizes.append(sum(d.num_tokens for d in deltas))
+            return sizes
+        finally:
+            await replica.shutdown()
+
+    # One open stream, threshold 1: tokens leave as they come (what is ready goes together) despite
+    # the 1 s interval: 8 tokens take far less than 1 s on the tiny model.
+    per_token = asyncio.run(message_sizes(coalesce_above=1))
+    assert sum(per_token) == 8 and len(per_token) >= 5, per_token
+    # Threshold 0 (always coalesce): the first token at once, the other 7 in the interval's batch.
+    batched = asyncio.run(message_sizes(coalesce_above=0))
+    assert sum(batched) == 8 and len(batched) <= 3, batched
