@@ -171,8 +171,9 @@ def kuberay_render(config_path: Path, template_path: Path, out_path: Path, image
     """Render the RayService with CONFIG as its serveConfigV2 and IMAGE in its pods (one source of truth)."""
     from serve_app.kuberay import DEFAULT_IMAGE, render_files
 
+    image = DEFAULT_IMAGE if image is None else image
     try:
-        text = render_files(template_path, config_path, image or DEFAULT_IMAGE)
+        text = render_files(template_path, config_path, image)
     except Exception as e:  # noqa: BLE001 - shown to the user as a render failure
         raise click.ClickException(f"{template_path} + {config_path}: {e}") from None
     if check:
@@ -185,7 +186,7 @@ def kuberay_render(config_path: Path, template_path: Path, out_path: Path, image
         return
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(text)
-    click.echo(f"wrote {out_path} (serveConfigV2 from {config_path}, image {image or DEFAULT_IMAGE})")
+    click.echo(f"wrote {out_path} (serveConfigV2 from {config_path}, image {image})")
 
 
 _mount_feature_commands()
