@@ -38,7 +38,7 @@ if [ "$check" = 0 ]; then
   [ -z "${TORCH_INDEX:-}" ] || export PIP_EXTRA_INDEX_URL="$TORCH_INDEX"
   pip install -q --upgrade pip
   if [ "$variant" = cpu ]; then
-    pip install -q "torch==$TORCH_CPU"
+    pip install -q "torch==$TORCH_CPU+cpu"
     pip install -q "${editable[@]}" "$src[$extras]"
     pip uninstall -q -y "${CPU_DROP[@]}" 2>/dev/null || true
   else
