@@ -9,6 +9,7 @@ import argparse
 import importlib.metadata as md
 import importlib.resources
 import re
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -53,6 +54,12 @@ def problems(variant: str, extras: list[str], torch_cpu: str, absent: list[str])
         root = importlib.resources.files("serve_app")
         out += [f"serve_app/{d}: missing from the installed package" for d in PACKAGE_DATA
                 if not (root / d).is_dir() or not any((root / d).iterdir())]
+        # The CLI gathers every feature's commands at import: a runtime import that only a dev
+        # extra satisfies shows up here, not first in a pod.
+        cli = subprocess.run([sys.executable, "-m", "serve_app.cli", "--help"], capture_output=True, text=True,
+                             cwd="/")  # not a source checkout in the cwd: the installed package
+        if cli.returncode != 0:
+            out.append(f"`genserve --help` fails: {cli.stderr.strip().splitlines()[-1:]}")
     return out
 
 
