@@ -70,7 +70,11 @@ def test_offline_image_builds_and_serves_health(tmp_path: Path) -> None:
     assert user.stdout.strip() == "1000:100"
     ctr = subprocess.run([*b, "from", TAG], capture_output=True, text=True, check=True).stdout.strip()
     port = _free_port()
-    models = work / "models"
+    # The image's user (1000) must read the tiny models: a world-readable copy, mounted read-only.
+    models = tmp_path / "models"
+    shutil.copytree(work / "models", models, symlinks=False)
+    for path in [models, *models.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
     # The image's own config and the repo's tiny models (read-only); the app's state in a tmpfs dir.
     proc = subprocess.Popen(
         [*b, "run", "--isolation", "chroot", "-v", f"{models}:/models:ro", "--env", "GENSERVE_WORK=/tmp/gs",
