@@ -142,8 +142,9 @@ def test_build_context_is_an_allow_list(tmp_path: Path) -> None:
             (REPO / ".dockerignore").read_text().splitlines()].index(False)] == "*"
     files = _context(tmp_path)
     tops = {f.split("/", 1)[0] for f in files}
-    assert tops <= {"pyproject.toml", "README.md", "serve_app", "deployments", "clients", "benchmarks",
-                    "configs", "docker"}, tops
+    assert tops <= {"pyproject.toml", "README.md", "serve_app", "deployments", "telemetry", "clients",
+                    "benchmarks", "configs", "docker"}, tops
+    assert "telemetry/__init__.py" in files  # a package pyproject installs: the image needs it
     assert "docker/install.sh" in files and "docker/verify_install.py" in files
     assert not [f for f in files if f.endswith((".pyc", ".env", ".pem", ".key", ".db", ".sqlite"))]
 
@@ -164,6 +165,7 @@ def test_wheel_from_the_context_has_the_package_data(tmp_path: Path) -> None:
     assert data
     missing = [str(p.relative_to(REPO)) for p in data if str(p.relative_to(REPO)) not in names]
     assert not missing, f"not in the wheel (pyproject package-data): {missing}"
+    assert {"telemetry/__init__.py", "deployments/llm/config.py", "deployments/diffusion/config.py"} <= names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "genserve = serve_app.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
 
