@@ -33,17 +33,20 @@ pytestmark = [
 def _pip_setup(tmp: Path) -> tuple[Path, list[str]]:
     """The host's effective pip config as one file, and the local paths it names."""
     out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
-    lines, mounts = ["[global]"], []
+    settings: dict[str, str] = {}  # the same key may come from several files and the env: one each
     for ln in out.splitlines():
         key, _, value = ln.partition("=")
         name = key.split(".", 1)[-1]
-        value = value.strip().strip("'")
         if name in ("cert", "constraint", "find-links", "extra-index-url", "index-url"):
-            lines.append(f"{name} = {value}")
-            for v in value.split():
-                path = v.removeprefix("file://")
-                if path.startswith("/") and Path(path).exists():
-                    mounts.append(str(Path(path).parent if Path(path).is_file() else path))
+            settings[name] = value.strip().strip("'")
+    mounts = []
+    for name, value in settings.items():
+        for v in value.split():
+            path = Path(v.removeprefix("file://"))
+            if path.is_absolute() and path.exists():
+                # A file index's pages link to files beside it (.../simple -> ../files): its parent.
+                mounts.append(str(path.parent if path.is_file() or name.endswith("index-url") else path))
+    lines = ["[global]", *(f"{k} = {v}" for k, v in settings.items())]
     conf = tmp / "pip.conf"
     conf.write_text("\n".join(lines) + "\n")
     return conf, sorted(set(mounts + ["/etc/ssl/certs"]))
