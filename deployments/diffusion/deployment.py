@@ -162,21 +162,19 @@ class DiffusionServer:
 
     async def finish(self, task: ImageTask, d: _Denoised) -> ImageResult:
         from deployments.diffusion.engine import GenerationCancelled
-        from deployments.diffusion.png import encode_png, png_params
+        from deployments.diffusion.png import image_result
 
         if isinstance(d.image, BaseException):
             if isinstance(d.image, GenerationCancelled):
                 self.images_cancelled += 1
             raise d.image
-        params = png_params(task, self.name)
-        png = await asyncio.get_running_loop().run_in_executor(
-            self._png_pool, functools.partial(encode_png, compress_level=PNG_COMPRESS_LEVEL), d.image, params)
+        result = await asyncio.get_running_loop().run_in_executor(self._png_pool, functools.partial(
+            image_result, task, d.image, model=self.name, batch_size=d.batch_size, compute_s=d.compute_s,
+            queue_wait_s=d.queue_wait_s, compress_level=PNG_COMPRESS_LEVEL))
         self.images_done += 1
         if task.task_id is not None:
             self._progress.pop(task.task_id, None)
-        return ImageResult(png=png, seed=task.seed, width=task.width, height=task.height, steps=task.steps,
-                           guidance_scale=task.guidance_scale, model=self.name, batch_size=d.batch_size,
-                           compute_s=d.compute_s, queue_wait_s=d.queue_wait_s)
+        return result
 
     def probe_memory(self, *, max_batch_size: int, max_batch_megapixels: float) -> None:
         """On CUDA: run the worst-case batches once (deployments/diffusion/memory.py)."""
