@@ -158,11 +158,10 @@ def traced_graph(genserve_url: str, collector: Collector, tmp_path_factory):
 async def test_chained_request_is_one_trace(traced_graph, collector: Collector) -> None:
     from serve_app.app import create_app
     from serve_app.ingress import build_services
-    from serve_app.jobs.service import JOBS_KEY
 
     cfg, diffusion, llm = traced_graph
     services = build_services(cfg, diffusion, llm)
-    runner = services.extras[JOBS_KEY].runner
+    runner = services.jobs.runner
     runner.start()
     key = cfg.tenancy.resolved_key_file(cfg.work_dir).read_text().strip()
     auth = {"Authorization": f"Bearer {key}"}
