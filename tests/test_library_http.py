@@ -94,12 +94,11 @@ def test_ratings_and_generations(api, tmp_path: Path) -> None:  # type: ignore[n
 
     with lib.engine.connect() as conn:
         ids = dict(conn.execute(select(Tenant.name, Tenant.id)).all())
-    src = lib.for_tenant(ids["acme"])
-    src.get("shot")
+    shot = lib.for_tenant(ids["acme"]).get("shot")
     store = client.app.state.services.storage  # type: ignore[attr-defined]
     key = store.put("acme/2026/01/01/img_x.png", b"\x89PNG")
     gids = [lib.generations.log(ids["acme"], prompt=f"p{i}", model="tiny", seeds=[i], params={"steps": 2},
-                               template=src.last, result_keys=[key], latency_s=0.1) for i in range(3)]
+                               template=shot, result_keys=[key], latency_s=0.1) for i in range(3)]
     other = lib.generations.log(ids["bolt"], prompt="theirs", model="tiny", seeds=[9], params={})
     r = client.post(f"/v1/generations/{gids[0]}/rating", json={"rating": 5}, headers=acme)
     assert r.status_code == 200 and r.json()["rating"] == 5 and r.json()["rated_at"]

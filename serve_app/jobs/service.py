@@ -12,7 +12,7 @@ import anyio
 from deployments.diffusion.types import ImageResult
 from serve_app.errors import unavailable
 from serve_app.images.service import ImagesService, degradation, gpu_seconds
-from serve_app.images.spec import ImageSpec
+from serve_app.images.spec import SPEC_VERSION, ImageSpec
 from serve_app.jobs.config import JobsConfig
 from serve_app.jobs.protocol import Job, JobCreateRequest, JobResult, JobUsed
 from serve_app.jobs.runner import JobRunner
@@ -120,15 +120,24 @@ class Jobs:
             await self.webhooks.send(job.webhook_url, payload, job_id=job.id)
 
     def public(self, job: JobRecord, *, queue_position: int | None = None) -> Job:
-        spec = ImageSpec.from_stored(job.spec)
-        results = [JobResult(url=self.storage.url(k), seed=seed, revised_prompt=spec.prompt)
-                   for k, seed in zip(job.result_keys or [], spec.seeds, strict=False)]
+        prompt, asked, seeds, params = _shown(job.spec)
+        results = [JobResult(url=self.storage.url(k), seed=seed, revised_prompt=prompt)
+                   for k, seed in zip(job.result_keys or [], seeds, strict=False)]
         eta = None
         if queue_position is not None:
-            eta = self.runner.estimated_seconds(queue_position, spec.n)
+            eta = self.runner.estimated_seconds(queue_position, len(seeds))
         return Job(id=job.id, status=job.status, model=job.model, progress=round(job.progress, 4),
                    queue_position=queue_position, estimated_seconds=eta, attempts=job.attempts,
                    created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
                    error=job.error, results=results, generation_id=job.generation_id,
-                   prompt=spec.asked_prompt or spec.prompt, params=spec.describe(),
-                   used=JobUsed(**job.used) if job.used else None)
+                   prompt=asked or prompt, params=params, used=JobUsed(**job.used) if job.used else None)
+
+
+def _shown(stored: dict[str, Any]) -> tuple[str, str | None, list[int | None], dict[str, Any]]:
+    """(drawn prompt, prompt before `enhance`, seeds, public params) of a stored job. A row stored
+    before `ImageSpec` is shown as it was stored then (its `params` is that public view already)."""
+    if stored.get("spec_version") == SPEC_VERSION:
+        spec = ImageSpec.model_validate(stored)
+        return spec.prompt, spec.asked_prompt, list(spec.seeds), spec.describe()
+    return (stored["prompt"], stored.get("asked_prompt"), [t.get("seed") for t in stored["tasks"]],
+            stored.get("params", {}))
