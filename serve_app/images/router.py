@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Response
 
 from serve_app.images.protocol import ImageGenerationRequest, ImageGenerationResponse, PromptRenderRequest
-from serve_app.images.service import ImagesService, to_response
+from serve_app.images.service import ImagesService
 from serve_app.state import ServicesDep
 from serve_app.tenancy import CurrentTenant, TenancyDep
 
@@ -30,9 +30,9 @@ async def create_image(body: ImageGenerationRequest, images: ImagesDep, ctx: Cur
     prepared = await images.prepare(body, ctx)  # everything that can refuse it runs before quota is taken
     admission = await tenancy.admit(ctx, route="images", model=prepared.spec.model, images=prepared.spec.n)
     async with admission:
-        generated = await images.generate(prepared, admission, urls=body.response_format == "url")
+        answer = await images.generate(prepared, admission, urls=body.response_format == "url")
     response.headers.update(admission.headers())
-    return to_response(generated)
+    return answer
 
 
 @router.post("/v1/prompts/render")

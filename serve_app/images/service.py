@@ -58,14 +58,6 @@ class PreparedImages:
     started: float = field(default_factory=time.monotonic)
 
 
-@dataclass(frozen=True)
-class GeneratedImages:
-    spec: ImageSpec
-    results: list[ImageResult]
-    urls: list[str] | None
-    generation_id: str | None
-
-
 class ImagesService:
     def __init__(self, *, config: AppConfig, diffusion: Mapping[str, Any], tenancy: Tenancy, library: Library,
                  storage: ResultStore, resolve_llm: Callable[[str | None], LLMTarget]) -> None:
@@ -121,8 +113,9 @@ class ImagesService:
                                        "enhance": False})
         return replace(prepared, spec=spec, enhance_with=None)
 
-    async def generate(self, prepared: PreparedImages, admission: Admission, *, urls: bool) -> GeneratedImages:
-        """Expand, draw, meter into `admission`, store (when `urls`), log."""
+    async def generate(self, prepared: PreparedImages, admission: Admission, *,
+                       urls: bool) -> ImageGenerationResponse:
+        """Expand, draw, meter into `admission`, store (when `urls`), log; the OpenAI-shaped answer."""
         prepared = await self.enhance(prepared)
         spec = prepared.spec
         try:
@@ -137,7 +130,7 @@ class ImagesService:
                                                      latency_s=time.monotonic() - prepared.started)
         except StorageError as e:
             raise unavailable(f"Could not store the images: {e.reason}", code="storage_failed") from None
-        return GeneratedImages(spec, results, [self.storage.url(k) for k in keys] if urls else None, generation_id)
+        return to_response(spec, results, [self.storage.url(k) for k in keys] if urls else None, generation_id)
 
     # -- the steps a job runs too -----------------------------------------------------------------
 
@@ -221,8 +214,8 @@ def degradation(results: list[ImageResult]) -> tuple[bool, str | None]:
     return bool(degraded), degraded[0].degrade_reason if degraded else None
 
 
-def to_response(generated: GeneratedImages) -> ImageGenerationResponse:
-    spec, results, urls = generated.spec, generated.results, generated.urls
+def to_response(spec: ImageSpec, results: list[ImageResult], urls: list[str] | None,
+                generation_id: str | None) -> ImageGenerationResponse:
     if urls is not None:
         data = [ImageData(url=u, revised_prompt=spec.prompt, seed=r.seed) for u, r in zip(urls, results)]
     else:
@@ -235,6 +228,6 @@ def to_response(generated: GeneratedImages) -> ImageGenerationResponse:
                           tile=spec.tile, batch_sizes=[r.batch_size for r in results],
                           queue_wait_s=[round(r.queue_wait_s, 4) for r in results],
                           compute_s=[round(r.compute_s, 4) for r in results],
-                          generation_id=generated.generation_id, steps_used=[r.steps for r in results],
+                          generation_id=generation_id, steps_used=[r.steps for r in results],
                           degraded=degraded, reason=reason)
     return ImageGenerationResponse(created=int(time.time()), data=data, genserve=info)

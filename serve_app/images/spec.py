@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
 from deployments.diffusion.types import ImageTask, WeightedPrompt
 from serve_app.library.templates import ResolvedTemplate
