@@ -10,7 +10,7 @@ Where each is recorded:
   tenant_requests    Tenancy.admit (accepted), rate_limited: Tenancy.admit (429, by limit kind)
   admission_overlap  the chat router, when a streamed request's admission overlapped its start
   images, tokens     Tenancy settle: what was delivered and billed, streamed and job usage included
-  batch_size, queue_wait, diffusion_step   the diffusion replica (DiffusionServer)
+  batch_size, queue_wait, diffusion_step   the diffusion replica (DiffusionServer's runner/progress)
   ttft, inter_token  the ingress chat service, on the SSE stream: what the client sees
   job_transitions    JobStore (each conditional UPDATE that took), jobs_in_state: the runner's reaper
   degraded_requests  the diffusion replica, per image that adaptive quality ran with fewer steps
