@@ -186,3 +186,43 @@ def test_streamed_chat_says_where_its_time_went(genserve_url: str, api_key: str,
     # the replica call to its `Started` and includes waiting for the admission, which began inside it.
     assert phases["admit"] <= phases["llm"]
     assert phases["auth"] + phases["llm"] <= phases["app"]
+
+
+def test_chat_and_completions_record_gpu_seconds_in_the_ledger(genserve_url: str, llm_model: str,
+                                                                app_work_dir: Path) -> None:
+    """The LLM replica's share-clock GPU-seconds reach the usage ledger, streamed or not (a tenant
+    of its own, so the rows are this test's)."""
+    import uuid
+
+    from conftest import ADMIN_TOKEN
+    from sqlalchemy import create_engine, select
+
+    from serve_app.tenancy.models import Tenant, UsageEvent
+
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    name = f"gpu-{uuid.uuid4().hex[:6]}"
+    assert httpx.post(genserve_url + "/admin/tenants", headers=admin, json={"name": name, "plan": "pro"}).is_success
+    key = {"Authorization": "Bearer " + httpx.post(f"{genserve_url}/admin/tenants/{name}/keys", headers=admin,
+                                                   json={}).json()["key"]}
+    msgs = [{"role": "user", "content": "how long did this take"}]
+    calls = [("/v1/chat/completions", {"messages": msgs}), ("/v1/chat/completions", {"messages": msgs, "stream": True}),
+             ("/v1/completions", {"prompt": "tick tock"})]
+    for path, body in calls:
+        r = httpx.post(genserve_url + path, headers=key, timeout=60,
+                       json={"model": llm_model, "max_tokens": 6, "ignore_eos": True, **body})
+        assert r.status_code == 200, r.text
+    engine = create_engine(f"sqlite:///{app_work_dir / 'genserve.db'}")
+    deadline = time.monotonic() + 15
+    while True:  # a streamed response settles right after its last byte
+        with engine.connect() as conn:
+            rows = conn.execute(select(UsageEvent.route, UsageEvent.completion_tokens, UsageEvent.gpu_seconds)
+                                .join(Tenant, Tenant.id == UsageEvent.tenant_id).where(Tenant.name == name)).all()
+        if len(rows) == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    engine.dispose()
+    assert sorted(r.route for r in rows) == ["chat", "chat", "completions"]
+    for row in rows:
+        assert row.completion_tokens == 6 and 0 < row.gpu_seconds < 60, row
+    usage = httpx.get(genserve_url + "/v1/usage", headers=key).json()["today"]
+    assert usage["gpu_seconds"] == pytest.approx(sum(r.gpu_seconds for r in rows))

@@ -24,6 +24,7 @@ class Expansion:
     text: str
     prompt_tokens: int
     completion_tokens: int
+    gpu_seconds: float = 0.0  # the LLM replica's share-clock figure (deployments/llm/share_clock.py)
 
 
 async def expand_prompt(
@@ -43,7 +44,7 @@ async def expand_prompt(
 
 async def expand(services: Services, prompt: str, *, model: str | None = None, max_tokens: int = 77,
                  seed: int | None = None) -> Expansion:
-    """`expand_prompt` plus the tokens it used (billed to the image request's tenant)."""
+    """`expand_prompt` plus the tokens and GPU-seconds it used (billed to the image request's tenant)."""
     target = resolve_llm(services, model)
     req = GenerationRequest(
         request_id=f"enhance-{uuid.uuid4().hex}",
@@ -55,4 +56,4 @@ async def expand(services: Services, prompt: str, *, model: str | None = None, m
     )
     result = await generate(target, req)
     text = result.choices[0].text.strip()
-    return Expansion(text or prompt, result.prompt_tokens, result.completion_tokens)
+    return Expansion(text or prompt, result.prompt_tokens, result.completion_tokens, result.gpu_seconds)
