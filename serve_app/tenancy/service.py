@@ -533,7 +533,8 @@ class Tenancy:
     # ---- usage ------------------------------------------------------------------------------
     def usage(self, tenant: str, since: date | None = None, until: date | None = None) -> UsageReport:
         today = datetime.now(timezone.utc).date()
-        return store.usage_report(self.engine, tenant, since or store.month_start(today), until or today)
+        return store.usage_report(self.engine, tenant, since or store.month_start(today), until or today,
+                                  self.config.gpu_cost)
 
     def usage_summary(self, ctx: TenantContext) -> UsageSummary:
         today = datetime.now(timezone.utc).date()
