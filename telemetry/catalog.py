@@ -72,8 +72,8 @@ GENSERVE_METRICS: dict[str, MetricSpec] = {
         "per ingress replica: sum over replicas. The queue by model and tenant; replicas queue tenant-blind.",
         ("route", "model", "tenant")),
     "genserve_gpu_seconds_total": _g(
-        "counter", "Measured GPU-seconds of settled requests (images: share of the batch; LLM: share clock), "
-        "times the replica's num_gpus (1 per replica on CPU).", ("model", "tenant")),
+        "counter", "Measured GPU-seconds of settled requests (images: share of the batch's compute time; LLM: "
+        "share clock times the replica's num_gpus, 1 per replica on CPU).", ("model", "tenant")),
     "genserve_gpu_cost_usd_total": _g(
         "counter", "GPU cost of settled requests: GPU-seconds times the model's tenancy.gpu_cost rate / 3600.",
         ("model", "tenant")),

@@ -52,9 +52,11 @@ class PricesConfig(_Strict):
 
 class GpuCostConfig(_Strict):
     """What one GPU-hour costs *us*, per model (not what tenants pay: that is `prices`). Measured
-    GPU-seconds (images: each image's share of its batch; LLM: the replica's share clock, both
-    times the replica's `num_gpus`) × this rate / 3600 give the GPU cost that `genserve usage`,
-    `/v1/usage`, billing statements and the dashboard show per 1k tokens and per image."""
+    GPU-seconds × this rate / 3600 give the GPU cost that `genserve usage`, `/v1/usage`, billing
+    statements and the dashboard show per 1k tokens and per image. LLM GPU-seconds are the share
+    clock's (deployments/llm/share_clock.py) × the replica's num_gpus; image GPU-seconds are each
+    image's share of its batch's compute time on its replica, not scaled by a fractional num_gpus,
+    so price an image model at the cost of the GPU share its replica holds (docs/tenancy.md#cost)."""
 
     usd_per_gpu_hour: dict[str, Annotated[float, Field(ge=0.0)]] = Field(
         default_factory=dict, description="Canonical model name (not an alias) -> USD per GPU-hour of the GPU it "
