@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from servers import db_url, make_tenancy, postgres_server, tenancy_app  # noqa: F401  (fixtures)
 
 from serve_app.tenancy.cli import billing, usage
-from serve_app.tenancy.limits import Grant
+from serve_app.tenancy.limits import Grant, window_start
 from serve_app.tenancy.service import Admission
 
 genserve = click.Group("genserve", commands=[billing, usage])
@@ -28,12 +28,13 @@ GPU_COST = {"usd_per_gpu_hour": {"llm": 3.6, "sdxl": 7.2}, "default_usd_per_gpu_
 PRICES = {"per_1k_prompt_tokens": 1.0, "per_1k_completion_tokens": 2.0, "per_image": 0.01, "per_gpu_second": 0.0}
 
 
-def _record(tenancy, tenant: str, when: str, *, route: str, model: str, status: str = "ok",  # type: ignore[no-untyped-def]
-            **usage: float) -> None:
+def _record(tenancy, tenant: str, when: str, *, route: str, model: str,  # type: ignore[no-untyped-def]
+            status: str = "ok", **usage: float) -> None:
     """One settled request started at `when` (UTC), through the real settle path."""
     started = datetime.fromisoformat(when).replace(tzinfo=timezone.utc).timestamp()
     ctx = tenancy.authenticate_sync(tenancy._test_keys[tenant])
-    adm = Admission(tenancy, ctx, route, model, Grant(window_start=0, window_s=60), None, started)
+    grant = Grant(window_start=window_start(started, 60), window_s=60)
+    adm = Admission(tenancy, ctx, route, model, grant, None, started)
     adm.add(**usage)  # type: ignore[arg-type]
     adm.settle_sync(status)
 

@@ -9,7 +9,6 @@ was accepted (or gets the `LLMRequestError`) before it commits to an HTTP status
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from contextlib import aclosing
 from typing import Any, AsyncIterator
@@ -124,7 +123,7 @@ class LLMServer:
                         done += 1
                         if done == len(tasks):
                             share.leave()
-                    yield dataclasses.replace(item, gpu_seconds=share.gpu_seconds())
+                    yield ChoiceDelta(item.index, item.text, item.num_tokens, item.finish_reason, share.gpu_seconds())
             finally:
                 for t in tasks:  # early close or failure: abort the other choices too
                     t.cancel()

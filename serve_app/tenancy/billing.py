@@ -127,7 +127,7 @@ def _by_model(lines: list[dict]) -> list[dict]:
     for model in sorted({line["model"] for line in lines}):
         tot = _sum([line for line in lines if line["model"] == model])
         tokens = tot["prompt_tokens"] + tot["completion_tokens"]
-        unit = {"per_image": None, "per_1k_tokens": None}
+        unit: dict[str, dict[str, str | None] | None] = {"per_image": None, "per_1k_tokens": None}
         if tot["images"]:
             unit["per_image"] = {"amount_usd": _per(tot["amount_usd"], tot["images"]),
                                  "gpu_cost_usd": _per(tot["gpu_cost_usd"], tot["images"])}

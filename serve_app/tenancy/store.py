@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import date, datetime, timezone
-from collections.abc import Callable
 from typing import Any, overload
 
 from sqlalchemy import Connection, Engine, func, insert, select, update
@@ -167,16 +166,17 @@ def usage_report(engine: Engine, tenant: str, since: date, until: date,
                               .group_by(e.model).order_by(e.model)).all()
         cost_parts = costing.parts(conn, t.id, since, until)
 
-    def costs(keep: Callable[[costing.Part], bool]) -> dict:
-        return costing.cost_fields(gpu_cost, [p for p in cost_parts if keep(p)])
+    def costs(day: date | None = None, model: str | None = None) -> dict:
+        return costing.cost_fields(gpu_cost, [p for p in cost_parts if (day is None or p.day == day)
+                                              and (model is None or p.model == model)])
 
-    day_rows = [UsageDay(day=r[0], **_totals(*r[1:]), **costs(lambda p, day=r[0]: p.day == day)) for r in days]
+    day_rows = [UsageDay(day=r[0], **_totals(*r[1:]), **costs(day=r[0])) for r in days]
     total = UsageTotals(**_totals(
         sum(r.requests for r in day_rows), sum(r.prompt_tokens for r in day_rows),
         sum(r.completion_tokens for r in day_rows), sum(r.images for r in day_rows),
-        sum(r.gpu_seconds for r in day_rows), sum(int(x[6]) for x in days)), **costs(lambda p: True))
+        sum(r.gpu_seconds for r in day_rows), sum(int(x[6]) for x in days)), **costs())
     return UsageReport(tenant=t.name, since=since, until=until, totals=total, days=day_rows,
-                       by_model=[ModelUsage(model=r[0], **_totals(*r[1:]), **costs(lambda p, m=r[0]: p.model == m))
+                       by_model=[ModelUsage(model=r[0], **_totals(*r[1:]), **costs(model=r[0]))
                                  for r in models])
 
 
