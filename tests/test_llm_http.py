@@ -215,7 +215,8 @@ def test_chat_and_completions_record_gpu_seconds_in_the_ledger(genserve_url: str
     deadline = time.monotonic() + 15
     while True:  # a streamed response settles right after its last byte
         with engine.connect() as conn:
-            rows = conn.execute(select(UsageEvent.route, UsageEvent.completion_tokens, UsageEvent.gpu_seconds)
+            rows = conn.execute(select(UsageEvent.route, UsageEvent.prompt_tokens, UsageEvent.completion_tokens,
+                                       UsageEvent.gpu_seconds)
                                 .join(Tenant, Tenant.id == UsageEvent.tenant_id).where(Tenant.name == name)).all()
         if len(rows) == 3 or time.monotonic() > deadline:
             break
@@ -225,4 +226,9 @@ def test_chat_and_completions_record_gpu_seconds_in_the_ledger(genserve_url: str
     for row in rows:
         assert row.completion_tokens == 6 and 0 < row.gpu_seconds < 60, row
     usage = httpx.get(genserve_url + "/v1/usage", headers=key).json()["today"]
-    assert usage["gpu_seconds"] == pytest.approx(sum(r.gpu_seconds for r in rows))
+    gpu_s, tokens = sum(r.gpu_seconds for r in rows), sum(r.prompt_tokens + r.completion_tokens for r in rows)
+    assert usage["gpu_seconds"] == pytest.approx(gpu_s)
+    # configs/local.yaml: $1 per (replica-)hour for every model.
+    assert usage["gpu_cost_usd"] == pytest.approx(gpu_s / 3600)
+    assert usage["gpu_cost_per_1k_tokens_usd"] == pytest.approx(gpu_s / 3600 / tokens * 1000)
+    assert usage["price_per_1k_tokens_usd"] > 0 and usage["gpu_cost_per_image_usd"] is None
