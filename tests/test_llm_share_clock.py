@@ -152,3 +152,25 @@ def test_server_deltas_carry_the_requests_share() -> None:
         assert clock.active == 0
 
     asyncio.run(main())
+
+
+@pytest.mark.ray
+def test_a_replica_counts_the_gpus_ray_gave_it(ray_cluster) -> None:  # type: ignore[no-untyped-def]
+    """The shared cluster advertises one fake GPU: an actor asking 0.5 reports 0.5, one asking none 1.0."""
+
+    @ray_cluster.remote(num_gpus=0.5, num_cpus=0)
+    class Half:
+        def gpus(self) -> float:
+            from deployments.llm.share_clock import replica_gpus
+
+            return replica_gpus()
+
+    @ray_cluster.remote(num_cpus=0)
+    class Cpu(Half.__ray_actor_class__):  # type: ignore[name-defined,misc]
+        pass
+
+    half, cpu = Half.remote(), Cpu.remote()
+    assert ray_cluster.get(half.gpus.remote(), timeout=60) == 0.5
+    assert ray_cluster.get(cpu.gpus.remote(), timeout=60) == 1.0
+    for a in (half, cpu):
+        ray_cluster.kill(a)
