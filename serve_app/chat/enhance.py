@@ -44,7 +44,7 @@ async def expand_prompt(
 
 async def expand(services: Services, prompt: str, *, model: str | None = None, max_tokens: int = 77,
                  seed: int | None = None) -> Expansion:
-    """`expand_prompt` plus the tokens and GPU-seconds it used (billed to the image request's tenant)."""
+    """`expand_prompt` plus the tokens it used (billed to the image request's tenant)."""
     target = resolve_llm(services, model)
     req = GenerationRequest(
         request_id=f"enhance-{uuid.uuid4().hex}",
