@@ -141,7 +141,9 @@ class Admission:
         # Set when the request failed by our fault (tenancy/service.py `_settle` gives its
         # request-rate unit back): failures of ours don't count against the tenant's rate.
         self.refund_request = False
-        self.counted_in_flight = False  # set by admit: settle takes it off genserve_requests_in_flight
+        # The label it was counted under in genserve_requests_in_flight (set by admit; settle takes
+        # it off under the same label, even if the tenant's plan changed meanwhile).
+        self.in_flight_label: str | None = None
         self._settled = False
         self._lock = threading.Lock()
         self._settling: concurrent.futures.Future[bool] | None = None
@@ -179,8 +181,8 @@ class Admission:
             self._tenancy._settle(self)
         finally:
             self._tenancy.leases.forget(self)
-            if self.counted_in_flight:
-                telemetry_metrics.change_in_flight(self.route, self.model, self.ctx.metrics_label, -1)
+            if self.in_flight_label is not None:
+                telemetry_metrics.change_in_flight(self.route, self.model, self.in_flight_label, -1)
         return True
 
     def settle_soon(self, status: str | None = None) -> concurrent.futures.Future[bool]:
@@ -378,8 +380,8 @@ class Tenancy:
         telemetry_metrics.record_tenant_request(ctx.metrics_label, route)
         adm = Admission(self, ctx, route, model, grant, hold, now)
         if not within_request:
-            adm.counted_in_flight = True
-            telemetry_metrics.change_in_flight(route, model, ctx.metrics_label, +1)
+            adm.in_flight_label = ctx.metrics_label
+            telemetry_metrics.change_in_flight(route, model, adm.in_flight_label, +1)
         if grant.lease_id is not None or hold is not None:
             self.leases.track(adm)
         return adm
