@@ -69,7 +69,8 @@ GENSERVE_METRICS: dict[str, MetricSpec] = {
         "error rate.", ("route", "model", "status", "tenant"), LATENCY_BUCKETS_S),
     "genserve_requests_in_flight": _g(
         "gauge", "Requests admitted and not yet settled (queued for or running on a replica, or streaming), "
-        "per ingress replica: sum over replicas. The queue by model and tenant; replicas queue tenant-blind.",
+        "per ingress replica: sum over replicas. The queue by model and tenant; replicas queue tenant-blind. "
+        "route is the admission's (chat, completions, images, jobs).",
         ("route", "model", "tenant")),
     "genserve_gpu_seconds_total": _g(
         "counter", "Measured GPU-seconds of settled requests (images: share of the batch's compute time; LLM: "

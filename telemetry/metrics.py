@@ -97,9 +97,9 @@ _in_flight_lock = threading.Lock()
 def change_in_flight(route: str, model: str, tenant: str, delta: int) -> None:
     """+1 when a request is admitted, -1 when it is settled (called from worker threads)."""
     key = (route, model, tenant)
-    with _in_flight_lock:
+    with _in_flight_lock:  # the set too: two threads must not publish their counts out of order
         n = _in_flight[key] = max(0, _in_flight.get(key, 0) + delta)
-    metric("genserve_requests_in_flight").set(n, tags={"route": route, "model": model, "tenant": tenant})
+        metric("genserve_requests_in_flight").set(n, tags={"route": route, "model": model, "tenant": tenant})
 
 
 def in_flight() -> dict[tuple[str, str, str], int]:
