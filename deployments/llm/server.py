@@ -17,7 +17,7 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from deployments.llm import prompt
+from deployments.llm import prompt, share_clock
 from deployments.llm.coalesce import coalesce
 from deployments.llm.config import LLMModelConfig
 from deployments.llm.engine import LLMEngine, engine_for
@@ -68,41 +68,51 @@ class LLMServer:
     # -- generation -----------------------------------------------------------------------
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[StreamItem]:
-        """Started, then ChoiceDeltas of all n choices as they come (each ends with a finish_reason)."""
+        """Started, then ChoiceDeltas of all n choices as they come (each ends with a finish_reason).
+        Each delta carries the request's GPU-seconds so far (share_clock.py); the last one the total."""
         ids = self.prompt_token_ids(req)
         params = self._sampling(req, len(ids))
         yield Started(req.request_id, len(ids), params[0].max_tokens)
-        if len(params) == 1:
-            # aclosing: an early close must reach the engine now (abort), not at garbage collection.
-            async with aclosing(self.engine.generate(req.request_id, ids, params[0])) as deltas:
-                async for d in deltas:
-                    yield ChoiceDelta(0, d.text, len(d.token_ids), d.finish_reason)
-            return
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, sp: SamplingParams) -> None:
-            try:
-                async with aclosing(self.engine.generate(f"{req.request_id}-{i}", ids, sp)) as deltas:
-                    async for d in deltas:
-                        await queue.put(ChoiceDelta(i, d.text, len(d.token_ids), d.finish_reason))
-            except BaseException as exc:  # surfaced to the consumer, then re-raised there
-                await queue.put(exc)
-                raise
-
-        tasks = [asyncio.create_task(pump(i, sp)) for i, sp in enumerate(params)]
+        # On the clock from here until the stream ends, however it ends (finally: leave).
+        share = share_clock.clock_for(self).enter(len(params))
         try:
-            done = 0
-            while done < len(tasks):
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finish_reason is not None:
-                    done += 1
-                yield item
+            if len(params) == 1:
+                # aclosing: an early close must reach the engine now (abort), not at garbage collection.
+                async with aclosing(self.engine.generate(req.request_id, ids, params[0])) as deltas:
+                    async for d in deltas:
+                        if d.finish_reason is not None:
+                            share.leave()  # the last delta carries the final figure
+                        yield ChoiceDelta(0, d.text, len(d.token_ids), d.finish_reason, share.gpu_seconds())
+                return
+            queue: asyncio.Queue = asyncio.Queue()
+
+            async def pump(i: int, sp: SamplingParams) -> None:
+                try:
+                    async with aclosing(self.engine.generate(f"{req.request_id}-{i}", ids, sp)) as deltas:
+                        async for d in deltas:
+                            await queue.put(ChoiceDelta(i, d.text, len(d.token_ids), d.finish_reason))
+                except BaseException as exc:  # surfaced to the consumer, then re-raised there
+                    await queue.put(exc)
+                    raise
+
+            tasks = [asyncio.create_task(pump(i, sp)) for i, sp in enumerate(params)]
+            try:
+                done = 0
+                while done < len(tasks):
+                    item = await queue.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item.finish_reason is not None:
+                        done += 1
+                        if done == len(tasks):
+                            share.leave()
+                    yield ChoiceDelta(item.index, item.text, item.num_tokens, item.finish_reason, share.gpu_seconds())
+            finally:
+                for t in tasks:  # early close or failure: abort the other choices too
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            for t in tasks:  # early close or failure: abort the other choices too
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            share.leave()
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
         """The whole result, aggregated from `stream` (so streamed and not agree by construction)."""
@@ -112,6 +122,7 @@ class LLMServer:
         reasons: list[Any] = [None] * req.n
         prompt_tokens = 0
         ttft = None
+        gpu_seconds = 0.0
         async for item in self.stream(req):
             if isinstance(item, Started):
                 prompt_tokens = item.prompt_tokens
@@ -121,9 +132,10 @@ class LLMServer:
             texts[item.index].append(item.text)
             counts[item.index] += item.num_tokens
             reasons[item.index] = item.finish_reason or reasons[item.index]
+            gpu_seconds = max(gpu_seconds, item.gpu_seconds)
         choices = [Choice(i, "".join(texts[i]), reasons[i], counts[i]) for i in range(req.n)]
         return GenerationResult(req.request_id, choices, prompt_tokens, sum(counts),
-                                {"total_s": time.perf_counter() - t0, "ttft_s": ttft or 0.0})
+                                {"total_s": time.perf_counter() - t0, "ttft_s": ttft or 0.0}, gpu_seconds)
 
     # -- what the deployment's handle calls run -------------------------------------------
 

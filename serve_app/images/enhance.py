@@ -45,5 +45,6 @@ async def enhance_admitted(services: Services, tenancy: Tenancy, ctx: TenantCont
                                     within_request=True)
     async with admission:
         rendered, expansion = await service.enhance(services, rendered, model=target.name, max_tokens=MAX_TOKENS)
-        admission.add(prompt_tokens=expansion.prompt_tokens, completion_tokens=expansion.completion_tokens)
+        admission.add(prompt_tokens=expansion.prompt_tokens, completion_tokens=expansion.completion_tokens,
+                      gpu_seconds=expansion.gpu_seconds)
     return rendered
