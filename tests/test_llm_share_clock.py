@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from deployments.llm.config import LLMModelConfig
 from deployments.llm.server import LLMServer
 from deployments.llm.share_clock import ShareClock, clock_for, replica_gpus
 from deployments.llm.types import ChoiceDelta, GenerationRequest, SamplingParams, Started, TokenDelta
@@ -134,7 +135,8 @@ async def _run_stream(server: LLMServer, rid: str, n: int, max_tokens: int) -> l
 
 def test_server_deltas_carry_the_requests_share() -> None:
     async def main() -> None:
-        server = LLMServer(SleepyEngine(0.01), model_name="m")  # type: ignore[arg-type]
+        cfg = LLMModelConfig(name="m", model="unused", engine="transformers", stream_interval_ms=0)
+        server = LLMServer(cfg, engine=SleepyEngine(0.01))  # type: ignore[arg-type]
         clock = clock_for(server)
         runs = await asyncio.gather(*[_run_stream(server, f"r{i}", n=1 + i % 3, max_tokens=5 + 3 * i)
                                       for i in range(6)])
