@@ -82,14 +82,14 @@ def _pooled(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _direct_one(replica, args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _direct_one(server, args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from deployments.llm.types import ChoiceDelta, GenerationRequest
 
     async def one(i: int) -> tuple[float, int]:
         req = GenerationRequest(request_id=f"d{i}-{time.perf_counter_ns()}", messages=MESSAGES,
                                 max_tokens=args.max_tokens, temperature=1.0, seed=max(i, 0), ignore_eos=True)
         t0, ttft, tokens = time.perf_counter(), None, 0
-        async for item in replica.server.stream(req):
+        async for item in server.stream(req):
             if isinstance(item, ChoiceDelta):
                 tokens += item.num_tokens
                 if ttft is None and item.num_tokens:
@@ -174,13 +174,13 @@ async def bench_interleaved(model_cfg: dict, args: argparse.Namespace) -> dict[s
     from ray import serve
 
     from deployments.llm.config import LLMModelConfig
-    from deployments.llm.deployment import LLMReplica
+    from deployments.llm.server import LLMServer
 
     os.environ.setdefault("RAY_TMPDIR", str(WORK / "ray-llm"))
     import torch
 
-    replica = LLMReplica(LLMModelConfig.model_validate(model_cfg), work_dir=WORK)
-    await replica.start()
+    server = LLMServer(LLMModelConfig.model_validate(model_cfg), work_dir=WORK)
+    await server.start()
     ray.init(num_cpus=args.ray_cpus, num_gpus=1 if torch.cuda.is_available() else 0, include_dashboard=False,
              log_to_driver=False,
              # Keep the caller's PYTHONPATH (on the GPU host Ray itself lives there).
@@ -198,7 +198,7 @@ async def bench_interleaved(model_cfg: dict, args: argparse.Namespace) -> dict[s
             deploy_s = time.perf_counter() - t0
             key = (BENCH_WORK / "local_api_key").read_text().strip()
             async with httpx.AsyncClient(timeout=300, headers={"Authorization": f"Bearer {key}"}) as client:
-                direct_one, serve_one = _direct_one(replica, args), _serve_one(client, url, model_cfg, args)
+                direct_one, serve_one = _direct_one(server, args), _serve_one(client, url, model_cfg, args)
                 for c in args.concurrency:
                     sides: dict[str, list] = {"direct": [], "serve": []}
                     for _ in range(args.rounds):
@@ -214,12 +214,12 @@ async def bench_interleaved(model_cfg: dict, args: argparse.Namespace) -> dict[s
                     print(json.dumps(runs[-1]["serve_vs_direct"] | {"c": c, "ms": stream_ms}), flush=True)
             stats = await serve.get_deployment_handle(f"LLM-{model_cfg['name']}", app_name="llm-bench").stats.remote()
             batches[f"serve_{stream_ms:g}ms"] = stats.get("recent_batch_sizes")
-        batches["direct"] = replica.server.stats().get("recent_batch_sizes")
+        batches["direct"] = server.stats().get("recent_batch_sizes")
         return {"runs": runs, "engine_batches": batches}
     finally:
         serve.shutdown()
         ray.shutdown()
-        await replica.shutdown()
+        await server.shutdown()
 
 
 def build_full_llm(out_dir: Path) -> Path:

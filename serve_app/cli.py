@@ -24,9 +24,9 @@ def _mount_feature_commands() -> None:
     from serve_app.bench_cli import bench
     from serve_app.library.cli import templates
     from serve_app.telemetry.status import status
-    from serve_app.tenancy.cli import keys, tenants, usage
+    from serve_app.tenancy.cli import billing, keys, tenants, usage
 
-    for cmd in (tenants, keys, usage, templates, status, bot, bench):
+    for cmd in (tenants, keys, usage, billing, templates, status, bot, bench):
         main.add_command(cmd)
 
 

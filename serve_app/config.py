@@ -118,6 +118,11 @@ class AppConfig(_Strict):
                 unknown = sorted(set(plan.allowed_models) - known)
                 if unknown:
                     raise ValueError(f"plan {plan.name!r} allows unknown model(s) {unknown} (known: {sorted(known)})")
+        names = {m.name for m in [*self.diffusion_models, *self.llm_models]}
+        unpriced = sorted(set(self.tenancy.gpu_cost.usd_per_gpu_hour) - names)
+        if unpriced:  # the ledger records canonical names: an alias here would never match
+            raise ValueError(f"tenancy.gpu_cost.usd_per_gpu_hour names unknown model(s) {unpriced} "
+                             f"(model names, not aliases: {sorted(names)})")
         return self
 
     @property

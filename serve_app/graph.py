@@ -15,15 +15,15 @@ from typing import Any
 from ray.serve import Application
 
 from deployments.diffusion.config import DiffusionModelConfig
-from deployments.diffusion.deployment import Diffusion
+from deployments.diffusion.deployment import DiffusionDeployment
 from serve_app.config import AppConfig, load_app_config
 from telemetry import TelemetryConfig
 
 
 def _diffusion_app(m: DiffusionModelConfig, telemetry: TelemetryConfig) -> Application:
     # Batching also goes through `user_config`: a `serve deploy` that changes it reconfigures the
-    # running replicas in place (Diffusion.reconfigure, which also proves a larger memory budget fits).
-    return Diffusion.options(name=m.deployment_name, user_config=m.batching_user_config()).bind(m, telemetry)
+    # running replicas in place (DiffusionServer.reconfigure, which also proves a larger memory budget fits).
+    return DiffusionDeployment.options(name=m.deployment_name, user_config=m.batching_user_config()).bind(m, telemetry)
 
 
 def _llm_apps(cfg: AppConfig, telemetry: TelemetryConfig) -> dict[str, Application]:

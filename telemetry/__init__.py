@@ -9,13 +9,16 @@ from telemetry.config import TelemetryConfig, telemetry_of
 
 
 def setup_telemetry(config: TelemetryConfig | None, *, component: str) -> TelemetryConfig:
-    """JSON logs and, when configured, the OTLP trace exporter for this process (idempotent)."""
+    """JSON logs, the OTLP trace exporter when configured, and the metrics' tenant labels for this
+    process (idempotent)."""
     from telemetry.logging import install_logging
+    from telemetry.metrics import configure_tenant_labels
     from telemetry.tracing import configure_tracing
 
     cfg = config or TelemetryConfig()
     install_logging(component, json_logs=cfg.json_logs)
     configure_tracing(cfg, component=component)
+    configure_tenant_labels(cfg.tenant_label)
     return cfg
 
 

@@ -64,8 +64,23 @@ def _ray(type_: MetricType, description: str, tags: tuple[str, ...]) -> MetricSp
 # name as registered (no `ray_` prefix, no `_bucket`/`_total` added by the exporter) -> spec
 GENSERVE_METRICS: dict[str, MetricSpec] = {
     "genserve_request_latency_seconds": _g(
-        "histogram", "End-to-end latency of an API request, by route, model and HTTP status.",
-        ("route", "model", "status"), LATENCY_BUCKETS_S),
+        "histogram", "End-to-end latency of an API request (a stream: until its last byte), by route, model, "
+        "HTTP status and tenant label (telemetry/tenant_label.py: bounded). Its _count by status gives the "
+        "error rate.", ("route", "model", "status", "tenant"), LATENCY_BUCKETS_S),
+    "genserve_requests_in_flight": _g(
+        "gauge", "Requests admitted and not yet settled (queued for or running on a replica, or streaming), "
+        "per ingress replica: sum over replicas. The queue by model and tenant; replicas queue tenant-blind. "
+        "route is the admission's (chat, completions, images, jobs).",
+        ("route", "model", "tenant")),
+    "genserve_gpu_seconds_total": _g(
+        "counter", "Measured GPU-seconds of settled requests (images: share of the batch's compute time; LLM: "
+        "share clock times the replica's num_gpus, 1 per replica on CPU).", ("model", "tenant")),
+    "genserve_gpu_cost_usd_total": _g(
+        "counter", "GPU cost of settled requests: GPU-seconds times the model's tenancy.gpu_cost rate / 3600.",
+        ("model", "tenant")),
+    "genserve_billed_usd_total": _g(
+        "counter", "Priced amount of settled requests (tenancy.prices): what tenants are charged.",
+        ("model", "tenant")),
     "genserve_images_generated_total": _g(
         "counter", "Images returned to clients.", ("model", "tenant")),
     "genserve_batch_size": _g(

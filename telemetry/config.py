@@ -5,6 +5,20 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+class TenantLabelConfig(BaseModel):
+    """Which tenants get their own `tenant` label value in metrics (telemetry/tenant_label.py);
+    all others are labelled `plan:<plan>`, so the label set stays bounded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    named_tenants: list[str] = Field(
+        default_factory=list, description="Always labelled by name (your top-N tenants), on every replica.")
+    named_plans: list[str] = Field(
+        default_factory=lambda: ["enterprise"], description="Tenants on these plans are labelled by name, first "
+        "come, up to max_named per process ('*': any plan).")
+    max_named: int = Field(20, ge=0, le=1000, description="Cap of names given through named_plans per process.")
+
+
 class TelemetryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -15,6 +29,8 @@ class TelemetryConfig(BaseModel):
     sample_ratio: float = Field(1.0, ge=0.0, le=1.0, description="Fraction of new traces kept (parent-based).")
     json_logs: bool = Field(True, description="genserve's loggers write JSON lines (with request_id and tenant).")
     access_log: bool = Field(True, description="One log line per HTTP request from the ingress.")
+    tenant_label: TenantLabelConfig = Field(default_factory=TenantLabelConfig,
+                                            description="Bounded `tenant` label of the metrics.")
 
     @field_validator("otlp_endpoint", mode="before")
     @classmethod

@@ -20,6 +20,8 @@ from typing import Any
 class RequestInfo:
     request_id: str
     tenant: str | None = None
+    # The tenant's bounded metrics label (telemetry/tenant_label.py); "" before authentication.
+    tenant_label: str = ""
     model: str | None = None
     # The request's root span (the ingress HTTP span), so `annotate` can label it.
     span: Any = None
@@ -42,13 +44,16 @@ def unbind_request(token: Token) -> None:
     _current.reset(token)
 
 
-def annotate(*, tenant: str | None = None, model: str | None = None) -> None:
-    """Record the tenant and/or model of the current request (no-op outside a request)."""
+def annotate(*, tenant: str | None = None, model: str | None = None, tenant_label: str | None = None) -> None:
+    """Record the tenant (and its metrics label) and/or model of the current request (no-op outside
+    a request)."""
     info = _current.get()
     if info is None:
         return
     if tenant is not None:
         info.tenant = tenant
+    if tenant_label is not None:
+        info.tenant_label = tenant_label
     if model is not None:
         info.model = model
     if info.span is not None and info.span.is_recording():

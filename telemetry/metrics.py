@@ -8,12 +8,17 @@ a Ray worker (unit tests, CLI) records go nowhere, so callers never need to chec
 Where each is recorded:
   request_latency    ingress ASGI middleware (telemetry/middleware.py), route = route template
   tenant_requests    Tenancy.admit (accepted), rate_limited: Tenancy.admit (429, by limit kind)
+  requests_in_flight Tenancy.admit (+1) and settle (-1): admitted, not yet settled
+  gpu_seconds, gpu_cost_usd, billed_usd   Tenancy settle, beside images and tokens
   admission_overlap  the chat router, when a streamed request's admission overlapped its start
   images, tokens     Tenancy settle: what was delivered and billed, streamed and job usage included
-  batch_size, queue_wait, diffusion_step   the diffusion replica (DiffusionServer)
+  batch_size, queue_wait, diffusion_step   the diffusion replica (DiffusionServer's runner/progress)
   ttft, inter_token  the ingress chat service, on the SSE stream: what the client sees
   job_transitions    JobStore (each conditional UPDATE that took), jobs_in_state: the runner's reaper
   degraded_requests  the diffusion replica, per image that adaptive quality ran with fewer steps
+
+Every `tenant` tag value is a bounded label (`tenant_label`, telemetry/tenant_label.py), never
+simply the tenant's name.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from telemetry.catalog import GENSERVE_METRICS
+from telemetry.config import TenantLabelConfig
+from telemetry.tenant_label import TenantLabeler
 
 _lock = threading.Lock()
 # Metric objects are per process (Ray's metrics agent aggregates across replicas): created once,
@@ -62,9 +69,43 @@ def _inc(name: str, value: float, tags: dict[str, str]) -> None:
 
 # -- ingress ----------------------------------------------------------------------------------
 
-def record_request(route: str, model: str | None, status: int, seconds: float) -> None:
+_labeler = TenantLabeler()
+
+
+def configure_tenant_labels(config: TenantLabelConfig) -> None:
+    """This process's tenant labelling (setup_telemetry calls it with the app's config)."""
+    global _labeler
+    if _labeler.config != config:
+        _labeler = TenantLabeler(config)
+
+
+def tenant_label(tenant: str | None, plan: str | None) -> str:
+    """The bounded `tenant` tag value of a tenant on `plan` (telemetry/tenant_label.py)."""
+    return _labeler.label(tenant, plan)
+
+
+def record_request(route: str, model: str | None, status: int, seconds: float, tenant: str = "") -> None:
+    """`tenant`: the request's tenant *label* ("" when it had none)."""
     metric("genserve_request_latency_seconds").observe(
-        seconds, tags={"route": route, "model": model or "", "status": str(status)})
+        seconds, tags={"route": route, "model": model or "", "status": str(status), "tenant": tenant})
+
+
+_in_flight: dict[tuple[str, str, str], int] = {}
+_in_flight_lock = threading.Lock()
+
+
+def change_in_flight(route: str, model: str, tenant: str, delta: int) -> None:
+    """+1 when a request is admitted, -1 when it is settled (called from worker threads)."""
+    key = (route, model, tenant)
+    with _in_flight_lock:  # the set too: two threads must not publish their counts out of order
+        n = _in_flight[key] = max(0, _in_flight.get(key, 0) + delta)
+        metric("genserve_requests_in_flight").set(n, tags={"route": route, "model": model, "tenant": tenant})
+
+
+def in_flight() -> dict[tuple[str, str, str], int]:
+    """(route, model, tenant label) -> requests in flight in this process (a copy)."""
+    with _in_flight_lock:
+        return dict(_in_flight)
 
 
 def record_tenant_request(tenant: str, route: str) -> None:
@@ -82,7 +123,12 @@ def record_admission_overlap(outcome: str) -> None:
 
 
 def record_usage(*, model: str, tenant: str, images: int = 0, prompt_tokens: int = 0,
-                 completion_tokens: int = 0) -> None:
+                 completion_tokens: int = 0, gpu_seconds: float = 0.0, gpu_cost_usd: float = 0.0,
+                 billed_usd: float = 0.0) -> None:
+    """A settled request's usage; `tenant` is its label."""
+    _inc("genserve_gpu_seconds_total", gpu_seconds, {"model": model, "tenant": tenant})
+    _inc("genserve_gpu_cost_usd_total", gpu_cost_usd, {"model": model, "tenant": tenant})
+    _inc("genserve_billed_usd_total", billed_usd, {"model": model, "tenant": tenant})
     _inc("genserve_images_generated_total", images, {"model": model, "tenant": tenant})
     _inc("genserve_tokens_total", prompt_tokens, {"model": model, "tenant": tenant, "direction": "in"})
     _inc("genserve_tokens_total", completion_tokens, {"model": model, "tenant": tenant, "direction": "out"})

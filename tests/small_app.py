@@ -42,7 +42,7 @@ def deploy(name: str, *, base_url: str, work_dir: Path, models_dir: Path, plans:
            tenants: dict[str, str], model: dict | None = None, max_ongoing_requests: int = 32) -> SmallApp:
     """Deploys app `name` at `{base_url}/{name}`; `tenants` maps tenant name -> plan name; `model`
     overrides fields of the diffusion model entry (steps, batching, adaptive_quality)."""
-    from deployments.diffusion.deployment import Diffusion
+    from deployments.diffusion.deployment import DiffusionDeployment
     from serve_app.config import load_app_config
     from serve_app.ingress import Ingress
     from serve_app.tenancy import Tenancy
@@ -62,7 +62,7 @@ def deploy(name: str, *, base_url: str, work_dir: Path, models_dir: Path, plans:
         keys[tenant] = tenancy.create_key(tenant).key
     tenancy.close()
     m = cfg.diffusion_models[0]
-    diffusion = Diffusion.options(name=m.deployment_name, num_replicas=1, ray_actor_options={"num_cpus": 0.1},
+    diffusion = DiffusionDeployment.options(name=m.deployment_name, num_replicas=1, ray_actor_options={"num_cpus": 0.1},
                                   max_ongoing_requests=max_ongoing_requests).bind(
         m.model_copy(update={"device": "cpu"}))
     app = Ingress.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1}).bind(cfg, {m.name: diffusion}, {})

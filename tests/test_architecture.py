@@ -62,3 +62,63 @@ print(json.dumps({{"by_ray": by_ray, "after": loaded()}}))
     assert added == [], f"importing the deployments loaded {added}"
     assert not {"serve_app", "sqlalchemy", "boto3", "redis"} & set(seen["after"]), seen
 
+
+
+def module_graph(package: str) -> dict[str, set[str]]:
+    """Each module under `package` -> the modules of that package it imports (lazy, relative and
+    TYPE_CHECKING imports included: any of them closes a circle a reader has to untangle)."""
+    paths = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (REPO / package).rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # `from .x import y`, `from .. import z`
+                    parent = pkg.split(".")[:len(pkg.split(".")) - node.level + 1]
+                    base = ".".join(parent + ([base] if base else []))
+                targets.add(base)
+                targets.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
+        graph[name] = {t for t in targets if t in paths and t != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None (depth-first search, three colours)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_find_cycle_reports_a_circle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_cycle_inside_deployments() -> None:
+    """Modules under deployments/ form a DAG: shared state gets its own module (e.g.
+    `deployments/llm/sequence.py`) instead of two modules importing each other."""
+    graph = module_graph("deployments")
+    assert "deployments.llm.sequence" in graph["deployments.llm.continuous"]  # the graph sees imports
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle inside deployments/: " + " -> ".join(cycle or [])

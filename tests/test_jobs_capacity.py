@@ -7,7 +7,7 @@ import httpx
 import pytest
 from ray import serve
 
-from deployments.diffusion.deployment import Diffusion
+from deployments.diffusion.deployment import DiffusionDeployment
 from serve_app.config import load_app_config
 from serve_app.ingress import Ingress
 from serve_app.tenancy import Tenancy
@@ -29,7 +29,7 @@ def test_job_backlog_limit_gives_503_with_retry_after(genserve_url: str, tiny_mo
     key = tenancy.create_key("cap-co").key
     tenancy.close()
     m = cfg.diffusion_models[0]
-    diffusion = Diffusion.options(name=m.deployment_name, ray_actor_options={"num_cpus": 0.1}).bind(
+    diffusion = DiffusionDeployment.options(name=m.deployment_name, ray_actor_options={"num_cpus": 0.1}).bind(
         m.model_copy(update={"device": "cpu"}))
     app = Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(cfg, {m.name: diffusion}, {})
     serve._run(app, name="capacity", route_prefix="/cap", _blocking=True)

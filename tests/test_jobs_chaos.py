@@ -10,7 +10,7 @@ import pytest
 import ray
 from ray import serve
 
-from deployments.diffusion.deployment import Diffusion
+from deployments.diffusion.deployment import DiffusionDeployment
 from serve_app.config import load_app_config
 from serve_app.ingress import Ingress
 from serve_app.tenancy import Tenancy
@@ -43,7 +43,7 @@ def test_jobs_survive_killed_replicas(genserve_url: str, tiny_models_dir, tmp_pa
     key = tenancy.create_key("chaos-co").key
     tenancy.close()
     m = cfg.diffusion_models[0]
-    diffusion = Diffusion.options(name=m.deployment_name, ray_actor_options={"num_cpus": 0.1},
+    diffusion = DiffusionDeployment.options(name=m.deployment_name, ray_actor_options={"num_cpus": 0.1},
                                   max_ongoing_requests=16).bind(
         m.model_copy(update={"device": "cpu"}))
     app = Ingress.options(num_replicas=2, ray_actor_options={"num_cpus": 0.1}).bind(cfg, {m.name: diffusion}, {})

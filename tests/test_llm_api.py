@@ -1,6 +1,7 @@
 """The chat/completions HTTP API without Ray: the real router, service and SSE framing, served by
-uvicorn, in front of a real LLMReplica (transformers engine, tiny model) called in-process
-through `LocalHandle`, which mirrors the two DeploymentHandle calls the service makes. The same
+uvicorn, in front of a real LLMServer (transformers engine, tiny model) called in-process
+through `LocalHandle`, which mirrors the DeploymentHandle calls the service makes onto the methods
+`LLMDeployment` forwards them to. The same
 API through Serve is tested in test_llm_http.py."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from deployments.llm.config import LLMModelConfig
-from deployments.llm.deployment import LLMReplica
+from deployments.llm.server import LLMServer
 from deployments.llm.tiny import build_tiny_llm
 from serve_app.chat import router as chat_router
 from serve_app.config import AppConfig
@@ -57,14 +58,17 @@ class _Stream:
 
 
 class LocalHandle:
-    def __init__(self, replica: LLMReplica, stream: bool = False) -> None:
-        self.replica, self.stream = replica, stream
+    # handle method -> the LLMServer method LLMDeployment forwards it to (where the names differ)
+    FORWARDS = {"generate": "generate_traced"}
+
+    def __init__(self, server: LLMServer, stream: bool = False) -> None:
+        self.server, self.stream = server, stream
 
     def options(self, *, stream: bool = False) -> "LocalHandle":
-        return LocalHandle(self.replica, stream)
+        return LocalHandle(self.server, stream)
 
     def __getattr__(self, name: str) -> _Call:
-        method = getattr(self.replica, name)
+        method = getattr(self.server, self.FORWARDS.get(name, name))
         if self.stream:
             return _Call(lambda *a: _Stream(method(*a)))
         return _Call(method)
@@ -84,21 +88,20 @@ async def app_url(tmp_path_factory):
     tenancy = Tenancy(config.tenancy, work_dir=tmp_path_factory.mktemp("llm-api"))
     tenancy.create_tenant("llm-tests", "enterprise")
     auth = {"Authorization": f"Bearer {tenancy.create_key('llm-tests').key}"}
-    replica = LLMReplica(LLMModelConfig(**llm_cfg, stream_interval_ms=10))
-    await replica.start()
+    server = LLMServer(LLMModelConfig(**llm_cfg, stream_interval_ms=10))
+    await server.start()
     app = FastAPI()
     install_error_handlers(app)
     app.include_router(chat_router.router)
-    app.state.services = Services(config=config, llm={"tiny-chat": LocalHandle(replica)},
+    app.state.services = Services(config=config, llm={"tiny-chat": LocalHandle(server)},
                                   tenancy=tenancy)
-    app.state.replica = replica
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
+    http = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    task = asyncio.create_task(http.serve())
+    while not http.started:
         await asyncio.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", replica, auth
-    server.should_exit = True
+    port = http.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", server, auth
+    http.should_exit = True
     await task
     tenancy.close()
 
@@ -181,8 +184,8 @@ async def test_bad_input_gets_openai_errors(app_url, body, status, param):
 
 
 async def test_client_disconnect_aborts_generation(app_url):
-    url, replica, auth = app_url
-    engine = replica.server.engine
+    url, server, auth = app_url
+    engine = server.engine
     body = chat_body(max_tokens=CTX - 40, stream=True)
     async with httpx.AsyncClient(base_url=url, timeout=60, headers=auth) as c:
         async with c.stream("POST", "/v1/chat/completions", json=body) as resp:
@@ -199,8 +202,8 @@ async def test_client_disconnect_aborts_generation(app_url):
 
 
 async def test_engine_failure_mid_stream_sends_an_error_chunk(app_url, monkeypatch):
-    url, replica, auth = app_url
-    engine = replica.server.engine
+    url, server, auth = app_url
+    engine = server.engine
     real = engine.generate
 
     async def failing(request_id, ids, sampling):  # type: ignore[no-untyped-def]

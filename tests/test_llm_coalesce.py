@@ -88,7 +88,7 @@ def test_interval_asked_before_each_wait_switches_between_per_item_and_batched()
 
 def test_replica_streams_per_token_until_more_streams_than_the_threshold_are_open():
     from deployments.llm.config import LLMModelConfig
-    from deployments.llm.deployment import LLMReplica
+    from deployments.llm.server import LLMServer
     from deployments.llm.tiny import build_tiny_llm
     from deployments.llm.types import ChoiceDelta, GenerationRequest
     from tests.conftest import WORK
@@ -98,18 +98,18 @@ def test_replica_streams_per_token_until_more_streams_than_the_threshold_are_ope
     async def message_sizes(coalesce_above: int) -> list[int]:
         cfg = LLMModelConfig(name="tiny", model=str(model), engine="transformers", max_model_len=256,
                              stream_interval_ms=1000, stream_coalesce_above=coalesce_above)
-        replica = LLMReplica(cfg)
-        await replica.start()
+        server = LLMServer(cfg)
+        await server.start()
         try:
             req = GenerationRequest(request_id="r", prompt="a red castle", max_tokens=8, ignore_eos=True, seed=1)
             sizes = []
-            async for msg in replica.generate_stream(req):
+            async for msg in server.generate_stream(req):
                 deltas = [d for d in msg if isinstance(d, ChoiceDelta)]
                 if deltas:
                     sizes.append(sum(d.num_tokens for d in deltas))
             return sizes
         finally:
-            await replica.shutdown()
+            await server.shutdown()
 
     # One open stream, threshold 1: tokens leave as they come (what is ready goes together) despite
     # the 1 s interval: 8 tokens take far less than 1 s on the tiny model.

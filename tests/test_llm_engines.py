@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from deployments.llm.config import LLMModelConfig
 from deployments.llm.engine import build_engine, vllm_available
 from deployments.llm.server import LLMServer
 from deployments.llm.tiny import build_tiny_llm
@@ -35,7 +36,8 @@ async def server(request, tiny_llm: Path):
     kwargs = {"cache_dir": str(WORK / "cache")} if request.param == "vllm" else {}
     engine = build_engine(str(tiny_llm), engine=request.param, max_model_len=CTX, dtype="float32",
                           engine_kwargs=kwargs)
-    srv = LLMServer(engine, model_name="tiny", default_max_tokens=16)
+    cfg = LLMModelConfig(name="tiny", model=str(tiny_llm), max_model_len=CTX, default_max_tokens=16)
+    srv = LLMServer(cfg, engine=engine)
     await srv.start()
     yield srv
     await engine.shutdown()

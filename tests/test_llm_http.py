@@ -186,3 +186,89 @@ def test_streamed_chat_says_where_its_time_went(genserve_url: str, api_key: str,
     # the replica call to its `Started` and includes waiting for the admission, which began inside it.
     assert phases["admit"] <= phases["llm"]
     assert phases["auth"] + phases["llm"] <= phases["app"]
+
+
+def test_chat_and_completions_record_gpu_seconds_in_the_ledger(genserve_url: str, llm_model: str,
+                                                                app_work_dir: Path) -> None:
+    """The LLM replica's share-clock GPU-seconds reach the usage ledger, streamed or not (a tenant
+    of its own, so the rows are this test's)."""
+    import uuid
+
+    from conftest import ADMIN_TOKEN
+    from sqlalchemy import create_engine, select
+
+    from serve_app.tenancy.models import Tenant, UsageEvent
+
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    name = f"gpu-{uuid.uuid4().hex[:6]}"
+    assert httpx.post(genserve_url + "/admin/tenants", headers=admin, json={"name": name, "plan": "pro"}).is_success
+    key = {"Authorization": "Bearer " + httpx.post(f"{genserve_url}/admin/tenants/{name}/keys", headers=admin,
+                                                   json={}).json()["key"]}
+    msgs = [{"role": "user", "content": "how long did this take"}]
+    calls = [("/v1/chat/completions", {"messages": msgs}), ("/v1/chat/completions", {"messages": msgs, "stream": True}),
+             ("/v1/completions", {"prompt": "tick tock"})]
+    for path, body in calls:
+        r = httpx.post(genserve_url + path, headers=key, timeout=60,
+                       json={"model": llm_model, "max_tokens": 6, "ignore_eos": True, **body})
+        assert r.status_code == 200, r.text
+    engine = create_engine(f"sqlite:///{app_work_dir / 'genserve.db'}")
+    deadline = time.monotonic() + 15
+    while True:  # a streamed response settles right after its last byte
+        with engine.connect() as conn:
+            rows = conn.execute(select(UsageEvent.route, UsageEvent.prompt_tokens, UsageEvent.completion_tokens,
+                                       UsageEvent.gpu_seconds)
+                                .join(Tenant, Tenant.id == UsageEvent.tenant_id).where(Tenant.name == name)).all()
+        if len(rows) == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    engine.dispose()
+    assert sorted(r.route for r in rows) == ["chat", "chat", "completions"]
+    for row in rows:
+        assert row.completion_tokens == 6 and 0 < row.gpu_seconds < 60, row
+    usage = httpx.get(genserve_url + "/v1/usage", headers=key).json()["today"]
+    gpu_s, tokens = sum(r.gpu_seconds for r in rows), sum(r.prompt_tokens + r.completion_tokens for r in rows)
+    assert usage["gpu_seconds"] == pytest.approx(gpu_s)
+    # configs/local.yaml: $1 per (replica-)hour for every model.
+    assert usage["gpu_cost_usd"] == pytest.approx(gpu_s / 3600)
+    assert usage["gpu_cost_per_1k_tokens_usd"] == pytest.approx(gpu_s / 3600 / tokens * 1000)
+    assert usage["price_per_1k_tokens_usd"] > 0 and usage["gpu_cost_per_image_usd"] is None
+
+
+def test_a_stream_cut_short_records_the_gpu_seconds_it_was_sent(genserve_url: str, llm_model: str,
+                                                                 app_work_dir: Path) -> None:
+    """The replica reports a request's GPU-seconds cumulatively on each delta; a client that leaves
+    mid-stream is charged the figure of the last chunk it was sent (> 0), as `disconnected`."""
+    import uuid
+
+    from conftest import ADMIN_TOKEN
+    from sqlalchemy import create_engine, select
+
+    from serve_app.tenancy.models import Tenant, UsageEvent
+
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    name = f"gpucut-{uuid.uuid4().hex[:6]}"
+    assert httpx.post(genserve_url + "/admin/tenants", headers=admin, json={"name": name, "plan": "pro"}).is_success
+    key = {"Authorization": "Bearer " + httpx.post(f"{genserve_url}/admin/tenants/{name}/keys", headers=admin,
+                                                   json={}).json()["key"]}
+    body = {"model": llm_model, "messages": [{"role": "user", "content": "go on"}], "stream": True,
+            "max_tokens": _llm_config().get("max_model_len", 2048) - 64, "ignore_eos": True}
+    with httpx.stream("POST", genserve_url + "/v1/chat/completions", json=body, timeout=60, headers=key) as resp:
+        assert resp.status_code == 200
+        content = 0
+        for line in resp.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                content += 1
+                if content == 3:
+                    break
+    engine = create_engine(f"sqlite:///{app_work_dir / 'genserve.db'}")
+    deadline, rows = time.monotonic() + 20, []
+    while not rows and time.monotonic() < deadline:
+        time.sleep(0.2)
+        with engine.connect() as conn:
+            rows = conn.execute(select(UsageEvent.status, UsageEvent.completion_tokens, UsageEvent.gpu_seconds)
+                                .join(Tenant, Tenant.id == UsageEvent.tenant_id).where(Tenant.name == name)).all()
+    engine.dispose()
+    assert len(rows) == 1, rows
+    status, completion, gpu = rows[0]
+    assert status == "disconnected" and 0 < completion < body["max_tokens"]
+    assert 0 < gpu < 60

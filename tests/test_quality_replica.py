@@ -1,4 +1,4 @@
-"""Adaptive quality inside a real diffusion replica object (tiny SDXL on CPU, no Serve): the
+"""Adaptive quality inside a real diffusion replica's `DiffusionServer` (tiny SDXL on CPU, no Serve): the
 queue draining after a burst is load, not calm. Full quality returns only after hold_s of calm
 that the replica saw, not as soon as the first request after a long drain arrives."""
 
@@ -8,7 +8,7 @@ import asyncio
 from pathlib import Path
 
 from deployments.diffusion.config import DiffusionModelConfig
-from deployments.diffusion.deployment import Diffusion
+from deployments.diffusion.server import DiffusionServer
 from deployments.diffusion.types import ImageTask
 
 HOLD_S = 2.0
@@ -20,7 +20,7 @@ def _task(i: int) -> ImageTask:
 
 
 async def test_a_long_drain_is_not_calm(tiny_models_dir: Path) -> None:
-    replica = Diffusion.func_or_class(DiffusionModelConfig(
+    replica = DiffusionServer(DiffusionModelConfig(
         name="q", family="sdxl", model=str(tiny_models_dir / "sdxl-tiny"), device="cpu",
         batching={"max_batch_size": 4, "batch_wait_timeout_s": 0.0},
         adaptive_quality={"enabled": True, "high_water": 1.5, "low_water": 0.5, "hold_s": HOLD_S,

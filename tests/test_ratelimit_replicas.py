@@ -9,7 +9,7 @@ import httpx
 import pytest
 from ray import serve
 
-from deployments.diffusion.deployment import Diffusion
+from deployments.diffusion.deployment import DiffusionDeployment
 from serve_app.config import load_app_config
 from serve_app.ingress import Ingress
 from serve_app.tenancy import Tenancy
@@ -40,7 +40,7 @@ def test_two_ingress_replicas_admit_exactly_the_limit(genserve_url: str, tiny_mo
     tenancy.close()
 
     m = cfg.diffusion_models[0]
-    diffusion = Diffusion.options(name=m.deployment_name, ray_actor_options={"num_cpus": 0.1}).bind(
+    diffusion = DiffusionDeployment.options(name=m.deployment_name, ray_actor_options={"num_cpus": 0.1}).bind(
         m.model_copy(update={"device": "cpu"}))
     app = Ingress.options(num_replicas=2, ray_actor_options={"num_cpus": 0.1}).bind(cfg, {m.name: diffusion}, {})
     serve._run(app, name="ratelimit", route_prefix="/rl", _blocking=True)

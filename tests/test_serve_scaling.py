@@ -12,7 +12,7 @@ import pytest
 from ray import serve
 
 from deployments.diffusion.config import DiffusionModelConfig
-from deployments.diffusion.deployment import Diffusion
+from deployments.diffusion.deployment import DiffusionDeployment
 from deployments.diffusion.types import ImageTask
 
 pytestmark = pytest.mark.ray
@@ -38,7 +38,7 @@ def _wait(pred, timeout_s: float, poll_s: float = 0.5):
 def test_two_half_gpu_replicas_run_and_a_third_waits(genserve_url: str, tiny_models_dir) -> None:
     import ray
 
-    app = Diffusion.options(name="Diffusion-placement", num_replicas=3,
+    app = DiffusionDeployment.options(name="Diffusion-placement", num_replicas=3,
                             ray_actor_options={"num_gpus": 0.5, "num_cpus": 0.1}).bind(
         DiffusionModelConfig(name="placement", family="sdxl", model=str(tiny_models_dir / "sdxl-tiny"), device="cpu"))
     handle = serve._run(app, name="placement", route_prefix=None, _blocking=False)
@@ -55,7 +55,7 @@ def test_two_half_gpu_replicas_run_and_a_third_waits(genserve_url: str, tiny_mod
 
 
 def test_autoscales_from_one_to_two_replicas_under_load(genserve_url: str, tiny_models_dir) -> None:
-    app = Diffusion.options(
+    app = DiffusionDeployment.options(
         name="Diffusion-autoscale", max_ongoing_requests=8, ray_actor_options={"num_cpus": 0.1},
         autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                             "upscale_delay_s": 1, "downscale_delay_s": 600, "metrics_interval_s": 0.5,

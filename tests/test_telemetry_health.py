@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from deployments.diffusion.config import DiffusionModelConfig
-from deployments.diffusion.deployment import DiffusionServer
+from deployments.diffusion.server import DiffusionServer
 from deployments.diffusion.types import ImageTask
 from serve_app.telemetry.status import metrics_urls, serve_load, status
 
@@ -24,7 +24,7 @@ def test_cuda_oom_makes_the_diffusion_server_unhealthy(tiny_models_dir: Path) ->
                                                   device="cpu"))
     server.check_health()
     task = ImageTask(prompt="x", negative_prompt="", seed=1, width=64, height=64, steps=2, guidance_scale=5.0)
-    assert not isinstance(server.denoise([(task, time.monotonic())])[0].image, BaseException)
+    assert not isinstance(server.runner.denoise([(task, time.monotonic())])[0].image, BaseException)
 
     def out_of_memory(module: torch.nn.Module, args: tuple) -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -32,12 +32,12 @@ def test_cuda_oom_makes_the_diffusion_server_unhealthy(tiny_models_dir: Path) ->
     # The fault enters where a real one would: inside the UNet's forward, mid-denoising.
     hook = server.engine.pipeline.unet.register_forward_pre_hook(out_of_memory)
     try:
-        [failed] = server.denoise([(task, time.monotonic())])
+        [failed] = server.runner.denoise([(task, time.monotonic())])
     finally:
         hook.remove()
     assert isinstance(failed.image, torch.cuda.OutOfMemoryError)
     with pytest.raises(RuntimeError, match="unusable after: OutOfMemoryError"):
-        server.check_health()  # what Diffusion.check_health runs: Serve then replaces the replica
+        server.check_health()  # what DiffusionDeployment.check_health runs: Serve then replaces the replica
 
 
 # -- on the shared cluster --------------------------------------------------------------------

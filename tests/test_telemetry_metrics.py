@@ -89,7 +89,17 @@ def test_genserve_metrics_reach_prometheus(genserve_url: str, auth: dict, metric
         "inter-token": lambda s: total(s, "ray_genserve_inter_token_latency_seconds_count", model="tiny-chat") >= 1,
         "tenant requests": lambda s: total(s, "ray_genserve_tenant_requests_total", tenant="local",
                                            route="images") >= 1,
-        "rate limited": lambda s: total(s, "ray_genserve_rate_limited_total", tenant=name, kind="images") == 1,
+        # The free tenant is labelled by its plan, `local` (top plan: telemetry.tenant_label) by name.
+        "rate limited": lambda s: total(s, "ray_genserve_rate_limited_total", tenant="plan:free", kind="images") >= 1,
+        "latency by tenant": lambda s: total(s, "ray_genserve_request_latency_seconds_count", route=images,
+                                             model="sdxl-tiny", tenant="local", status="200") >= 1,
+        "gpu seconds": lambda s: all(total(s, "ray_genserve_gpu_seconds_total", model=m, tenant="local") > 0
+                                     for m in ("sdxl-tiny", "tiny-chat")),
+        # configs/local.yaml prices every model at $1 per GPU-hour
+        "gpu cost": lambda s: total(s, "ray_genserve_gpu_cost_usd_total", model="tiny-chat", tenant="local") > 0,
+        "billed": lambda s: total(s, "ray_genserve_billed_usd_total", model="sdxl-tiny", tenant="local") > 0,
+        "in flight": lambda s: any(lab.get("model") == "tiny-chat" and lab.get("tenant") == "local"
+                                   for lab, _ in s.get("ray_genserve_requests_in_flight", [])),
         # the chat stream above started on the LLM replica while its admission ran
         "admission overlap": lambda s: total(s, "ray_genserve_admission_overlap_total", outcome="admitted") >= 1,
         "job transitions": lambda s: all(total(s, "ray_genserve_job_transitions_total", state=st) >= 1
@@ -103,6 +113,7 @@ def test_genserve_metrics_reach_prometheus(genserve_url: str, auth: dict, metric
            if lab["application"] == "genserve"]
     assert lat and all(lab["deployment"] == "Ingress" for lab, _ in lat)
     assert {lab["route"] for lab, _ in lat} >= {images, "/v1/jobs", "/v1/jobs/{job_id}", "/v1/chat/completions"}
+    assert name not in {lab.get("tenant") for _, series_ in series.items() for lab, _ in series_}  # bounded
     batch = [lab for lab, _ in series["ray_genserve_batch_size_count"]]
     assert {lab["deployment"] for lab in batch} >= {"Diffusion-sdxl-tiny"}
     # Histograms: cumulative buckets from the catalogue's boundaries up to +Inf, which equals _count.

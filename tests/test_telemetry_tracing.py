@@ -131,7 +131,7 @@ def traced_graph(genserve_url: str, collector: Collector, tmp_path_factory):
     """(config, diffusion handles, llm handles): model replicas on the cluster exporting to `collector`."""
     from ray import serve
 
-    from deployments.diffusion.deployment import Diffusion
+    from deployments.diffusion.deployment import DiffusionDeployment
     from deployments.llm.deployment import LLMDeployment
     from serve_app.config import load_app_config
 
@@ -141,7 +141,7 @@ def traced_graph(genserve_url: str, collector: Collector, tmp_path_factory):
     telemetry = TelemetryConfig(otlp_endpoint=collector.url, service_name="genserve-test")
     m, lm = cfg.diffusion_models[0], cfg.llm_models[0]
     cpu = {"num_cpus": 0.25}
-    diffusion = serve.run(Diffusion.options(name=m.deployment_name, ray_actor_options=cpu).bind(
+    diffusion = serve.run(DiffusionDeployment.options(name=m.deployment_name, ray_actor_options=cpu).bind(
         m.model_copy(update={"device": "cpu"}), telemetry), name="trace-diffusion", route_prefix=None)
     llm = serve.run(LLMDeployment.options(name=lm.deployment_name, ray_actor_options=cpu).bind(
         lm, work_dir=cfg.work_dir, telemetry=telemetry),

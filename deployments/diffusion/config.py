@@ -1,5 +1,5 @@
 """The diffusion deployment's contract: one image model's typed config (`diffusion_models[]` of the
-app's args), bound to the `Diffusion` deployment as this object.
+app's args), bound to `DiffusionDeployment` as this object.
 
 Defined here, beside the code that reads it, and composed by `serve_app/config.py` (the app's
 `args`); nothing in it knows about HTTP or tenants. Errors name the field and the value.
@@ -18,7 +18,7 @@ class _Strict(BaseModel):
 
 class BatchingConfig(_Strict):
     """Also the `user_config` of a Diffusion deployment (all but `priority_aging_s`): a `serve deploy`
-    that changes it reconfigures the running replicas (Diffusion.reconfigure)."""
+    that changes it reconfigures the running replicas (DiffusionServer.reconfigure)."""
 
     max_batch_size: int = Field(8, ge=1, le=128, description="Images per denoising call.")
     batch_wait_timeout_s: float = Field(

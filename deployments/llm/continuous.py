@@ -23,10 +23,9 @@ import logging
 import queue
 import threading
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-if TYPE_CHECKING:
-    from deployments.llm.transformers_engine import _Seq
+from deployments.llm.sequence import Sequence
 
 logger = logging.getLogger("genserve.llm.continuous")
 
@@ -56,8 +55,8 @@ class ContinuousBatcher:
         self.batch_sizes: deque[int] = deque(maxlen=256)  # rows of recent decode steps (stats, tests)
         self.failure: BaseException | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._waiting: deque[_Seq] = deque()  # arrived, not yet prefilled (the batch was full)
-        self._rows: list[_Seq] = []  # the running batch, in cache row order
+        self._waiting: deque[Sequence] = deque()  # arrived, not yet prefilled (the batch was full)
+        self._rows: list[Sequence] = []  # the running batch, in cache row order
         self._cache: Any = None
         self._mask: Any = None  # [rows, width] long: 1 = real token, 0 = left padding
         self._last: Any = None  # [rows] long: each row's newest token, the next step's input
@@ -81,7 +80,7 @@ class ContinuousBatcher:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, seq: _Seq) -> None:
+    def submit(self, seq: Sequence) -> None:
         self._inbox.put(seq)
 
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -145,8 +144,8 @@ class ContinuousBatcher:
             self._waiting.append(seq)
             block = False
 
-    def _admit(self) -> list[_Seq]:
-        out: list[_Seq] = []
+    def _admit(self) -> list[Sequence]:
+        out: list[Sequence] = []
         while self._waiting and len(self._rows) + len(out) < self.max_batch:
             seq = self._waiting.popleft()
             if seq.aborted:
@@ -158,7 +157,7 @@ class ContinuousBatcher:
     def _reset(self) -> None:
         self._rows, self._cache, self._mask, self._last = [], None, None, None
 
-    def _prefill(self, seqs: list[_Seq]) -> None:
+    def _prefill(self, seqs: list[Sequence]) -> None:
         import torch
         from transformers import DynamicCache
 
@@ -178,7 +177,7 @@ class ContinuousBatcher:
         self._emit(seqs, tokens.tolist())
         self._drop_finished()
 
-    def _join(self, seqs: list[_Seq], cache: Any, mask: Any, tokens: Any) -> None:
+    def _join(self, seqs: list[Sequence], cache: Any, mask: Any, tokens: Any) -> None:
         import torch
         import torch.nn.functional as F
 
@@ -213,7 +212,7 @@ class ContinuousBatcher:
         self._emit(self._rows, self._last.tolist())
         self._drop_finished()
 
-    def _sample(self, logits: Any, seqs: list[_Seq]) -> Any:
+    def _sample(self, logits: Any, seqs: list[Sequence]) -> Any:
         tokens = logits.argmax(-1)  # greedy rows; the others draw with their own generator
         for i, s in enumerate(seqs):
             token = s.sample(logits[i])
@@ -221,7 +220,7 @@ class ContinuousBatcher:
                 tokens[i] = token
         return tokens
 
-    def _emit(self, seqs: list[_Seq], tokens: list[int]) -> None:
+    def _emit(self, seqs: list[Sequence], tokens: list[int]) -> None:
         for s, tid in zip(seqs, tokens, strict=True):
             s.accept(tid, self.eos_id)
 

@@ -32,7 +32,6 @@ import socket
 import subprocess
 import sys
 import threading
-from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
@@ -134,7 +133,8 @@ class EngineCoreClient:
 def _serve(conn: Connection) -> None:
     from deployments.llm.continuous import ContinuousBatcher
     from deployments.llm.detok import IncrementalDetokenizer
-    from deployments.llm.transformers_engine import _Seq, load_model, new_generator
+    from deployments.llm.loading import load_model
+    from deployments.llm.sequence import Sequence, new_generator
 
     _, init = conn.recv()
     try:
@@ -152,7 +152,7 @@ def _serve(conn: Connection) -> None:
         return
 
     outbox: list[tuple[str, Any]] = []  # filled and flushed on the model thread only
-    live: dict[str, _Seq] = {}
+    live: dict[str, Sequence] = {}
 
     def sink_for(rid: str) -> Callable[[Any], None]:
         def sink(item: Any) -> None:
@@ -193,7 +193,7 @@ def _serve(conn: Connection) -> None:
             msg = conn.recv()
             if msg[0] == "add":
                 _, rid, prompt_ids, sampling = msg
-                seq = _Seq(rid, list(prompt_ids), sampling, IncrementalDetokenizer(tokenizer, sampling.stop),
+                seq = Sequence(rid, list(prompt_ids), sampling, IncrementalDetokenizer(tokenizer, sampling.stop),
                            sink_for(rid), generator=new_generator(model.device, sampling.seed))
                 live[rid] = seq
                 batcher.submit(seq)

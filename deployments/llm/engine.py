@@ -1,16 +1,19 @@
 """The engine protocol the LLM deployment drives, and the factory that picks one from config.
 
-An engine turns prompt token ids into a stream of `TokenDelta`s for one sequence. Chat
-templating, `n`, request validation and usage live above it (deployments/llm/server.py), so both
-engines share them and count tokens the same way.
+An engine turns prompt token ids into a stream of `TokenDelta`s for one sequence: it runs the
+model (vLLM or transformers) and knows nothing of Ray or Serve. Chat templating, `n`, request
+validation and usage live above it (`LLMServer`, deployments/llm/server.py, with prompt.py), so
+both engines share them and count tokens the same way.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, runtime_checkable
 
+from deployments.llm.config import LLMModelConfig
 from deployments.llm.types import SamplingParams, TokenDelta
 
 if TYPE_CHECKING:
@@ -85,3 +88,13 @@ def build_engine(
     from deployments.llm.transformers_engine import TransformersEngine
 
     return TransformersEngine(model, max_model_len=max_model_len, dtype=dtype, device=device, **kwargs)
+
+
+def engine_for(config: LLMModelConfig, *, work_dir: str | Path | None = None) -> LLMEngine:
+    """Build (not start) the engine of one model's config; vLLM's caches go inside `work_dir`."""
+    kind = resolve_engine_kind(config.engine)
+    kwargs = dict(config.engine_kwargs)
+    if work_dir is not None and kind == "vllm":  # vLLM/inductor caches inside the work dir
+        kwargs.setdefault("cache_dir", str(Path(work_dir) / "cache"))
+    return build_engine(config.model, engine=kind, max_model_len=config.max_model_len, dtype=config.dtype,
+                        device=config.device, engine_kwargs=kwargs)

@@ -1,9 +1,12 @@
-"""The LLM replica's logic, engine-agnostic and Ray-free (deployment.py wraps it for Serve).
+"""`LLMServer`: one LLM replica's serving logic, engine-agnostic and Ray-free (the Serve deployment,
+deployment.py, only builds it and forwards calls; tests build it with any engine).
 
-It renders chat messages with the model's chat template, counts tokens, checks the request
-against the context, fans `n` out into n engine sequences and merges their deltas into one
-stream. The first item of every stream is `Started`: a caller that awaits it knows the request
-was accepted (or gets the `LLMRequestError`) before it commits to an HTTP status.
+It renders chat messages with the model's chat template and checks the request against the
+context (prompt.py), fans `n` out into n engine sequences and merges their deltas into one stream
+(`stream`, `generate`), and serves that stream as Serve messages: the first item at once, the
+rest coalesced while the replica is busy (`generate_stream`, coalesce.py), traced. The first item
+of every stream is `Started`: a caller that awaits it knows the request was accepted (or gets the
+`LLMRequestError`) before it commits to an HTTP status.
 """
 
 from __future__ import annotations
@@ -11,114 +14,105 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import aclosing
+from pathlib import Path
 from typing import Any, AsyncIterator
 
-from deployments.llm.engine import LLMEngine
+from deployments.llm import prompt, share_clock
+from deployments.llm.coalesce import coalesce
+from deployments.llm.config import LLMModelConfig
+from deployments.llm.engine import LLMEngine, engine_for
 from deployments.llm.types import (
     Choice,
     ChoiceDelta,
     GenerationRequest,
     GenerationResult,
-    LLMRequestError,
     SamplingParams,
     Started,
     StreamItem,
 )
-
-ROLES = ("system", "user", "assistant", "developer", "tool")
+from telemetry import tracing
 
 
 class LLMServer:
-    def __init__(self, engine: LLMEngine, *, model_name: str, default_max_tokens: int = 256) -> None:
-        self.engine = engine
-        self.model_name = model_name
-        self.default_max_tokens = default_max_tokens
+    """`LLMServer(config)` builds the engine the config names; `engine=` injects one (tests)."""
+
+    def __init__(self, config: LLMModelConfig, *, engine: LLMEngine | None = None,
+                 work_dir: str | Path | None = None) -> None:
+        self.config = config
+        self.engine = engine if engine is not None else engine_for(config, work_dir=work_dir)
+        self.model_name = config.name
+        self.default_max_tokens = config.default_max_tokens
         self._started = False
+        self._open_streams = 0  # streams past `Started`: above `stream_coalesce_above` they coalesce
 
     async def start(self) -> None:
         if not self._started:
             await self.engine.start()
             self._started = True
 
-    # -- prompt handling ------------------------------------------------------------------
+    async def shutdown(self) -> None:
+        await self.engine.shutdown()
+
+    # -- prompt handling (prompt.py) ------------------------------------------------------
 
     def prompt_token_ids(self, req: GenerationRequest) -> list[int]:
-        tok = self.engine.tokenizer
-        if req.messages is not None:
-            for i, m in enumerate(req.messages):
-                if m.get("role") not in ROLES:
-                    raise LLMRequestError(400, f"messages[{i}].role must be one of {list(ROLES)}, "
-                                          f"got {m.get('role')!r}", param=f"messages[{i}].role")
-            # `developer` is OpenAI's new name for `system`; chat templates know only the latter.
-            msgs = [{"role": "system" if m["role"] == "developer" else m["role"],
-                     "content": m.get("content") or ""} for m in req.messages]
-            out = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            ids = out["input_ids"] if hasattr(out, "keys") else out
-            return [int(t) for t in ids]
-        return [int(t) for t in tok(req.prompt)["input_ids"]]
+        return prompt.prompt_token_ids(self.engine.tokenizer, req)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return prompt.count_tokens(self.engine.tokenizer, text)
 
     def _sampling(self, req: GenerationRequest, prompt_len: int) -> list[SamplingParams]:
-        ctx = self.engine.max_model_len
-        param = "messages" if req.messages is not None else "prompt"
-        if prompt_len >= ctx:
-            raise LLMRequestError(
-                413, f"The prompt is {prompt_len} tokens long; this model's context is {ctx} tokens "
-                f"(including the answer). Shorten the {param}.", param=param, code="context_length_exceeded")
-        room = ctx - prompt_len
-        if req.max_tokens is not None and req.max_tokens > room:
-            raise LLMRequestError(
-                400, f"max_tokens ({req.max_tokens}) plus the prompt ({prompt_len} tokens) exceeds this "
-                f"model's context of {ctx} tokens; at most {room} tokens can be generated.",
-                param="max_tokens", code="context_length_exceeded")
-        max_tokens = req.max_tokens if req.max_tokens is not None else min(self.default_max_tokens, room)
-        return [
-            SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                           stop=req.stop, seed=None if req.seed is None else req.seed + i,
-                           ignore_eos=req.ignore_eos)
-            for i in range(req.n)
-        ]
+        return prompt.sampling_params(req, prompt_len, context=self.engine.max_model_len,
+                                      default_max_tokens=self.default_max_tokens)
 
     # -- generation -----------------------------------------------------------------------
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[StreamItem]:
-        """Started, then ChoiceDeltas of all n choices as they come (each ends with a finish_reason)."""
+        """Started, then ChoiceDeltas of all n choices as they come (each ends with a finish_reason).
+        Each delta carries the request's GPU-seconds so far (share_clock.py); the last one the total."""
         ids = self.prompt_token_ids(req)
         params = self._sampling(req, len(ids))
         yield Started(req.request_id, len(ids), params[0].max_tokens)
-        if len(params) == 1:
-            # aclosing: an early close must reach the engine now (abort), not at garbage collection.
-            async with aclosing(self.engine.generate(req.request_id, ids, params[0])) as deltas:
-                async for d in deltas:
-                    yield ChoiceDelta(0, d.text, len(d.token_ids), d.finish_reason)
-            return
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, sp: SamplingParams) -> None:
-            try:
-                async with aclosing(self.engine.generate(f"{req.request_id}-{i}", ids, sp)) as deltas:
-                    async for d in deltas:
-                        await queue.put(ChoiceDelta(i, d.text, len(d.token_ids), d.finish_reason))
-            except BaseException as exc:  # surfaced to the consumer, then re-raised there
-                await queue.put(exc)
-                raise
-
-        tasks = [asyncio.create_task(pump(i, sp)) for i, sp in enumerate(params)]
+        # On the clock from here until the stream ends, however it ends (finally: leave).
+        share = share_clock.clock_for(self).enter(len(params))
         try:
-            done = 0
-            while done < len(tasks):
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finish_reason is not None:
-                    done += 1
-                yield item
+            if len(params) == 1:
+                # aclosing: an early close must reach the engine now (abort), not at garbage collection.
+                async with aclosing(self.engine.generate(req.request_id, ids, params[0])) as deltas:
+                    async for d in deltas:
+                        if d.finish_reason is not None:
+                            share.leave()  # the last delta carries the final figure
+                        yield ChoiceDelta(0, d.text, len(d.token_ids), d.finish_reason, share.gpu_seconds())
+                return
+            queue: asyncio.Queue = asyncio.Queue()
+
+            async def pump(i: int, sp: SamplingParams) -> None:
+                try:
+                    async with aclosing(self.engine.generate(f"{req.request_id}-{i}", ids, sp)) as deltas:
+                        async for d in deltas:
+                            await queue.put(ChoiceDelta(i, d.text, len(d.token_ids), d.finish_reason))
+                except BaseException as exc:  # surfaced to the consumer, then re-raised there
+                    await queue.put(exc)
+                    raise
+
+            tasks = [asyncio.create_task(pump(i, sp)) for i, sp in enumerate(params)]
+            try:
+                done = 0
+                while done < len(tasks):
+                    item = await queue.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item.finish_reason is not None:
+                        done += 1
+                        if done == len(tasks):
+                            share.leave()
+                    yield ChoiceDelta(item.index, item.text, item.num_tokens, item.finish_reason, share.gpu_seconds())
+            finally:
+                for t in tasks:  # early close or failure: abort the other choices too
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            for t in tasks:  # early close or failure: abort the other choices too
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            share.leave()
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
         """The whole result, aggregated from `stream` (so streamed and not agree by construction)."""
@@ -128,6 +122,7 @@ class LLMServer:
         reasons: list[Any] = [None] * req.n
         prompt_tokens = 0
         ttft = None
+        gpu_seconds = 0.0
         async for item in self.stream(req):
             if isinstance(item, Started):
                 prompt_tokens = item.prompt_tokens
@@ -137,9 +132,66 @@ class LLMServer:
             texts[item.index].append(item.text)
             counts[item.index] += item.num_tokens
             reasons[item.index] = item.finish_reason or reasons[item.index]
+            gpu_seconds = max(gpu_seconds, item.gpu_seconds)
         choices = [Choice(i, "".join(texts[i]), reasons[i], counts[i]) for i in range(req.n)]
         return GenerationResult(req.request_id, choices, prompt_tokens, sum(counts),
-                                {"total_s": time.perf_counter() - t0, "ttft_s": ttft or 0.0})
+                                {"total_s": time.perf_counter() - t0, "ttft_s": ttft or 0.0}, gpu_seconds)
+
+    # -- what the deployment's handle calls run -------------------------------------------
+
+    async def generate_stream(self, req: GenerationRequest) -> AsyncIterator[list[StreamItem]]:
+        """`stream` as Serve stream messages (lists of items), traced. When the caller's request
+        is cancelled (client disconnect), the CancelledError closes `stream`, which aborts the
+        sequences in the engine."""
+        cfg = self.config
+        stream = self.stream(req)
+        span = tracing.start_remote_span("llm.stream", req.trace_context, model=cfg.name, n=req.n,
+                                         max_tokens=req.max_tokens)
+        completion_tokens = 0
+        counted = False
+        try:
+            # Started goes out at once (the caller waits on it to pick an HTTP status) ...
+            started = await stream.__anext__()
+            if isinstance(started, Started):
+                tracing.set_attrs(span, prompt_tokens=started.prompt_tokens)
+            yield [started]
+            self._open_streams += 1
+            counted = True
+            if cfg.stream_interval_ms == 0:
+                async for item in stream:
+                    completion_tokens += item.num_tokens if isinstance(item, ChoiceDelta) else 0
+                    yield [item]
+                return
+            # ... then deltas: the first at once (TTFT), the rest coalesced per interval (while
+            # the replica is busy, see `_stream_interval_s`), one Serve stream message per batch
+            # of tokens instead of one per token.
+            async for batch in coalesce(stream, self._stream_interval_s):
+                completion_tokens += sum(d.num_tokens for d in batch if isinstance(d, ChoiceDelta))
+                yield batch
+        except Exception as exc:  # a disconnect (cancel) is not an error of the stream
+            tracing.record_error(span, exc)
+            raise
+        finally:
+            if counted:
+                self._open_streams -= 1
+            tracing.set_attrs(span, completion_tokens=completion_tokens)
+            span.end()
+            await stream.aclose()
+
+    def _stream_interval_s(self) -> float:
+        """Per token while few streams are open (latency), per interval while many are (throughput)."""
+        if self._open_streams <= self.config.stream_coalesce_above:
+            return 0.0
+        return self.config.stream_interval_ms / 1000
+
+    async def generate_traced(self, req: GenerationRequest) -> GenerationResult:
+        """`generate` in a span continuing the caller's trace."""
+        with tracing.continue_trace("llm.generate", req.trace_context, model=self.config.name, n=req.n,
+                                    max_tokens=req.max_tokens) as span:
+            result = await self.generate(req)
+            tracing.set_attrs(span, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                              ttft_s=result.timings.get("ttft_s"))
+            return result
 
     def stats(self) -> dict[str, Any]:
         out = {"model": self.model_name, "engine": self.engine.name, "running": self.engine.num_running(),

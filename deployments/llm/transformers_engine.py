@@ -30,110 +30,16 @@ import logging
 import sys
 from collections import deque
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from deployments.llm.continuous import ContinuousBatcher
 from deployments.llm.core_process import EngineCoreClient, UnsupportedModel
 from deployments.llm.detok import IncrementalDetokenizer
-from deployments.llm.types import FinishReason, SamplingParams, TokenDelta
+from deployments.llm.loading import load_model
+from deployments.llm.sequence import Sequence, new_generator
+from deployments.llm.types import SamplingParams, TokenDelta
 
 logger = logging.getLogger("genserve.llm.transformers")
-
-
-@dataclass(eq=False)
-class _Seq:
-    """One sequence as the model thread sees it. Its deltas (and a failure) go to `sink`: the
-    consumer's asyncio queue in this process, or the engine-core process's outbox (core_process.py)."""
-
-    request_id: str
-    prompt_ids: list[int]
-    sampling: SamplingParams
-    detok: IncrementalDetokenizer
-    sink: Callable[[TokenDelta | BaseException], None]
-    generator: Any = None  # torch.Generator
-    aborted: bool = False
-    finish_reason: FinishReason | None = None
-
-    def push(self, delta: TokenDelta) -> None:
-        self.sink(delta)
-
-    def finish(self, reason: FinishReason, new_ids: tuple[int, ...] = ()) -> None:
-        self.finish_reason = reason
-        self.push(TokenDelta(self.detok.flush(), new_ids, reason))
-
-    def accept(self, tid: int, eos_id: int | None) -> None:
-        """One new token from the model: stream it, or end the sequence (abort, EOS, a stop
-        string, max_tokens). No-op once finished."""
-        if self.finish_reason is not None:
-            return
-        if self.aborted:
-            self.finish("abort")
-        elif tid == eos_id and not self.sampling.ignore_eos:
-            self.detok.token_ids.append(tid)
-            self.finish("stop", (tid,))
-        else:
-            text = self.detok.add(tid)
-            if self.detok.stopped:
-                self.finish("stop", (tid,))
-            elif len(self.detok.token_ids) >= self.sampling.max_tokens:
-                self.push(TokenDelta(text, (tid,)))
-                self.finish("length")
-            else:
-                self.push(TokenDelta(text, (tid,)))
-
-    def sample(self, scores: Any) -> Any:
-        """This row's next token from its logits, with its own temperature, top_p and generator
-        (so a seed fixes the sequence whatever shares its batch); None for greedy rows."""
-        import torch
-
-        t = self.sampling.temperature
-        if t == 0:
-            return None
-        probs = torch.softmax(scores.float() / t, dim=-1)
-        if self.sampling.top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            # keep the smallest prefix whose mass reaches top_p (always the top token)
-            drop = torch.cumsum(sorted_p, dim=-1) - sorted_p >= self.sampling.top_p
-            sorted_p[drop] = 0
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-        return torch.multinomial(probs, 1, generator=self.generator)[0]
-
-    def fail(self, exc: BaseException) -> None:
-        """End the stream with an error (its consumer raises); no-op once finished."""
-        if self.finish_reason is None:
-            self.finish_reason = "abort"
-            self.sink(exc)
-
-
-def load_model(path: str, *, dtype: str, device: str, max_model_len: int) -> tuple[Any, Any]:
-    """The model (eval, on its device) and tokenizer from a hub id or a local dir."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "float32" if device == "cpu" else "auto"
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and max_model_len > limit:
-        raise ValueError(f"max_model_len ({max_model_len}) exceeds the model's "
-                         f"max_position_embeddings ({limit}) for {path!r}")
-    return model.to(device).eval(), tokenizer
-
-
-def new_generator(device: Any, seed: int | None) -> Any:
-    """A row's own torch.Generator: seeded, or from fresh entropy."""
-    import torch
-
-    gen = torch.Generator(device=device)
-    if seed is not None:
-        gen.manual_seed(seed)
-    else:
-        gen.seed()
-    return gen
 
 
 def queue_sink(loop: asyncio.AbstractEventLoop, q: asyncio.Queue) -> Callable[[Any], None]:
@@ -184,9 +90,9 @@ class TransformersEngine:
         self._last_end = float("-inf")  # when it ended (loop time)
         self._static_batches: deque[int] = deque(maxlen=256)  # recent static batches' rows
         self._continuous: ContinuousBatcher | None = None
-        self._live: dict[str, _Seq] = {}  # request id -> its sequence, while it streams
-        self._pending: list[_Seq] = []
-        self._batch: list[_Seq] = []
+        self._live: dict[str, Sequence] = {}  # request id -> its sequence, while it streams
+        self._pending: list[Sequence] = []
+        self._batch: list[Sequence] = []
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._failure: BaseException | None = None
@@ -298,7 +204,7 @@ class TransformersEngine:
         if failure is not None:
             raise RuntimeError(f"transformers engine failed: {failure!r}")
         deltas: asyncio.Queue = asyncio.Queue()
-        seq = _Seq(request_id, list(prompt_token_ids), sampling,
+        seq = Sequence(request_id, list(prompt_token_ids), sampling,
                    IncrementalDetokenizer(self._tokenizer, sampling.stop),
                    queue_sink(asyncio.get_running_loop(), deltas),
                    generator=new_generator(self._model.device, sampling.seed))
@@ -415,7 +321,7 @@ class TransformersEngine:
             except asyncio.TimeoutError:
                 return
 
-    def _run_batch(self, batch: list[_Seq]) -> None:
+    def _run_batch(self, batch: list[Sequence]) -> None:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
@@ -453,7 +359,7 @@ class TransformersEngine:
 class _Rows:
     """The streamer: receives each step's tokens (one per row) and decides which rows are done."""
 
-    def __init__(self, batch: list[_Seq], eos_id: int | None) -> None:
+    def __init__(self, batch: list[Sequence], eos_id: int | None) -> None:
         self.batch = batch
         self.eos_id = eos_id
         self._prompt_seen = False
@@ -488,7 +394,7 @@ class _RowStopper:
 class _RowSampler:
     """Samples each row with its own temperature/top_p/generator; greedy rows are left as is."""
 
-    def __init__(self, batch: list[_Seq]) -> None:
+    def __init__(self, batch: list[Sequence]) -> None:
         self.batch = batch
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:

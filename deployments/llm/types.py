@@ -90,6 +90,9 @@ class ChoiceDelta:
     text: str
     num_tokens: int
     finish_reason: FinishReason | None = None
+    # The whole request's GPU-seconds so far (cumulative, all choices; share_clock.py): the
+    # ingress meters the latest value it sent, so a stream cut short is billed what it used.
+    gpu_seconds: float = 0.0
 
 
 StreamItem = Started | ChoiceDelta
@@ -112,6 +115,7 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
+    gpu_seconds: float = 0.0  # the replica's share-clock GPU-seconds of this request (share_clock.py)
 
 
 class LLMRequestError(ValueError):

@@ -24,6 +24,7 @@ class Expansion:
     text: str
     prompt_tokens: int
     completion_tokens: int
+    gpu_seconds: float = 0.0  # the LLM replica's share-clock figure (deployments/llm/share_clock.py)
 
 
 async def expand_prompt(
@@ -59,4 +60,4 @@ async def expand_with(target: LLMTarget, prompt: str, *, max_tokens: int = 77, s
     )
     result = await generate(target, req)
     text = result.choices[0].text.strip()
-    return Expansion(text or prompt, result.prompt_tokens, result.completion_tokens)
+    return Expansion(text or prompt, result.prompt_tokens, result.completion_tokens, result.gpu_seconds)

@@ -52,7 +52,7 @@ class _AdmittedMeter:
     def __init__(self, admission: asyncio.Task) -> None:
         self._admission = admission
 
-    def add(self, **usage: int) -> None:
+    def add(self, **usage: Any) -> None:
         self._admission.result().add(**usage)
 
 
@@ -107,7 +107,7 @@ async def create_chat_completion(body: ChatCompletionRequest, services: Services
                                       functools.partial(service.chat_completion_stream, services, body))
     adm = await admission
     async with adm:
-        result = await service.chat_completion(services, body)
+        result = await service.chat_completion(services, body, meter=adm)
         adm.set_usage(result.usage.model_dump())
     response.headers.update(adm.headers())
     return result
@@ -123,7 +123,7 @@ async def create_completion(body: CompletionRequest, services: ServicesDep, ctx:
                                       functools.partial(service.completion_stream, services, body))
     adm = await admission
     async with adm:
-        result = await service.completion(services, body)
+        result = await service.completion(services, body, meter=adm)
         adm.set_usage(result.usage.model_dump())
     response.headers.update(adm.headers())
     return result

@@ -42,7 +42,22 @@ logger = logging.getLogger("genserve.chat")
 class Meter(Protocol):
     """Where streamed usage is counted (a tenancy Admission)."""
 
-    def add(self, *, prompt_tokens: int = 0, completion_tokens: int = 0) -> None: ...
+    def add(self, *, prompt_tokens: int = 0, completion_tokens: int = 0, gpu_seconds: float = 0.0) -> None: ...
+
+
+class _GpuMeter:
+    """The replica reports a request's GPU-seconds cumulatively on each delta; the meter is given
+    the growth since the last chunk sent, so what is recorded is the latest figure sent."""
+
+    __slots__ = ("_meter", "_seen")
+
+    def __init__(self, meter: Meter | None) -> None:
+        self._meter, self._seen = meter, 0.0
+
+    def sent(self, gpu_seconds: float) -> None:
+        if self._meter is not None and gpu_seconds > self._seen:
+            self._meter.add(gpu_seconds=gpu_seconds - self._seen)
+            self._seen = gpu_seconds
 
 
 @dataclass
@@ -131,7 +146,8 @@ async def _deltas(gen: Any) -> AsyncIterator[ChoiceDelta]:
             for d in batch:
                 prev = merged.get(d.index)
                 merged[d.index] = d if prev is None else ChoiceDelta(
-                    d.index, prev.text + d.text, prev.num_tokens + d.num_tokens, d.finish_reason)
+                    d.index, prev.text + d.text, prev.num_tokens + d.num_tokens, d.finish_reason,
+                    max(prev.gpu_seconds, d.gpu_seconds))
             for d in merged.values():
                 yield d
         finished = True
@@ -145,11 +161,14 @@ async def _deltas(gen: Any) -> AsyncIterator[ChoiceDelta]:
 # -- chat -------------------------------------------------------------------------------------
 
 
-async def chat_completion(services: Services, body: ChatCompletionRequest) -> ChatCompletionResponse:
+async def chat_completion(services: Services, body: ChatCompletionRequest,
+                          meter: Meter | None = None) -> ChatCompletionResponse:
     target = resolve_llm(services, body.model)
     _check_max_tokens(target, body.max_tokens or body.max_completion_tokens)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     result = await generate(target, body.to_generation_request(rid))
+    if meter is not None:
+        meter.add(gpu_seconds=result.gpu_seconds)
     return ChatCompletionResponse(
         id=rid, model=target.name,
         choices=[ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
@@ -167,6 +186,7 @@ async def chat_completion_stream(services: Services, body: ChatCompletionRequest
     started, gen = await open_stream(target, body.to_generation_request(rid), gate)
     if meter is not None:
         meter.add(prompt_tokens=started.prompt_tokens)
+    gpu = _GpuMeter(meter)
 
     async def chunks() -> AsyncIterator[ChatCompletionChunk]:
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
@@ -183,6 +203,7 @@ async def chat_completion_stream(services: Services, body: ChatCompletionRequest
                 timer.sent(d.num_tokens)
             if meter is not None:  # reached once the consumer came back, i.e. the chunk was sent
                 meter.add(completion_tokens=d.num_tokens)
+            gpu.sent(d.gpu_seconds)
         if body.include_usage:
             yield chunk([], Usage.of(started.prompt_tokens, completion))
 
@@ -192,11 +213,13 @@ async def chat_completion_stream(services: Services, body: ChatCompletionRequest
 # -- completions ------------------------------------------------------------------------------
 
 
-async def completion(services: Services, body: CompletionRequest) -> CompletionResponse:
+async def completion(services: Services, body: CompletionRequest, meter: Meter | None = None) -> CompletionResponse:
     target = resolve_llm(services, body.model)
     _check_max_tokens(target, body.max_tokens)
     rid = f"cmpl-{uuid.uuid4().hex}"
     result = await generate(target, body.to_generation_request(rid))
+    if meter is not None:
+        meter.add(gpu_seconds=result.gpu_seconds)
     prefix = body.prompt_text if body.echo else ""
     return CompletionResponse(
         id=rid, model=target.name,
@@ -215,6 +238,7 @@ async def completion_stream(services: Services, body: CompletionRequest, meter: 
     started, gen = await open_stream(target, body.to_generation_request(rid), gate)
     if meter is not None:
         meter.add(prompt_tokens=started.prompt_tokens)
+    gpu = _GpuMeter(meter)
 
     async def chunks() -> AsyncIterator[CompletionResponse]:
         def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
@@ -232,6 +256,7 @@ async def completion_stream(services: Services, body: CompletionRequest, meter: 
                 timer.sent(d.num_tokens)
             if meter is not None:
                 meter.add(completion_tokens=d.num_tokens)
+            gpu.sent(d.gpu_seconds)
         if body.include_usage:
             yield chunk([], Usage.of(started.prompt_tokens, completion_tokens))
 

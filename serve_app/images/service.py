@@ -107,7 +107,8 @@ class ImagesService:
                                              within_request=True)
         async with admission:
             exp = await expand_with(target, spec.prompt, max_tokens=ENHANCE_MAX_TOKENS, seed=spec.seeds[0])
-            admission.add(prompt_tokens=exp.prompt_tokens, completion_tokens=exp.completion_tokens)
+            admission.add(prompt_tokens=exp.prompt_tokens, completion_tokens=exp.completion_tokens,
+                          gpu_seconds=exp.gpu_seconds)
         # Sizes, seeds and other parameters stay as rendered; the expansion is drawn as one piece.
         spec = spec.model_copy(update={"prompt": exp.text, "asked_prompt": spec.prompt, "weighted_prompts": (),
                                        "enhance": False})

@@ -81,7 +81,7 @@ class TelemetryMiddleware:
                         span.set_attribute("http.response.status_code", status)
                         if status >= 500:
                             span.set_status(StatusCode.ERROR)
-                    metrics.record_request(route, info.model, status, seconds)
+                    metrics.record_request(route, info.model, status, seconds, info.tenant_label)
                     if self.access_log:
                         access_log.info("%s %s %d %.1fms", method, scope["path"], status, seconds * 1000,
                                         extra={"fields": {"route": route, "status": status,

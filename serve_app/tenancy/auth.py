@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 
 from serve_app.errors import APIError, bad_request
 from serve_app.state import ServicesDep
+from telemetry import metrics
 from telemetry.context import annotate, phase
 from serve_app.tenancy.service import Tenancy, TenantContext
 
@@ -41,7 +42,7 @@ async def authenticate(request: Request, tenancy: TenancyDep) -> TenantContext:
     with phase("auth"):
         ctx = await tenancy.authenticate(api_key_from(request))
     request.state.tenant = ctx  # for access logs and metrics labels (the tenant name, never the key)
-    annotate(tenant=ctx.tenant)
+    annotate(tenant=ctx.tenant, tenant_label=metrics.tenant_label(ctx.tenant, ctx.plan.name))
     return ctx
 
 

@@ -156,10 +156,49 @@ def usage(tenant: str, since: datetime | None, until: datetime | None, as_json: 
         click.echo(json.dumps(report.model_dump(mode="json"), indent=2))
         return
     click.echo(f"usage of {report.tenant} from {report.since} to {report.until}")
-    click.echo("day\trequests\tprompt_tokens\tcompletion_tokens\timages\tgpu_seconds\tcost_usd")
+    click.echo("day\trequests\tprompt_tokens\tcompletion_tokens\timages\tgpu_seconds\tcost_usd\tgpu_cost_usd")
     for d in report.days:
         click.echo(f"{d.day}\t{d.requests}\t{d.prompt_tokens}\t{d.completion_tokens}\t{d.images}\t"
-                   f"{d.gpu_seconds:.2f}\t{d.cost_usd:.6f}")
+                   f"{d.gpu_seconds:.2f}\t{d.cost_usd:.6f}\t{d.gpu_cost_usd:.6f}")
     tot = report.totals
     click.echo(f"total\t{tot.requests}\t{tot.prompt_tokens}\t{tot.completion_tokens}\t{tot.images}\t"
-               f"{tot.gpu_seconds:.2f}\t{tot.cost_usd:.6f}")
+               f"{tot.gpu_seconds:.2f}\t{tot.cost_usd:.6f}\t{tot.gpu_cost_usd:.6f}")
+    # Unit figures: the priced amount beside the measured GPU cost ("-": nothing to divide by).
+    click.echo("\nmodel\tprice_per_1k_tokens\tgpu_cost_per_1k_tokens\tprice_per_image\tgpu_cost_per_image")
+    for m in [*report.by_model, tot]:
+        name = getattr(m, "model", "total")
+        click.echo(f"{name}\t{_usd(m.price_per_1k_tokens_usd)}\t{_usd(m.gpu_cost_per_1k_tokens_usd)}\t"
+                   f"{_usd(m.price_per_image_usd)}\t{_usd(m.gpu_cost_per_image_usd)}")
+
+
+def _usd(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6f}"
+
+
+@click.group(help="Billing statements from the usage ledger.")
+def billing() -> None: ...
+
+
+@billing.command("statement")
+@click.option("--tenant", required=True)
+@click.option("--month", required=True, metavar="YYYY-MM", help="Calendar month (UTC), e.g. 2026-12.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help="Directory of statement-<tenant>-<month>.csv and .json.")
+@_common
+def billing_statement(tenant: str, month: str, out_dir: Path, config_path: str | None, database_url: str | None,
+                      app_name: str | None) -> None:
+    """Write TENANT's statement of MONTH as CSV and JSON (same ledger and rates: same bytes)."""
+    from serve_app.tenancy import billing as billinglib
+
+    try:
+        billinglib.month_bounds(month)
+    except APIError as e:
+        raise click.BadParameter(e.message, param_hint="--month") from None
+    with _tenancy(config_path, database_url, app_name) as t:
+        statement = billinglib.build(t.engine, t.config.gpu_cost, tenant, month)
+    csv_path, json_path = billinglib.write(statement, out_dir)
+    tot = statement.doc["totals"]
+    click.echo(f"{tenant} {month}: {tot['requests']} requests, amount ${tot['amount_usd']}, "
+               f"GPU cost ${tot['gpu_cost_usd']}{'' if statement.doc['final'] else ' (month not over: preview)'}")
+    click.echo(str(csv_path))
+    click.echo(str(json_path))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -48,6 +48,24 @@ class PricesConfig(_Strict):
     per_1k_completion_tokens: float = Field(0.0015, ge=0.0)
     per_image: float = Field(0.01, ge=0.0)
     per_gpu_second: float = Field(0.0, ge=0.0, description="0 = GPU time is recorded but not billed.")
+
+
+class GpuCostConfig(_Strict):
+    """What one GPU-hour costs *us*, per model (not what tenants pay: that is `prices`). Measured
+    GPU-seconds × this rate / 3600 give the GPU cost that `genserve usage`, `/v1/usage`, billing
+    statements and the dashboard show per 1k tokens and per image. LLM GPU-seconds are the share
+    clock's (deployments/llm/share_clock.py) × the replica's num_gpus; image GPU-seconds are each
+    image's share of its batch's compute time on its replica, not scaled by a fractional num_gpus,
+    so price an image model at the cost of the GPU share its replica holds (docs/tenancy.md#cost)."""
+
+    usd_per_gpu_hour: dict[str, Annotated[float, Field(ge=0.0)]] = Field(
+        default_factory=dict, description="Canonical model name (not an alias) -> USD per GPU-hour of the GPU it "
+        "runs on, e.g. {sdxl: 2.5, qwen-7b: 2.5}. On CPU replicas GPU-seconds are replica-seconds.")
+    default_usd_per_gpu_hour: float = Field(0.0, ge=0.0, description="For models not listed (0: no GPU cost).")
+
+    def rate(self, model: str) -> float:
+        """USD per GPU-hour of `model`."""
+        return self.usd_per_gpu_hour.get(model, self.default_usd_per_gpu_hour)
 
 
 class LocalTenantConfig(_Strict):
@@ -100,6 +118,7 @@ class TenancyConfig(_Strict):
     plans: list[PlanConfig] = Field(default_factory=_default_plans, min_length=1)
     default_plan: str = "free"
     prices: PricesConfig = Field(default_factory=PricesConfig)
+    gpu_cost: GpuCostConfig = Field(default_factory=GpuCostConfig)
     rate_window_s: int = Field(60, ge=1, le=3600, description="Fixed window of the per-minute limits.")
     lease_ttl_s: int = Field(
         60, ge=2, le=3600, description="Lifetime of a concurrency slot's or budget hold's lease. A running "

@@ -56,7 +56,13 @@ class UsageTotals(BaseModel):
     total_tokens: int = 0
     images: int = 0
     gpu_seconds: float = 0.0
-    cost_usd: float = 0.0
+    cost_usd: float = Field(0.0, description="The priced amount (tenancy.prices): what the tenant is charged.")
+    gpu_cost_usd: float = Field(0.0, description="Measured GPU-seconds × the model's tenancy.gpu_cost rate.")
+    gpu_cost_per_1k_tokens_usd: float | None = Field(
+        None, description="GPU cost of the token (chat, completions, prompt expansion) usage per 1k tokens.")
+    price_per_1k_tokens_usd: float | None = Field(None, description="Priced amount of that usage per 1k tokens.")
+    gpu_cost_per_image_usd: float | None = Field(None, description="GPU cost of the image usage per image.")
+    price_per_image_usd: float | None = Field(None, description="Priced amount of that usage per image.")
 
 
 class UsageDay(UsageTotals):

@@ -36,7 +36,7 @@ from telemetry import metrics as telemetry_metrics
 from telemetry.context import annotate, phase
 from serve_app.tenancy import budget as budgetlib
 from serve_app.tenancy import keys as keylib
-from serve_app.tenancy import limits_sql, store
+from serve_app.tenancy import costing, limits_sql, store
 from serve_app.tenancy.config import PlanConfig, TenancyConfig
 from serve_app.tenancy.db import make_engine, read_tx, upgrade, write_tx
 from serve_app.tenancy.leases import LeaseKeeper
@@ -96,6 +96,11 @@ class TenantContext:
     plan: PlanConfig
     key_prefix: str
 
+    @property
+    def metrics_label(self) -> str:
+        """The bounded `tenant` label of this tenant's metrics (telemetry/tenant_label.py)."""
+        return telemetry_metrics.tenant_label(self.tenant, self.plan.name)
+
 
 def _unauthorized(message: str, code: str = "invalid_api_key") -> APIError:
     return APIError(401, message, code=code, headers={"WWW-Authenticate": "Bearer"})
@@ -136,6 +141,9 @@ class Admission:
         # Set when the request failed by our fault (tenancy/service.py `_settle` gives its
         # request-rate unit back): failures of ours don't count against the tenant's rate.
         self.refund_request = False
+        # The label it was counted under in genserve_requests_in_flight (set by admit; settle takes
+        # it off under the same label, even if the tenant's plan changed meanwhile).
+        self.in_flight_label: str | None = None
         self._settled = False
         self._lock = threading.Lock()
         self._settling: concurrent.futures.Future[bool] | None = None
@@ -173,6 +181,8 @@ class Admission:
             self._tenancy._settle(self)
         finally:
             self._tenancy.leases.forget(self)
+            if self.in_flight_label is not None:
+                telemetry_metrics.change_in_flight(self.route, self.model, self.in_flight_label, -1)
         return True
 
     def settle_soon(self, status: str | None = None) -> concurrent.futures.Future[bool]:
@@ -367,18 +377,21 @@ class Tenancy:
                 grant, hold = self._acquire(ctx, needs, est, now, concurrency)
             except (Rejected, budgetlib.OverBudget) as again:
                 self._refused(ctx, again)
-        telemetry_metrics.record_tenant_request(ctx.tenant, route)
+        telemetry_metrics.record_tenant_request(ctx.metrics_label, route)
         adm = Admission(self, ctx, route, model, grant, hold, now)
+        if not within_request:
+            adm.in_flight_label = ctx.metrics_label
+            telemetry_metrics.change_in_flight(route, model, adm.in_flight_label, +1)
         if grant.lease_id is not None or hold is not None:
             self.leases.track(adm)
         return adm
 
     def _refused(self, ctx: TenantContext, refusal: Exception) -> NoReturn:
         if isinstance(refusal, Rejected):
-            telemetry_metrics.record_rate_limited(ctx.tenant, refusal.kind)
+            telemetry_metrics.record_rate_limited(ctx.metrics_label, refusal.kind)
             raise _rate_error(refusal) from None
         assert isinstance(refusal, budgetlib.OverBudget)
-        telemetry_metrics.record_rate_limited(ctx.tenant, "budget")
+        telemetry_metrics.record_rate_limited(ctx.metrics_label, "budget")
         raise _quota_error(refusal) from None
 
     def _acquire(self, ctx: TenantContext, needs: list[Need], est: int, now: float,
@@ -446,8 +459,6 @@ class Tenancy:
 
     def _settle(self, adm: Admission) -> None:
         ctx, g = adm.ctx, adm.grant
-        telemetry_metrics.record_usage(model=adm.model, tenant=ctx.tenant, images=adm.images,
-                                       prompt_tokens=adm.prompt_tokens, completion_tokens=adm.completion_tokens)
         tokens = adm.prompt_tokens + adm.completion_tokens
         adjust: dict[str, int] = {}
         if ctx.plan.tokens_per_minute is not None:
@@ -458,6 +469,10 @@ class Tenancy:
             adjust["requests"] = -g.taken["requests"]
         cost = cost_micros(self.config.prices, prompt_tokens=adm.prompt_tokens,
                            completion_tokens=adm.completion_tokens, images=adm.images, gpu_seconds=adm.gpu_seconds)
+        telemetry_metrics.record_usage(
+            model=adm.model, tenant=ctx.metrics_label, images=adm.images, prompt_tokens=adm.prompt_tokens,
+            completion_tokens=adm.completion_tokens, gpu_seconds=adm.gpu_seconds, billed_usd=usd(cost),
+            gpu_cost_usd=costing.gpu_cost_usd(self.config.gpu_cost, adm.model, adm.gpu_seconds))
         now = time.time()
         day = datetime.fromtimestamp(adm.started, tz=timezone.utc).date()
         for attempt in range(3):
@@ -533,7 +548,8 @@ class Tenancy:
     # ---- usage ------------------------------------------------------------------------------
     def usage(self, tenant: str, since: date | None = None, until: date | None = None) -> UsageReport:
         today = datetime.now(timezone.utc).date()
-        return store.usage_report(self.engine, tenant, since or store.month_start(today), until or today)
+        return store.usage_report(self.engine, tenant, since or store.month_start(today), until or today,
+                                  self.config.gpu_cost)
 
     def usage_summary(self, ctx: TenantContext) -> UsageSummary:
         today = datetime.now(timezone.utc).date()

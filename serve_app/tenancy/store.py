@@ -10,7 +10,8 @@ from sqlalchemy.exc import IntegrityError
 
 from serve_app.errors import APIError, bad_request, not_found
 from serve_app.tenancy import keys as keylib
-from serve_app.tenancy.config import TenancyConfig
+from serve_app.tenancy import costing
+from serve_app.tenancy.config import GpuCostConfig, TenancyConfig
 from serve_app.tenancy.db import read_tx, write_tx
 from serve_app.tenancy.models import ApiKey, BudgetPeriod, Tenant, UsageDaily, UsageEvent
 from serve_app.tenancy.pricing import usd
@@ -149,7 +150,9 @@ def _totals(requests: int, p: int, c: int, images: int, gpu: float, cost: int) -
                 cost_usd=usd(int(cost or 0)))
 
 
-def usage_report(engine: Engine, tenant: str, since: date, until: date) -> UsageReport:
+def usage_report(engine: Engine, tenant: str, since: date, until: date,
+                 gpu_cost: GpuCostConfig | None = None) -> UsageReport:
+    gpu_cost = gpu_cost or GpuCostConfig()
     with read_tx(engine) as conn:
         t = _get_tenant(conn, tenant)
         d = UsageDaily
@@ -161,13 +164,20 @@ def usage_report(engine: Engine, tenant: str, since: date, until: date) -> Usage
                                      func.sum(e.images), func.sum(e.gpu_seconds), func.sum(e.cost_micros))
                               .where(e.tenant_id == t.id, e.day >= since, e.day <= until)
                               .group_by(e.model).order_by(e.model)).all()
-    day_rows = [UsageDay(day=r[0], **_totals(*r[1:])) for r in days]
+        cost_parts = costing.parts(conn, t.id, since, until)
+
+    def costs(day: date | None = None, model: str | None = None) -> dict:
+        return costing.cost_fields(gpu_cost, [p for p in cost_parts if (day is None or p.day == day)
+                                              and (model is None or p.model == model)])
+
+    day_rows = [UsageDay(day=r[0], **_totals(*r[1:]), **costs(day=r[0])) for r in days]
     total = UsageTotals(**_totals(
         sum(r.requests for r in day_rows), sum(r.prompt_tokens for r in day_rows),
         sum(r.completion_tokens for r in day_rows), sum(r.images for r in day_rows),
-        sum(r.gpu_seconds for r in day_rows), sum(int(x[6]) for x in days)))
+        sum(r.gpu_seconds for r in day_rows), sum(int(x[6]) for x in days)), **costs())
     return UsageReport(tenant=t.name, since=since, until=until, totals=total, days=day_rows,
-                       by_model=[ModelUsage(model=r[0], **_totals(*r[1:])) for r in models])
+                       by_model=[ModelUsage(model=r[0], **_totals(*r[1:]), **costs(model=r[0]))
+                                 for r in models])
 
 
 def budget_row(engine: Engine, tenant_id: int, period: str) -> tuple[int, int]:
