@@ -3,22 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
 from ray import serve
 
 from serve_app.app import create_app
+from serve_app.chat.service import resolve_llm
 from serve_app.config import AppConfig, load_app_config
-from serve_app.jobs.service import JOBS_KEY, Jobs
-from serve_app.library import LIBRARY_KEY, Library
+from serve_app.images.service import ImagesService
+from serve_app.jobs.service import Jobs
+from serve_app.library import Library
 from serve_app.state import Services
-from serve_app.storage import STORAGE_KEY, build_store
-from telemetry import setup_telemetry, telemetry_of
-from serve_app.tenancy import TENANCY_KEY, Tenancy, ensure_local_tenant
+from serve_app.storage import ResultStore, build_store
+from serve_app.tenancy import Tenancy, ensure_local_tenant
 from serve_app.webhooks import WebhookSender
+from telemetry import setup_telemetry, telemetry_of
 
 logger = logging.getLogger("genserve.ingress")
+
+
+def assemble_services(cfg: AppConfig, *, diffusion: dict[str, Any], llm: dict[str, Any], tenancy: Tenancy,
+                      storage: ResultStore, library: Library, webhooks: WebhookSender | None = None) -> Services:
+    """Wire the feature services over their collaborators, once (tests pass their own)."""
+    services = Services(config=cfg, diffusion=dict(diffusion), llm=dict(llm), tenancy=tenancy, storage=storage,
+                        library=library)
+    services.images = ImagesService(config=cfg, diffusion=services.diffusion, tenancy=tenancy, library=library,
+                                    storage=storage, resolve_llm=functools.partial(resolve_llm, services))
+    services.jobs = Jobs(config=cfg.jobs, tenancy=tenancy, storage=storage, images=services.images,
+                         webhooks=webhooks)
+    return services
 
 
 def build_services(cfg: AppConfig, diffusion: dict[str, Any], llm: dict[str, Any]) -> Services:
@@ -27,12 +42,9 @@ def build_services(cfg: AppConfig, diffusion: dict[str, Any], llm: dict[str, Any
     if cfg.tenancy.local_tenant.enabled:
         ensure_local_tenant(tenancy)
     storage = build_store(cfg.storage, work_dir=cfg.work_dir, public_base_url=cfg.public_base_url)
-    library = Library(tenancy.engine, cfg.templates)
-    webhooks = WebhookSender(cfg.jobs.webhooks, work_dir=cfg.work_dir, engine=tenancy.engine)
-    jobs = Jobs(config=cfg.jobs, tenancy=tenancy, storage=storage, diffusion=dict(diffusion), library=library,
-                webhooks=webhooks)
-    return Services(config=cfg, diffusion=dict(diffusion), llm=dict(llm),
-                    extras={TENANCY_KEY: tenancy, STORAGE_KEY: storage, LIBRARY_KEY: library, JOBS_KEY: jobs})
+    return assemble_services(cfg, diffusion=diffusion, llm=llm, tenancy=tenancy, storage=storage,
+                             library=Library(tenancy.engine, cfg.templates),
+                             webhooks=WebhookSender(cfg.jobs.webhooks, work_dir=cfg.work_dir, engine=tenancy.engine))
 
 
 @serve.deployment(
@@ -49,12 +61,13 @@ class Ingress:
         setup_telemetry(telemetry_of(cfg), component="Ingress")
         self.services = build_services(cfg, diffusion, llm or {})
         # Leases, heartbeats and the reaper of async jobs run on this replica's event loop.
-        self.services.extras[JOBS_KEY].runner.start()
+        assert self.services.jobs is not None
+        self.services.jobs.runner.start()
 
     def __serve_build_asgi_app__(self):
         return create_app(self.services)
 
     async def check_health(self) -> None:
         """Unhealthy if the app database can't be reached: Serve then replaces this replica."""
-        tenancy = self.services.extras[TENANCY_KEY]
-        await asyncio.to_thread(tenancy.ping)
+        assert self.services.tenancy is not None
+        await asyncio.to_thread(self.services.tenancy.ping)

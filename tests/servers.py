@@ -201,7 +201,7 @@ def tenancy_app(tenancy):  # type: ignore[no-untyped-def]
     app = FastAPI()
     install_error_handlers(app)
     cfg = AppConfig(diffusion_models=[DiffusionModelConfig(name="tiny", family="sdxl", model="none")])
-    app.state.services = Services(config=cfg, extras={"tenancy": tenancy})
+    app.state.services = Services(config=cfg, tenancy=tenancy)
     app.include_router(admin_router)
     app.include_router(usage_router)
 

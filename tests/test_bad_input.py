@@ -23,14 +23,12 @@ from sqlalchemy import insert, select
 from serve_app.app import create_app
 from serve_app.config import AppConfig, DiffusionModelConfig
 from serve_app.errors import APIError, bad_request, unavailable
-from serve_app.jobs.config import JobsConfig
 from serve_app.jobs.models import Job
-from serve_app.jobs.service import JOBS_KEY, Jobs
-from serve_app.library import LIBRARY_KEY, Library
+from serve_app.ingress import assemble_services
+from serve_app.library import Library
 from serve_app.library.models import Generation, PromptTemplateRow
-from serve_app.state import Services
-from serve_app.storage import STORAGE_KEY, LocalResultStore
-from serve_app.tenancy import TENANCY_KEY, Tenancy
+from serve_app.storage import LocalResultStore
+from serve_app.tenancy import Tenancy
 from serve_app.tenancy.models import RateCounter
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -53,11 +51,9 @@ def make_api(url: str, tmp_path: Path) -> Iterator[Api]:
     auth = {"Authorization": f"Bearer {key}"}
     cfg = AppConfig(diffusion_models=[DiffusionModelConfig(name="tiny", family="sdxl", model="none")])
     store = LocalResultStore(tmp_path / "results", signing_key=b"s" * 32)
-    library = Library(tenancy.engine)
-    jobs = Jobs(config=JobsConfig(), tenancy=tenancy, storage=store, diffusion={}, library=library)
     # No diffusion/LLM handles: a request that gets past validation ends in the model's 503.
-    services = Services(config=cfg,
-                        extras={TENANCY_KEY: tenancy, LIBRARY_KEY: library, STORAGE_KEY: store, JOBS_KEY: jobs})
+    services = assemble_services(cfg, diffusion={}, llm={}, tenancy=tenancy, storage=store,
+                                 library=Library(tenancy.engine))
     with TestClient(create_app(services)) as client:
         yield Api(client, auth, tenancy, tenancy.authenticate_sync(key).tenant_id)
     tenancy.close()

@@ -1,4 +1,5 @@
-"""DiffusionEngine on the tiny models (CPU): batching, seeds, weights, tiling, progress, PNGs."""
+"""DiffusionEngine on the tiny models (CPU): batching, seeds, weights, tiling, progress, and PNG
+results through `png.image_result` (the one builder the deployment uses)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from deployments.diffusion.engine import DiffusionEngine, GenerationCancelled
-from deployments.diffusion.png import encode_png
+from deployments.diffusion.engine import BATCH_SIZE, COMPUTE_S, DiffusionEngine, GenerationCancelled
+from deployments.diffusion.png import encode_png, image_result
 from deployments.diffusion.types import ImageResult, ImageTask, WeightedPrompt
 
 
@@ -42,6 +43,13 @@ def one(engine: DiffusionEngine, t: ImageTask) -> np.ndarray:
     return pixels(engine.generate_images([t])[0])
 
 
+def generate(engine: DiffusionEngine, tasks: list[ImageTask]) -> list[ImageResult | Exception]:
+    """Denoise, then build each result the way the deployment does (`png.image_result`)."""
+    return [img if isinstance(img, Exception) else image_result(
+        t, img, model=engine.name, batch_size=int(img.info[BATCH_SIZE]), compute_s=float(img.info[COMPUTE_S]))
+        for t, img in zip(tasks, engine.generate_images(tasks), strict=True)]
+
+
 @pytest.mark.parametrize("guidance_scale", [5.0, 1.0])  # with and without CFG's doubled batch
 def test_seed_gives_same_pixels_alone_and_in_batch_sdxl(sdxl: DiffusionEngine, guidance_scale: float) -> None:
     tasks = [
@@ -67,7 +75,7 @@ def test_seed_gives_same_pixels_alone_and_in_batch_wuerstchen(wuerstchen: Diffus
 
 def test_groups_mixed_sizes_and_steps_in_input_order(sdxl: DiffusionEngine) -> None:
     tasks = [task(1), task(2, size=32), task(3, steps=3), task(4), task(5, size=48)]
-    results = sdxl.generate(tasks)
+    results = generate(sdxl, tasks)
     assert all(isinstance(r, ImageResult) for r in results), results
     assert [(r.width, r.height, r.steps, r.seed) for r in results] == [  # type: ignore[union-attr]
         (64, 64, 2, 1), (32, 32, 2, 2), (64, 64, 3, 3), (64, 64, 2, 4), (48, 48, 2, 5)
@@ -105,7 +113,7 @@ def test_multi_prompt_weights_wuerstchen(wuerstchen: DiffusionEngine) -> None:
 def test_weights_summing_to_zero_are_rejected(sdxl: DiffusionEngine) -> None:
     parts = (WeightedPrompt("a", 1.0), WeightedPrompt("b", -1.0))
     bad, good = sdxl.generate_images([task(1, weighted_prompts=parts), task(2)])
-    assert isinstance(bad, ValueError) and "sum to 0" in str(bad)
+    assert isinstance(bad, ValueError) and "must sum to more than 0" in str(bad)
     assert isinstance(good, Image.Image)
 
 
@@ -206,9 +214,9 @@ def test_cuda_failure_marks_engine_unhealthy(tiny_models_dir: Path) -> None:
 
 def test_png_carries_generation_parameters_only_when_asked(sdxl: DiffusionEngine) -> None:
     t = task(42, "Ünïcödé 猫", negative_prompt="blurry", guidance_scale=6.5)
-    [private] = sdxl.generate([t])
+    [private] = generate(sdxl, [t])
     assert isinstance(private, ImageResult) and Image.open(io.BytesIO(private.png)).text == {}  # privacy default
-    [result] = sdxl.generate([replace(t, embed_metadata=True)])
+    [result] = generate(sdxl, [replace(t, embed_metadata=True)])
     assert isinstance(result, ImageResult)
     image = Image.open(io.BytesIO(result.png))
     assert image.format == "PNG" and image.size == (64, 64)
@@ -227,20 +235,41 @@ def test_encode_png_is_lossless() -> None:
 def test_validation_messages(sdxl: DiffusionEngine, wuerstchen: DiffusionEngine) -> None:
     assert (sdxl.size_multiple, sdxl.min_size) == (8, 32)
     assert (wuerstchen.size_multiple, wuerstchen.min_size) == (128, 128)
-    with pytest.raises(ValueError, match=r"^`height` and `width` have to be divisible by 8 but are 7 and 7\.$"):
+    with pytest.raises(ValueError, match=r"^`width` and `height` have to be divisible by 8 for model 'sdxl-tiny' "
+                                         r"but are 7 and 7\.$"):
         sdxl.validate(task(size=7))
-    with pytest.raises(ValueError, match="have to be at least 32 but are 16 and 16"):
+    with pytest.raises(ValueError, match="must be between 32 and any size above for model 'sdxl-tiny' but are 16 and 16"):
         sdxl.validate(task(size=16))
-    with pytest.raises(ValueError, match="divisible by 128 but are 64 and 64"):
+    with pytest.raises(ValueError, match="divisible by 128 for model .wuerstchen-tiny. but are 64 and 64"):
         wuerstchen.validate(task(size=64))
     with pytest.raises(ValueError, match="`steps`"):
         sdxl.validate(task(steps=0))
     with pytest.raises(ValueError, match="`seed`"):
         sdxl.validate(task(seed=-1))
-    bad, good = sdxl.generate([task(1, size=7), task(2)])
+    with pytest.raises(ValueError, match=r"`seed` has to be an integer from 0 to 4294967295"):
+        sdxl.validate(task(seed=2**32))  # one seed limit on both sides (rules.SEED_MAX), not 2**64 here
+    with pytest.raises(ValueError, match="`guidance_scale`"):
+        sdxl.validate(task(guidance_scale=float("nan")))
+    bad, good = generate(sdxl, [task(1, size=7), task(2)])
     assert isinstance(bad, ValueError) and isinstance(good, ImageResult)
 
 
 def test_wuerstchen_native_size_and_larger(wuerstchen: DiffusionEngine) -> None:
     small, wide = wuerstchen.generate_images([task(1, size=128), replace(task(2, size=128), width=256)])
     assert pixels(small).shape == (128, 128, 3) and pixels(wide).shape == (128, 256, 3)
+
+
+def test_config_size_rules_must_lie_within_the_pipeline(sdxl: DiffusionEngine) -> None:
+    """The model config's size rules (what the ingress checks) are the engine's too, once the engine
+    has checked at load that its pipeline can draw every size they accept."""
+    from deployments.diffusion.rules import SizeRules
+
+    strict = DiffusionEngine("sdxl-tiny", sdxl.pipeline, "sdxl", size_rules=SizeRules(16, 32, 64))
+    with pytest.raises(ValueError, match="divisible by 16"):
+        strict.validate(task(size=40))
+    with pytest.raises(ValueError, match="between 32 and 64"):
+        strict.validate(task(size=128))
+    with pytest.raises(ValueError, match=r"size_multiple \(4\) must be a multiple of 8"):
+        DiffusionEngine("sdxl-tiny", sdxl.pipeline, "sdxl", size_rules=SizeRules(4, 32))
+    with pytest.raises(ValueError, match=r"min_side \(16\) at least 32"):
+        DiffusionEngine("sdxl-tiny", sdxl.pipeline, "sdxl", size_rules=SizeRules(8, 16))

@@ -22,3 +22,10 @@ def test_largest_side_shrinks_to_what_the_budget_admits() -> None:
 def test_native_equal_to_largest_is_probed_once() -> None:
     assert worst_case_shapes(native_side=64, max_side=64, size_multiple=8, max_batch_size=4,
                              max_batch_megapixels=1.0) == [ProbeShape(64, 4)]
+
+
+def test_largest_side_is_one_the_size_rules_accept() -> None:
+    # max_side 1000 is no multiple of 64: the ingress snaps to 960 and the engine refuses 1000.
+    shapes = worst_case_shapes(native_side=512, max_side=1000, size_multiple=64, max_batch_size=8,
+                               max_batch_megapixels=8.0)
+    assert shapes == [ProbeShape(512, 8), ProbeShape(960, 8)]

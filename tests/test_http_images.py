@@ -36,6 +36,19 @@ def test_generates_pngs_with_parameters(genserve_url: str, auth: dict) -> None:
     assert not np.array_equal(np.asarray(imgs[0]), np.asarray(imgs[1]))
 
 
+def test_png_metadata_from_the_real_path_carries_tile_and_weighted_prompts(genserve_url: str, auth: dict) -> None:
+    """The PNG a replica encodes for a real request (route → ImagesService → Diffusion deployment →
+    png.image_result) carries every parameter that shaped it, `tile` and the `::` weights included."""
+    r = _post(genserve_url, {"prompt": "a red cat::2 green grass::-0.5 --tile --seed 3", "metadata": True}, auth)
+    assert r.status_code == 200, r.text
+    text = _png(r.json()["data"][0]["b64_json"]).text
+    assert text["tile"] == "True" and text["weighted_prompts"] == "a red cat::2 green grass::-0.5", text
+    assert (text["seed"], text["prompt"], text["model"]) == ("3", "a red cat", "sdxl-tiny")
+    # Without `metadata` (the local plan's default is off) the PNG carries nothing.
+    plain = _post(genserve_url, {"prompt": "a red cat::2 green grass::-0.5 --tile"}, auth)
+    assert _png(plain.json()["data"][0]["b64_json"]).text == {}
+
+
 def test_seed_fixes_the_image_alone_or_batched(genserve_url: str, auth: dict) -> None:
     alone = _post(genserve_url, {"prompt": "seeded fox", "seed": 1234, "n": 1}, auth).json()
     # The same seed as the 1st of 4, sent while other requests fill the batch.

@@ -21,14 +21,12 @@ from servers import make_tenancy
 
 from serve_app.app import create_app
 from serve_app.config import AppConfig, DiffusionModelConfig, LimitsConfig
-from serve_app.jobs.config import JobsConfig
-from serve_app.jobs.service import JOBS_KEY, Jobs
-from serve_app.library import LIBRARY_KEY, Library
+from serve_app.images.protocol import PromptRenderRequest
+from serve_app.images.render import ConfigTemplates, render_image_request
+from serve_app.ingress import assemble_services
+from serve_app.library import Library
 from serve_app.prompts.mapping import guidance_for_stylize
-from serve_app.prompts.render import ConfigTemplates, render_image_request
-from serve_app.state import Services
-from serve_app.storage import STORAGE_KEY, LocalResultStore
-from serve_app.tenancy import TENANCY_KEY
+from serve_app.storage import LocalResultStore
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 MAX_IMAGES = 3
@@ -51,10 +49,8 @@ def api(tmp_path: Path) -> Iterator[Api]:
     tenancy.create_tenant("acme")
     key = tenancy.create_key("acme").key
     store = LocalResultStore(tmp_path / "results", signing_key=b"s" * 32)
-    library = Library(tenancy.engine)
-    jobs = Jobs(config=JobsConfig(), tenancy=tenancy, storage=store, diffusion={}, library=library)
-    services = Services(config=CFG, extras={TENANCY_KEY: tenancy, LIBRARY_KEY: library, STORAGE_KEY: store,
-                                            JOBS_KEY: jobs})
+    services = assemble_services(CFG, diffusion={}, llm={}, tenancy=tenancy, storage=store,
+                                 library=Library(tenancy.engine))
     with TestClient(create_app(services)) as client:
         yield Api(client, {"Authorization": f"Bearer {key}"})
     tenancy.close()
@@ -81,19 +77,19 @@ def test_n_up_to_the_limit_passes(api: Api) -> None:
 
 
 def render(prompt: str, **kw: Any):
-    return render_image_request(config=CFG, templates=ConfigTemplates(CFG), prompt=prompt, **kw)
+    return render_image_request(CFG, ConfigTemplates(CFG), PromptRenderRequest(prompt=prompt, **kw))
 
 
 def test_style_vivid_is_a_default_stylize_and_natural_changes_nothing() -> None:
     g = CFG.diffusion_models[0].default_guidance
-    plain = render("a cat --seed 1").tasks[0].guidance_scale
-    assert render("a cat --seed 1", style="natural").tasks[0].guidance_scale == plain == pytest.approx(g)
+    plain = render("a cat --seed 1").guidance_scales[0]
+    assert render("a cat --seed 1", style="natural").guidance_scales[0] == plain == pytest.approx(g)
     vivid = render("a cat --seed 1", style="vivid")
-    assert vivid.parsed.params.stylize == 250
-    assert vivid.tasks[0].guidance_scale == pytest.approx(guidance_for_stylize(250, g), abs=1e-4)
-    assert vivid.tasks[0].guidance_scale > plain
+    assert vivid.params.stylize == 250
+    assert vivid.guidance_scales[0] == pytest.approx(guidance_for_stylize(250, g), abs=1e-4)
+    assert vivid.guidance_scales[0] > plain
     # The prompt's own --s wins over the style.
-    assert render("a cat --s 50", style="vivid").parsed.params.stylize == 50
+    assert render("a cat --s 50", style="vivid").params.stylize == 50
 
 
 @pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/jobs"])

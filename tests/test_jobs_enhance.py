@@ -74,7 +74,6 @@ async def images_only_app(genserve_url: str, tmp_path):
     from serve_app.app import create_app
     from serve_app.config import load_app_config
     from serve_app.ingress import build_services
-    from serve_app.tenancy import TENANCY_KEY
 
     doc = local_config_doc(free_port(), tmp_path)
     args = doc["applications"][0]["args"]
@@ -85,7 +84,7 @@ async def images_only_app(genserve_url: str, tmp_path):
                  for m in cfg.diffusion_models}
     llm = {m.name: serve.get_deployment_handle(m.deployment_name, app_name="genserve") for m in cfg.llm_models}
     services = build_services(cfg, diffusion, llm)
-    tenancy = services.extras[TENANCY_KEY]
+    tenancy = services.tenancy
     tenancy.create_tenant("painter", "images")
     auth = {"Authorization": f"Bearer {tenancy.create_key('painter').key}"}
     transport = httpx.ASGITransport(app=create_app(services))

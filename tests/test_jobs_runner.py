@@ -18,6 +18,8 @@ import anyio
 from sqlalchemy import insert, update
 
 from deployments.diffusion.types import ImageResult
+from serve_app.images.service import _streamed
+from serve_app.images.spec import ImageSpec
 from serve_app.jobs.config import JobsConfig
 from serve_app.jobs.models import TERMINAL, Job
 from serve_app.jobs.runner import JobRunner
@@ -75,6 +77,16 @@ class Diffusion:
                           guidance_scale=task.guidance_scale, model="m", batch_size=1)
 
 
+def execute_on(diffusion: Diffusion):  # type: ignore[no-untyped-def]
+    """What `Jobs` passes the runner, on the stand-in handle: the stored spec's images, streamed.
+    (SPEC is a job row in the shape stored before `ImageSpec`: it must still load and run.)"""
+
+    async def execute(job: JobRecord, progress) -> list[ImageResult]:  # type: ignore[no-untyped-def]
+        return await _streamed(diffusion, ImageSpec.from_stored(job.spec).tasks(), progress)
+
+    return execute
+
+
 class GatedStore(JobStore):
     """Blocks the first read of a finished job (the runner looking it up for the terminal hook)
     until `release` is set; `reading_finished` says the runner got there."""
@@ -118,7 +130,7 @@ async def test_heartbeat_lets_a_job_that_just_succeeded_run_its_hook_and_settle_
     async def settle(status: str, results: list[ImageResult]) -> None:
         settled.append((status, len(results)))
 
-    runner = JobRunner(store, diffusion={"m": Diffusion()}, config=JobsConfig(), terminal_hook=terminal_hook)
+    runner = JobRunner(store, execute=execute_on(Diffusion()), config=JobsConfig(), terminal_hook=terminal_hook)
     try:
         job = await runner.submit(tenant_id=_tenant(engine), model="m", spec=SPEC, webhook_url=None, settle=settle)
         task = runner._running[job.id]
@@ -146,7 +158,7 @@ async def test_heartbeat_still_cancels_a_job_whose_lease_went_to_another_runner(
     async def settle(status: str, results: list[ImageResult]) -> None:
         settled.append(status)
 
-    runner = JobRunner(store, diffusion={"m": diffusion}, config=JobsConfig())
+    runner = JobRunner(store, execute=execute_on(diffusion), config=JobsConfig())
     try:
         job = await runner.submit(tenant_id=_tenant(engine), model="m", spec=SPEC, webhook_url=None, settle=settle)
         task = runner._running[job.id]
@@ -175,7 +187,7 @@ async def test_stop_waits_for_the_tasks_it_cancels(tmp_path: Path) -> None:
     async def settle(status: str, results: list[ImageResult]) -> None:
         settled.append(status)
 
-    runner = JobRunner(store, diffusion={"m": diffusion}, config=JobsConfig())
+    runner = JobRunner(store, execute=execute_on(diffusion), config=JobsConfig())
     try:
         runner.start()
         job = await runner.submit(tenant_id=_tenant(engine), model="m", spec=SPEC, webhook_url=None, settle=settle)

@@ -13,9 +13,9 @@ from servers import db_url, make_tenancy, postgres_server  # noqa: F401  (fixtur
 
 from serve_app.config import AppConfig, DiffusionModelConfig
 from serve_app.errors import install_error_handlers
-from serve_app.library import LIBRARY_KEY, Library, library_router
+from serve_app.library import Library, library_router
 from serve_app.state import Services
-from serve_app.storage import STORAGE_KEY, LocalResultStore, files_router
+from serve_app.storage import LocalResultStore, files_router
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def api(db_url: str, tmp_path: Path) -> Iterator[tuple[TestClient, dict, dict, L
     app = FastAPI()
     install_error_handlers(app)
     cfg = AppConfig(diffusion_models=[DiffusionModelConfig(name="tiny", family="sdxl", model="none")])
-    app.state.services = Services(config=cfg, extras={"tenancy": tenancy, LIBRARY_KEY: lib, STORAGE_KEY: store})
+    app.state.services = Services(config=cfg, tenancy=tenancy, library=lib, storage=store)
     app.include_router(library_router)
     app.include_router(files_router)
     with TestClient(app) as client:
@@ -94,13 +94,12 @@ def test_ratings_and_generations(api, tmp_path: Path) -> None:  # type: ignore[n
 
     with lib.engine.connect() as conn:
         ids = dict(conn.execute(select(Tenant.name, Tenant.id)).all())
-    src = lib.for_tenant(ids["acme"])
-    src.get("shot")
-    store = client.app.state.services.extras[STORAGE_KEY]  # type: ignore[attr-defined]
+    shot = lib.for_tenant(ids["acme"]).get("shot")
+    store = client.app.state.services.storage  # type: ignore[attr-defined]
     key = store.put("acme/2026/01/01/img_x.png", b"\x89PNG")
-    gids = [lib.log_generation(ids["acme"], prompt=f"p{i}", model="tiny", seeds=[i], params={"steps": 2},
-                               template=src.last, result_keys=[key], latency_s=0.1) for i in range(3)]
-    other = lib.log_generation(ids["bolt"], prompt="theirs", model="tiny", seeds=[9], params={})
+    gids = [lib.generations.log(ids["acme"], prompt=f"p{i}", model="tiny", seeds=[i], params={"steps": 2},
+                               template=shot, result_keys=[key], latency_s=0.1) for i in range(3)]
+    other = lib.generations.log(ids["bolt"], prompt="theirs", model="tiny", seeds=[9], params={})
     r = client.post(f"/v1/generations/{gids[0]}/rating", json={"rating": 5}, headers=acme)
     assert r.status_code == 200 and r.json()["rating"] == 5 and r.json()["rated_at"]
     client.post(f"/v1/generations/{gids[1]}/rating", json={"rating": 2}, headers=acme)

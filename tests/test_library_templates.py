@@ -12,7 +12,8 @@ from servers import db_url, make_tenancy, postgres_server  # noqa: F401  (fixtur
 from serve_app.config import AppConfig, DiffusionModelConfig, PromptTemplateConfig
 from serve_app.errors import APIError
 from serve_app.library import Library, TemplateCreate
-from serve_app.prompts.render import render_image_request
+from serve_app.images.protocol import PromptRenderRequest
+from serve_app.images.render import render_image_request
 
 CONFIG = AppConfig(
     diffusion_models=[DiffusionModelConfig(name="tiny", family="sdxl", model="none", native_resolution=64,
@@ -62,8 +63,8 @@ def test_versions_latest_and_soft_delete(env) -> None:  # type: ignore[no-untype
     assert t.get(acme, "shot", 1).template == "{product} on {surface}"  # old versions stay readable
     assert [x.version for x in t.versions(acme, "shot")] == [2, 1]
     src = lib.for_tenant(acme)
-    assert src.get("shot") == ("{product} on {surface}, soft light", "")
-    assert src.get("shot", 1) == ("{product} on {surface}", "--ar 1:1 --s 250")
+    assert pair(src.get("shot")) == ("{product} on {surface}, soft light", "")
+    assert pair(src.get("shot", 1)) == ("{product} on {surface}", "--ar 1:1 --s 250")
     assert src.get("shot", 9) is None
     assert t.delete(acme, "shot", 2) == 1
     assert t.get(acme, "shot").version == 1  # deleting the latest makes the previous one current
@@ -86,8 +87,8 @@ def test_tenants_see_own_and_shared_never_each_other(env) -> None:  # type: igno
     assert t.get(bolt, "common").shared
     # A tenant's own template of the same name hides the shared one, for that tenant only.
     t.save(bolt, T("common", "bolt's own {subject}"))
-    assert lib.for_tenant(bolt).get("common") == ("bolt's own {subject}", "")
-    assert lib.for_tenant(acme).get("common") == ("shared {subject}", "")
+    assert pair(lib.for_tenant(bolt).get("common")) == ("bolt's own {subject}", "")
+    assert pair(lib.for_tenant(acme).get("common")) == ("shared {subject}", "")
     assert [(x.name, x.shared) for x in t.search(bolt).data] == [("common", False)]
     assert [(x.name, x.shared) for x in t.search(acme).data] == [("common", True), ("private", False)]
     assert t.search(None).total == 1
@@ -139,9 +140,13 @@ def test_input_validation_names_the_field(env) -> None:  # type: ignore[no-untyp
     assert status_of(s, acme, T("ok", template="   "))[:2] == (400, "template")
 
 
+def pair(found):  # type: ignore[no-untyped-def]
+    return (found.template, found.defaults)
+
+
 def render(lib: Library, tenant: int, name: str, variables: dict[str, str], prompt: str = "", version=None):  # type: ignore[no-untyped-def]
-    return render_image_request(config=CONFIG, templates=lib.for_tenant(tenant), prompt=prompt, template=name,
-                                template_version=version, variables=variables, seed=7)
+    return render_image_request(CONFIG, lib.for_tenant(tenant), PromptRenderRequest.model_construct(
+        prompt=prompt, template=name, template_version=version, variables=variables, seed=7))
 
 
 def test_rendering_is_plain_substitution(env) -> None:  # type: ignore[no-untyped-def]
@@ -153,7 +158,7 @@ def test_rendering_is_plain_substitution(env) -> None:  # type: ignore[no-untype
     assert "'__class__'" in info.value.message
     r = render(lib, acme, "dunder", {"__class__": "{subject}", "subject": "a cat"})
     assert r.prompt == "{subject} photo of a cat"  # values are never re-scanned, nor evaluated
-    assert r.parsed.params.stylize == 300 and r.tasks[0].width > r.tasks[0].height  # defaults applied
+    assert r.params.stylize == 300 and r.width > r.height  # defaults applied
     r = render(lib, acme, "dunder", {"__class__": "x", "subject": "{0.__init__.__globals__}"})
     assert r.prompt == "x photo of {0.__init__.__globals__}"
     # Config templates are the fallback; their stray braces stay literal text.
@@ -176,25 +181,24 @@ def test_generation_log_ratings_and_isolation(env) -> None:  # type: ignore[no-u
     lib.templates.save(acme, T("shot", "{subject}, studio"))
     lib.templates.save(acme, T("shot", "{subject}, studio, v2"))
     src = lib.for_tenant(acme)
-    r1 = render_image_request(config=CONFIG, templates=src, prompt="", template="shot", template_version=1,
-                              variables={"subject": "a watch"}, seed=11, n=2)
-    g1 = lib.log_rendered(acme, r1, template=src.last, result_keys=["acme/2026/01/01/a.png"],
-                          result_urls=["/files/a"], latency_s=1.25, job_id="job_1")
-    r2 = render_image_request(config=CONFIG, templates=src, prompt="", template="shot",
-                              variables={"subject": "a ring"}, seed=12)
-    g2 = lib.log_rendered(acme, r2, template=src.last, latency_s=0.5)
-    g3 = lib.log_generation(bolt, prompt="bolt's", model="tiny", seeds=[1], params={})
+    r1 = render_image_request(CONFIG, src, PromptRenderRequest.model_construct(
+        prompt="", template="shot", template_version=1, variables={"subject": "a watch"}, seed=11, n=2))
+    g1 = lib.generations.log_spec(acme, r1, result_keys=["acme/2026/01/01/a.png"], latency_s=1.25, job_id="job_1")
+    r2 = render_image_request(CONFIG, src, PromptRenderRequest.model_construct(
+        prompt="", template="shot", variables={"subject": "a ring"}, seed=12))
+    g2 = lib.generations.log_spec(acme, r2, latency_s=0.5)
+    g3 = lib.generations.log(bolt, prompt="bolt's", model="tiny", seeds=[1], params={})
     row = lib.generations.get(acme, g1)
     assert (row.template, row.template_version, row.seeds, row.job_id) == ("shot", 1, [11, 12], "job_1")
     assert row.prompt == "a watch, studio" and row.params["width"] == 64 and row.latency_s == 1.25
-    assert lib.rate(acme, g1, 5).rating == 5
-    lib.rate(acme, g2, 2)
-    lib.rate(acme, g1, 4)  # re-rating replaces
+    assert lib.generations.rate(acme, g1, 5).rating == 5
+    lib.generations.rate(acme, g2, 2)
+    lib.generations.rate(acme, g1, 4)  # re-rating replaces
     for bad in (0, 6, True):
-        assert status_of(lib.rate, acme, g2, bad)[:2] == (400, "rating")
-    assert status_of(lib.rate, bolt, g1, 5)[0] == 404  # someone else's generation: as if it didn't exist
+        assert status_of(lib.generations.rate, acme, g2, bad)[:2] == (400, "rating")
+    assert status_of(lib.generations.rate, bolt, g1, 5)[0] == 404  # someone else's generation: as if it didn't exist
     assert status_of(lib.generations.get, bolt, g1)[0] == 404
-    assert status_of(lib.rate, acme, "gen_nope", 5)[0] == 404
+    assert status_of(lib.generations.rate, acme, "gen_nope", 5)[0] == 404
     listed = lib.templates.search(acme)
     assert [(x.name, x.avg_rating, x.rating_count) for x in listed.data] == [("shot", 3.0, 2)]
     assert [(x.version, x.avg_rating) for x in lib.templates.versions(acme, "shot")] == [(2, 2.0), (1, 4.0)]

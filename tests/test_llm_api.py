@@ -24,7 +24,7 @@ from serve_app.chat import router as chat_router
 from serve_app.config import AppConfig
 from serve_app.errors import install_error_handlers
 from serve_app.state import Services
-from serve_app.tenancy import TENANCY_KEY, Tenancy
+from serve_app.tenancy import Tenancy
 
 WORK = Path(os.environ.get("GENSERVE_WORK", Path(__file__).resolve().parent.parent / ".work")).resolve()
 CTX = 256
@@ -94,7 +94,7 @@ async def app_url(tmp_path_factory):
     install_error_handlers(app)
     app.include_router(chat_router.router)
     app.state.services = Services(config=config, llm={"tiny-chat": LocalHandle(server)},
-                                  extras={TENANCY_KEY: tenancy})
+                                  tenancy=tenancy)
     http = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     task = asyncio.create_task(http.serve())
     while not http.started:

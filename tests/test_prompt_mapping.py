@@ -186,40 +186,34 @@ def test_negative_prompt_joins_base_and_terms() -> None:
 
 def test_resolve_defaults_only() -> None:
     out = resolve_images(PromptParams(), SDXL, n=2, seed=7)
-    assert out == [
-        ImageSettings(seed=7, width=1024, height=1024, steps=30, guidance_scale=7.5,
-                      negative_prompt="", tile=False),
-        ImageSettings(seed=8, width=1024, height=1024, steps=30, guidance_scale=7.5,
-                      negative_prompt="", tile=False),
-    ]
+    assert out == ImageSettings(width=1024, height=1024, steps=30, negative_prompt="", tile=False, seeds=(7, 8),
+                                guidance_scales=(7.5, 7.5))
 
 
 def test_resolve_prompt_flags_over_json_fields() -> None:
     params = parse_prompt("x --seed 100 --ar 16:9 --q 0.5 --s 1000 --no text --tile").params
-    (img,) = resolve_images(params, SDXL, n=1, seed=7, size=(512, 512), steps=40,
-                            guidance_scale=5.0, negative="blurry")
-    assert (img.seed, img.width, img.height) == (100, 1344, 768)  # --seed, --ar replace
+    img = resolve_images(params, SDXL, n=1, seed=7, size=(512, 512), steps=40,
+                         guidance_scale=5.0, negative="blurry")
+    assert (img.seeds, img.width, img.height) == ((100,), 1344, 768)  # --seed, --ar replace
     assert img.steps == 20  # --q scales the JSON steps
-    assert img.guidance_scale == 12.5  # --s scales the JSON guidance: 2.5 × 5
+    assert img.guidance_scales == (12.5,)  # --s scales the JSON guidance: 2.5 × 5
     assert img.negative_prompt == "blurry, text"
     assert img.tile
 
 
 def test_resolve_stylize_default_keeps_explicit_guidance() -> None:
-    (img,) = resolve_images(parse_prompt("x --s 100").params, SDXL, n=1, seed=0,
-                            guidance_scale=3.0)
-    assert img.guidance_scale == 3.0
+    img = resolve_images(parse_prompt("x --s 100").params, SDXL, n=1, seed=0, guidance_scale=3.0)
+    assert img.guidance_scales == (3.0,)
 
 
 def test_resolve_json_fields_when_no_flags() -> None:
-    (img,) = resolve_images(PromptParams(), SDXL, n=1, seed=3, size=(768, 512), steps=12,
-                            guidance_scale=4.0)
-    assert (img.width, img.height, img.steps, img.guidance_scale) == (768, 512, 12, 4.0)
+    img = resolve_images(PromptParams(), SDXL, n=1, seed=3, size=(768, 512), steps=12, guidance_scale=4.0)
+    assert (img.width, img.height, img.steps, img.guidance_scales) == (768, 512, 12, (4.0,))
 
 
 def test_resolve_chaos_per_image() -> None:
     out = resolve_images(parse_prompt("x --c 50 --seed 9").params, SDXL, n=4, seed=0)
-    assert [i.seed for i in out] == [9, 10, 11, 12]
-    assert [i.guidance_scale for i in out] == [chaos_guidance(50, 7.5, 9, i) for i in range(4)]
+    assert out.seeds == (9, 10, 11, 12)
+    assert out.guidance_scales == tuple(round(chaos_guidance(50, 7.5, 9, i), 4) for i in range(4))
     with pytest.raises(ValueError, match="n must"):
         resolve_images(PromptParams(), SDXL, n=0, seed=0)

@@ -87,12 +87,13 @@ def test_explicit_q_or_steps_wins_and_plan_opt_in() -> None:
 def test_render_then_stamp_sets_priority_and_auto() -> None:
     from serve_app.config import AppConfig
     from serve_app.images.qos import stamp
-    from serve_app.prompts.render import ConfigTemplates, render_image_request
+    from serve_app.images.protocol import PromptRenderRequest
+    from serve_app.images.render import ConfigTemplates, render_image_request
 
     cfg = AppConfig.model_validate({"diffusion_models": [
         {"name": "m", "family": "sdxl", "model": "/nonexistent", "default_steps": 30}]})
     plan = PlanConfig(name="p", priority=3, adaptive_quality=True)
-    r = render_image_request(config=cfg, templates=ConfigTemplates(cfg), prompt="a cat", n=2)
-    assert all(t.priority == 3 and t.quality_auto for t in stamp(r, plan, None, explicit_steps=False).tasks)
-    r = render_image_request(config=cfg, templates=ConfigTemplates(cfg), prompt="a cat --q 0.5")
-    assert not stamp(r, plan, "auto", explicit_steps=False).tasks[0].quality_auto
+    r = render_image_request(cfg, ConfigTemplates(cfg), PromptRenderRequest(prompt="a cat", n=2))
+    assert all(t.priority == 3 and t.quality_auto for t in stamp(r, plan, None, explicit_steps=False).tasks())
+    r = render_image_request(cfg, ConfigTemplates(cfg), PromptRenderRequest(prompt="a cat --q 0.5"))
+    assert not stamp(r, plan, "auto", explicit_steps=False).tasks()[0].quality_auto

@@ -1,4 +1,4 @@
-"""Prompt rendering: request + template + Midjourney flags → per-image tasks (no Ray needed)."""
+"""Prompt rendering: request + template + Midjourney flags → `ImageSpec` → per-image tasks (no Ray needed)."""
 
 from __future__ import annotations
 
@@ -9,34 +9,39 @@ import yaml
 
 from serve_app.config import load_app_config
 from serve_app.errors import APIError
-from serve_app.prompts.render import ConfigTemplates, render_image_request
+from serve_app.images.protocol import PromptRenderRequest
+from serve_app.images.render import ConfigTemplates, render_image_request
 from serve_app.prompts.templates import MissingVariableError, fill, placeholders
 
 CFG = load_app_config(yaml.safe_load(
     (Path(__file__).resolve().parent.parent / "configs" / "local.yaml").read_text())["applications"][0]["args"])
 
 
-def render(prompt: str, **kw):
-    return render_image_request(config=CFG, templates=ConfigTemplates(CFG), prompt=prompt, **kw)
+def request(prompt: str, size: tuple[int, int] | None = None, **kw) -> PromptRenderRequest:
+    return PromptRenderRequest.model_construct(prompt=prompt, size=f"{size[0]}x{size[1]}" if size else None, **kw)
+
+
+def render(prompt: str, cfg=CFG, **kw):  # type: ignore[no-untyped-def]
+    return render_image_request(cfg, ConfigTemplates(cfg), request(prompt, **kw))
 
 
 def test_flags_become_typed_parameters() -> None:
     r = render("a red fox in snow --ar 16:9 --no blur, text --seed 42 --q 2 --tile", n=3)
-    assert r.model.name == "sdxl-tiny" and r.prompt == "a red fox in snow"
-    t0 = r.tasks[0]
+    assert r.model == "sdxl-tiny" and r.prompt == "a red fox in snow"
+    t0 = r.tasks()[0]
     assert (t0.width, t0.height) == (88, 48)  # 64² native pixels at 16:9, multiples of 8
     assert t0.steps == 4 and t0.tile and t0.negative_prompt == "blur, text"
-    assert [t.seed for t in r.tasks] == [42, 43, 44]
+    assert [t.seed for t in r.tasks()] == [42, 43, 44]
 
 
 def test_model_alias_from_version_flag() -> None:
-    assert render("castle --v 6").model.name == "sdxl-tiny"
-    assert render("castle --model fast").model.name == "wuerstchen-tiny"
+    assert render("castle --v 6").model == "sdxl-tiny"
+    assert render("castle --model fast").model == "wuerstchen-tiny"
 
 
 def test_json_fields_are_the_base_and_flags_apply_on_top() -> None:
     r = render("x --s 100", guidance_scale=3.0, steps=3, size=(32, 48), seed=7, negative_prompt="ugly")
-    t = r.tasks[0]
+    t = r.tasks()[0]
     assert (t.width, t.height, t.steps, t.seed) == (32, 48, 3, 7)
     assert t.guidance_scale == pytest.approx(3.0)  # --s 100 is Midjourney's default: base unchanged
     assert render("x --no blur", negative_prompt="ugly").negative_prompt == "ugly, blur"
@@ -44,16 +49,16 @@ def test_json_fields_are_the_base_and_flags_apply_on_top() -> None:
 
 def test_weights_become_weighted_prompts() -> None:
     r = render("a cat::2 a dog::-0.5")
-    assert [(w.text, w.weight) for w in r.tasks[0].weighted_prompts] == [("a cat", 2.0), ("a dog", -0.5)]
+    assert [(w.text, w.weight) for w in r.tasks()[0].weighted_prompts] == [("a cat", 2.0), ("a dog", -0.5)]
 
 
 def test_template_defaults_and_override() -> None:
     r = render("ignored", template="portrait", variables={"subject": "an old fisherman"})
     assert r.prompt.startswith("Professional portrait of an old fisherman")
-    assert r.parsed.params.aspect_ratio == (3, 4) and r.parsed.params.stylize == 250
+    assert r.params.aspect_ratio == (3, 4) and r.params.stylize == 250
     # The user's own flags win over the template's defaults; the others stay; --no adds up.
     r = render("x --s 50 --seed 4 --no blur", template="portrait", variables={"subject": "a cat"})
-    p = r.parsed.params
+    p = r.params
     assert (p.stylize, p.aspect_ratio, p.seed, p.negative) == (50, (3, 4), 4, ("blur",))
     # The user's prompt is available to the template as {prompt}; missing variables name themselves.
     with pytest.raises(APIError) as e:
@@ -100,13 +105,13 @@ def test_image_larger_than_the_replica_memory_budget_is_refused_422() -> None:
     wurst = next(m for m in args["diffusion_models"] if m["name"] == "wuerstchen-tiny")
     wurst["batching"]["max_batch_megapixels"] = 0.05  # 128² (0.016 MP) fits, 256² (0.066 MP) does not
     cfg = load_app_config(args)
-    ok = render_image_request(config=cfg, templates=ConfigTemplates(cfg), prompt="x --model fast", size=(128, 128), n=8)
-    assert len(ok.tasks) == 8  # many images are fine: the replica batches them 3 at a time
+    ok = render("x --model fast", cfg, size=(128, 128), n=8)
+    assert len(ok.tasks()) == 8  # many images are fine: the replica batches them 3 at a time
     with pytest.raises(APIError) as e:
-        render_image_request(config=cfg, templates=ConfigTemplates(cfg), prompt="x --model fast", size=(256, 256))
+        render("x --model fast", cfg, size=(256, 256))
     assert e.value.status == 422 and e.value.code == "exceeds_memory_budget" and e.value.param == "size"
     # Without the override the default budget is 8 native images, which 256² fits.
-    assert render("x --model fast", size=(256, 256)).tasks[0].width == 256
+    assert render("x --model fast", size=(256, 256)).width == 256
 
 
 def test_budget_below_one_native_image_is_a_config_error() -> None:

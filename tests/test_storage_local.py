@@ -23,7 +23,7 @@ from serve_app.config import AppConfig, DiffusionModelConfig
 from serve_app.errors import install_error_handlers
 from serve_app.state import Services
 from serve_app.storage import (
-    STORAGE_KEY, InvalidKeyError, LocalResultStore, StorageConfig, StorageError, build_store, files_router,
+    InvalidKeyError, LocalResultStore, StorageConfig, StorageError, build_store, files_router,
     persisted_secret, result_key,
 )
 
@@ -59,7 +59,7 @@ def files_base(store: LocalResultStore) -> Iterator[str]:
     app = FastAPI()
     install_error_handlers(app)
     cfg = AppConfig(diffusion_models=[DiffusionModelConfig(name="tiny", family="sdxl", model="none")])
-    app.state.services = Services(config=cfg, extras={STORAGE_KEY: store})
+    app.state.services = Services(config=cfg, storage=store)
     app.include_router(files_router)
     base, server, thread = serve_in_thread(app)
     store.public_base_url = base  # the configured origin (build_store passes AppConfig.public_base_url)

@@ -158,11 +158,10 @@ def traced_graph(genserve_url: str, collector: Collector, tmp_path_factory):
 async def test_chained_request_is_one_trace(traced_graph, collector: Collector) -> None:
     from serve_app.app import create_app
     from serve_app.ingress import build_services
-    from serve_app.jobs.service import JOBS_KEY
 
     cfg, diffusion, llm = traced_graph
     services = build_services(cfg, diffusion, llm)
-    runner = services.extras[JOBS_KEY].runner
+    runner = services.jobs.runner
     runner.start()
     key = cfg.tenancy.resolved_key_file(cfg.work_dir).read_text().strip()
     auth = {"Authorization": f"Bearer {key}"}
@@ -218,14 +217,17 @@ async def test_chained_request_is_one_trace(traced_graph, collector: Collector) 
     assert all(s.attrs["genserve.backend"] == "local" for s in stores)
     assert min(s.start for s in stores) >= max(s.end for s in images)
 
-    # The job: the HTTP span of the submission → job.run → diffusion (a stream) and storage.
+    # The job: the HTTP span of the submission → job.run → diffusion.call → diffusion (a stream),
+    # and storage (the same `ImagesService.run` as the synchronous route, so the same spans).
     [submit] = [s for s in collector.spans if s.name == "POST /v1/jobs"]
     trace = await wait_for(collector, submit.trace_id, {"job.run": 1, "diffusion.generate": 1, "storage.put": 1})
     [run] = by_name(trace, "job.run")
+    [job_call] = by_name(trace, "diffusion.call")
     [image] = by_name(trace, "diffusion.generate")
     [store] = by_name(trace, "storage.put")
     assert parent_of(run, trace) is submit and run.attrs["genserve.job_id"] == job.json()["id"]
-    assert parent_of(image, trace) is run and parent_of(store, trace) is run
+    assert parent_of(job_call, trace) is run and parent_of(image, trace) is job_call
+    assert parent_of(store, trace) is run
     assert image.attrs["genserve.task_id"].startswith(job.json()["id"])
     assert set(collector.paths) == {"/v1/traces"}
 

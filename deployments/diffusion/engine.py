@@ -1,8 +1,9 @@
 """The diffusion engine: turns a batch of `ImageTask`s into images with one loaded pipeline.
 
 A plain class (no Ray): the Serve deployment wraps it and calls `generate` in a thread.
-This module holds the public API (loading, validation, progress, cancellation, locking, PNG
-results) and dispatches each group of tasks to its family's module: `sdxl.py`, `wuerstchen.py`.
+This module holds the public API (loading, validation, progress, cancellation, locking) and
+returns raw images (the deployment PNG-encodes them off the denoising thread: `png.image_result`);
+it dispatches each group of tasks to its family's module: `sdxl.py`, `wuerstchen.py`.
 The hooks around a pipeline call (tiling, batch invariance) are in `hooks.py`, PNG output in
 `png.py`.
 
@@ -27,12 +28,13 @@ from deployments.diffusion.config import DiffusionModelConfig, OptimizeConfig
 from deployments.diffusion.hooks import LiveRows, StopDenoising, circular_padding, generators, per_task_calls
 from deployments.diffusion.loading import FAMILIES, load_pipeline
 from deployments.diffusion.optimize import apply as apply_optimizations
-from deployments.diffusion.png import encode_png, format_weighted, png_params
-from deployments.diffusion.types import ImageResult, ImageTask
+from deployments.diffusion.rules import SizeRules, check_task
+from deployments.diffusion.types import ImageTask
 
 OnStep = Callable[[str | None, int, int], None]
 ShouldCancel = Callable[[str], bool]
-# Keys that generate_images() leaves in each image's `info` for to_result().
+# Keys that generate_images() leaves in each image's `info` (the compute seconds and batch size of
+# its group; the deployment measures its own, tests read these).
 COMPUTE_S = "genserve_compute_s"
 BATCH_SIZE = "genserve_batch_size"
 
@@ -72,6 +74,7 @@ class DiffusionEngine:
         decoder_steps: int = 12,
         batch_invariant: bool | None = None,
         vae_slicing: bool = False,
+        size_rules: SizeRules | None = None,
     ) -> None:
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -87,7 +90,13 @@ class DiffusionEngine:
         if batch_invariant is None:
             batch_invariant = torch.device(pipeline.device).type == "cpu"
         self.batch_invariant = batch_invariant
-        self.size_multiple, self.min_size = self._size_rules()
+        # The pipeline's own limits; a model config's rules (what the ingress checks) must lie
+        # within them, and are then the ones checked here too: one set of rules on both sides.
+        multiple, min_size = self._size_rules()
+        drawable = SizeRules(multiple=multiple, min_side=min_size)
+        if size_rules is not None:
+            size_rules.covered_by(drawable)
+        self.size_rules = size_rules or drawable
         pipeline.set_progress_bar_config(disable=True)
         if vae_slicing and family == "sdxl":
             # Decode one image at a time: a whole batch's VAE decode is the memory peak at 1024².
@@ -110,6 +119,7 @@ class DiffusionEngine:
         batch_invariant: bool | None = None,
         optimize: OptimizeConfig | None = None,
         vae_slicing: bool = False,
+        size_rules: SizeRules | None = None,
     ) -> DiffusionEngine:
         pipeline = load_pipeline(
             model_id_or_path, family, dtype=dtype, device=device, variant=variant  # type: ignore[arg-type]
@@ -117,7 +127,7 @@ class DiffusionEngine:
         pipeline = apply_optimizations(pipeline, family, optimize or OptimizeConfig())
         return cls(
             name, pipeline, family, decoder_steps=decoder_steps, batch_invariant=batch_invariant,
-            vae_slicing=vae_slicing,
+            vae_slicing=vae_slicing, size_rules=size_rules,
         )
 
     @classmethod
@@ -126,7 +136,8 @@ class DiffusionEngine:
         return cls.from_pretrained(
             config.name, config.model, config.family, dtype=config.dtype, device=device, variant=config.variant,
             decoder_steps=config.decoder_steps, batch_invariant=config.batch_invariant, optimize=config.optimize,
-            vae_slicing=config.vae_slicing)
+            vae_slicing=config.vae_slicing,
+            size_rules=SizeRules(config.size_multiple, config.min_side, config.max_side))
 
     # -- limits and checks ---------------------------------------------------------------------
 
@@ -136,26 +147,18 @@ class DiffusionEngine:
             return sdxl.size_rules(self.pipeline)
         return wuerstchen.size_rules(self.pipeline, self.name)
 
+    @property
+    def size_multiple(self) -> int:
+        return self.size_rules.multiple
+
+    @property
+    def min_size(self) -> int:
+        return self.size_rules.min_side
+
     def validate(self, task: ImageTask) -> None:
-        """Raise ValueError (diffusers-style message) if `task` cannot run on this model."""
-        h, w, m = task.height, task.width, self.size_multiple
-        if h % m or w % m:
-            raise ValueError(f"`height` and `width` have to be divisible by {m} but are {h} and {w}.")
-        if h < self.min_size or w < self.min_size:
-            raise ValueError(
-                f"`height` and `width` have to be at least {self.min_size} but are {h} and {w}."
-            )
-        if not isinstance(task.steps, int) or task.steps < 1:
-            raise ValueError(f"`steps` has to be a positive integer but is {task.steps!r}.")
-        if not task.guidance_scale >= 0:
-            raise ValueError(f"`guidance_scale` has to be >= 0 but is {task.guidance_scale!r}.")
-        if not 0 <= task.seed < 2**64:
-            raise ValueError(f"`seed` has to be in [0, 2**64) but is {task.seed}.")
-        if task.weighted_prompts and sum(p.weight for p in task.weighted_prompts) == 0:
-            raise ValueError(
-                "multi-prompt weights must not sum to 0 but "
-                f"{format_weighted(task.weighted_prompts)!r} does"
-            )
+        """Raise ValueError (diffusers-style message) if `task` cannot run on this model: the
+        contract's rules (`rules.check_task`), the same ones the ingress applied."""
+        check_task(task, self.size_rules, model=self.name)
 
     def total_steps(self, task: ImageTask) -> int:
         return task.steps + (self.decoder_steps if self.family == "wuerstchen" else 0)
@@ -165,35 +168,6 @@ class DiffusionEngine:
             raise RuntimeError(f"diffusion engine {self.name!r} is unusable after: {self._broken}")
 
     # -- generation ----------------------------------------------------------------------------
-
-    def generate(
-        self,
-        tasks: list[ImageTask],
-        *,
-        on_step: OnStep | None = None,
-        should_cancel: ShouldCancel | None = None,
-    ) -> list[ImageResult | Exception]:
-        """`generate_images` then PNG-encode each image (see `to_result`)."""
-        images = self.generate_images(tasks, on_step=on_step, should_cancel=should_cancel)
-        return [
-            img if isinstance(img, Exception) else self.to_result(task, img)
-            for task, img in zip(tasks, images, strict=True)
-        ]
-
-    def to_result(self, task: ImageTask, image: Image.Image) -> ImageResult:
-        """PNG-encode one image from `generate_images` (can run off the denoising thread)."""
-        return ImageResult(
-            png=encode_png(image, png_params(task, self.name)),
-            seed=task.seed,
-            width=image.width,
-            height=image.height,
-            steps=task.steps,
-            guidance_scale=task.guidance_scale,
-            model=self.name,
-            batch_size=int(image.info.get(BATCH_SIZE, 1)),
-            compute_s=float(image.info.get(COMPUTE_S, 0.0)),
-            extra={"family": self.family},
-        )
 
     def generate_images(
         self,

@@ -35,7 +35,7 @@ def worst_case_shapes(*, native_side: int, max_side: int, size_multiple: int, ma
     """The batches that bound peak memory: as many native-size images as the budget allows, and as
     many of the largest allowed images (memory grows with pixels, and per image faster than
     linearly with side at the attention layers, so both ends are checked)."""
-    largest = max_side
+    largest = max_side - max_side % size_multiple  # the largest side the size rules accept
     while largest >= size_multiple and largest**2 / 1e6 > max_batch_megapixels:
         largest -= size_multiple  # the ingress refuses larger images (422)
     shapes = []

@@ -1,5 +1,6 @@
-"""PNG output: the image bytes a task gets back, with its generation parameters as text chunks
-when the task asks for them (`ImageTask.embed_metadata`; off by default for privacy).
+"""PNG output: the one place an `ImageResult` is built from a denoised image, with the task's
+generation parameters as PNG text chunks when the task asks for them (`ImageTask.embed_metadata`;
+off by default for privacy).
 
 Kept free of torch so that encoding (which runs off the denoising thread, in the deployment's
 PNG pool) and its tests import quickly.
@@ -14,7 +15,7 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from deployments.diffusion.types import ImageTask, WeightedPrompt
+from deployments.diffusion.types import ImageResult, ImageTask, WeightedPrompt
 
 
 def encode_png(image: Image.Image, params: dict[str, Any], *, compress_level: int = 6) -> bytes:
@@ -51,3 +52,12 @@ def png_params(task: ImageTask, model: str) -> dict[str, Any]:
     if task.weighted_prompts:
         params["weighted_prompts"] = format_weighted(task.weighted_prompts)
     return params
+
+
+def image_result(task: ImageTask, image: Image.Image, *, model: str, batch_size: int, compute_s: float,
+                 queue_wait_s: float = 0.0, compress_level: int = 6) -> ImageResult:
+    """The `ImageResult` of one denoised image: PNG bytes (with `png_params`) plus what was used."""
+    return ImageResult(png=encode_png(image, png_params(task, model), compress_level=compress_level),
+                       seed=task.seed, width=image.width, height=image.height, steps=task.steps,
+                       guidance_scale=task.guidance_scale, model=model, batch_size=batch_size,
+                       compute_s=compute_s, queue_wait_s=queue_wait_s)

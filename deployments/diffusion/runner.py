@@ -61,21 +61,19 @@ class BatchRunner:
 
     async def finish(self, task: ImageTask, d: Denoised) -> ImageResult:
         from deployments.diffusion.engine import GenerationCancelled
-        from deployments.diffusion.png import encode_png, png_params
+        from deployments.diffusion.png import image_result
 
         if isinstance(d.image, BaseException):
             if isinstance(d.image, GenerationCancelled):
                 self.images_cancelled += 1
             raise d.image
-        params = png_params(task, self.model)
-        png = await asyncio.get_running_loop().run_in_executor(
-            self._png_pool, functools.partial(encode_png, compress_level=PNG_COMPRESS_LEVEL), d.image, params)
+        result = await asyncio.get_running_loop().run_in_executor(self._png_pool, functools.partial(
+            image_result, task, d.image, model=self.model, batch_size=d.batch_size, compute_s=d.compute_s,
+            queue_wait_s=d.queue_wait_s, compress_level=PNG_COMPRESS_LEVEL))
         self.images_done += 1
         if task.task_id is not None:
             self.progress.finished(task.task_id)
-        return ImageResult(png=png, seed=task.seed, width=task.width, height=task.height, steps=task.steps,
-                           guidance_scale=task.guidance_scale, model=self.model, batch_size=d.batch_size,
-                           compute_s=d.compute_s, queue_wait_s=d.queue_wait_s)
+        return result
 
     def stats(self) -> dict:
         return {"batches_run": self.batches_run, "images_done": self.images_done,

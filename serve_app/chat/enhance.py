@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 
 from deployments.llm.types import GenerationRequest
-from serve_app.chat.service import generate, resolve_llm
+from serve_app.chat.service import LLMTarget, generate, resolve_llm
 from serve_app.state import Services
 
 SYSTEM_PROMPT = (
@@ -45,7 +45,11 @@ async def expand_prompt(
 async def expand(services: Services, prompt: str, *, model: str | None = None, max_tokens: int = 77,
                  seed: int | None = None) -> Expansion:
     """`expand_prompt` plus the tokens it used (billed to the image request's tenant)."""
-    target = resolve_llm(services, model)
+    return await expand_with(resolve_llm(services, model), prompt, max_tokens=max_tokens, seed=seed)
+
+
+async def expand_with(target: LLMTarget, prompt: str, *, max_tokens: int = 77, seed: int | None = None) -> Expansion:
+    """`expand` on an already resolved chat model."""
     req = GenerationRequest(
         request_id=f"enhance-{uuid.uuid4().hex}",
         messages=({"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}),

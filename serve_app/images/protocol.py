@@ -7,9 +7,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from deployments.diffusion.rules import SEED_MAX
+
 _SIZE = re.compile(r"^\s*(\d{1,7})\s*[xX×]\s*(\d{1,7})\s*$")
 
-# OpenAI's `style` (dall-e-3): its two values, mapped to prompt parameters in prompts/render.py.
+# OpenAI's `style` (dall-e-3): its two values, mapped to prompt parameters in images/render.py.
 Style = Literal["vivid", "natural"]
 STYLE_DOC = ("`vivid`: a default `--s 250` (stronger guidance: more saturated, dramatic); `natural`: the "
              "model's own guidance (as when absent). A `--s` in the prompt or template wins.")
@@ -30,7 +32,7 @@ class ImageGenerationRequest(BaseModel):
     style: Style | None = Field(None, description=STYLE_DOC)
     # genserve extensions
     negative_prompt: str | None = None
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     steps: int | None = Field(None, ge=1, le=500)
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0, allow_inf_nan=False)
     template: str | None = Field(None, max_length=128)
@@ -100,7 +102,7 @@ class PromptRenderRequest(BaseModel):
     size: str | None = None
     style: Style | None = Field(None, description=STYLE_DOC)
     negative_prompt: str | None = None
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     steps: int | None = Field(None, ge=1, le=500)
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0, allow_inf_nan=False)
     template: str | None = Field(None, max_length=128)

@@ -1,13 +1,11 @@
-"""Per-request quality-of-service fields the ingress stamps on each `ImageTask`: the plan's priority
+"""Per-request quality-of-service fields stamped on the `ImageSpec` (and so on each `ImageTask`): the plan's priority
 (the diffusion replica's batch queue serves higher first) and whether adaptive quality may lower
 steps under load (docs/priority-and-quality.md), and whether the PNG carries its parameters
 (`metadata`, default the plan's `png_metadata`; docs/security.md)."""
 
 from __future__ import annotations
 
-import dataclasses
-
-from serve_app.prompts.render import RenderedImageRequest
+from serve_app.images.spec import ImageSpec
 from serve_app.tenancy.config import PlanConfig
 
 
@@ -26,15 +24,12 @@ def embeds_metadata(plan: PlanConfig, metadata: bool | None) -> bool:
     return plan.png_metadata if metadata is None else metadata
 
 
-def stamp(rendered: RenderedImageRequest, plan: PlanConfig, quality: str | None, *,
-          explicit_steps: bool, metadata: bool | None = None) -> RenderedImageRequest:
+def stamp(spec: ImageSpec, plan: PlanConfig, quality: str | None, *, explicit_steps: bool,
+          metadata: bool | None = None) -> ImageSpec:
     """`metadata`: the request's choice about PNG text chunks; None = the plan's `png_metadata`."""
-    auto = allows_auto_quality(plan, quality, explicit_steps=explicit_steps,
-                               flag_q=rendered.parsed.params.quality is not None)
-    embed = embeds_metadata(plan, metadata)
-    tasks = tuple(dataclasses.replace(t, priority=plan.priority, quality_auto=auto, embed_metadata=embed)
-                  for t in rendered.tasks)
-    return dataclasses.replace(rendered, tasks=tasks)
+    auto = allows_auto_quality(plan, quality, explicit_steps=explicit_steps, flag_q=spec.params.quality is not None)
+    return spec.model_copy(update={"priority": plan.priority, "quality_auto": auto,
+                                   "embed_metadata": embeds_metadata(plan, metadata)})
 
 
 __all__ = ["allows_auto_quality", "embeds_metadata", "stamp"]

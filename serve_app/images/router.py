@@ -1,69 +1,42 @@
-"""Thin HTTP layer of image generation: auth, quota and the generation log around `images.service`."""
+"""Thin HTTP layer of image generation: admission and headers around `ImagesService`."""
 
 from __future__ import annotations
 
 import dataclasses
-import time
+from typing import Annotated, Any
 
-import anyio
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Response
 
-from serve_app.errors import bad_request
-from serve_app.images import qos, service
-from serve_app.images.enhance import enhance_admitted, enhance_target
 from serve_app.images.protocol import ImageGenerationRequest, ImageGenerationResponse, PromptRenderRequest
-from serve_app.library import LIBRARY_KEY
-from serve_app.prompts.render import RenderedImageRequest, render_image_request
+from serve_app.images.service import ImagesService
 from serve_app.state import ServicesDep
-from serve_app.storage import STORAGE_KEY
-from serve_app.tenancy import CurrentTenant, TenancyDep, TenantContext, ensure_model_allowed, ensure_within_plan
+from serve_app.tenancy import CurrentTenant, TenancyDep
 
 router = APIRouter(tags=["images"])
 
 
-def check_plan(ctx: TenantContext, rendered: RenderedImageRequest) -> None:
-    ensure_model_allowed(ctx, rendered.model.name, rendered.model.aliases)
-    first = rendered.tasks[0]
-    ensure_within_plan(ctx, width=first.width, height=first.height, steps=first.steps)
+async def get_images(services: ServicesDep) -> ImagesService:
+    if services.images is None:
+        raise RuntimeError("services.images is not set: the ingress must build an ImagesService")
+    return services.images
 
 
-async def render_for(services: ServicesDep, ctx: TenantContext, body: ImageGenerationRequest | PromptRenderRequest):
-    """(rendered request, the template used or None); the tenant's template library is in the DB,
-    so rendering runs in a worker thread."""
-    templates = services.extras[LIBRARY_KEY].for_tenant(ctx.tenant_id)
-    rendered = await anyio.to_thread.run_sync(lambda: service.render(services, body, templates))
-    return rendered, getattr(templates, "last", None)
+ImagesDep = Annotated[ImagesService, Depends(get_images)]
 
 
 @router.post("/v1/images/generations", response_model=ImageGenerationResponse, response_model_exclude_none=True)
-async def create_image(body: ImageGenerationRequest, request: Request, services: ServicesDep, ctx: CurrentTenant,
-                       tenancy: TenancyDep, response: Response) -> ImageGenerationResponse:
-    started = time.monotonic()
-    # Everything that can reject the request runs before quota is taken.
-    rendered, template = await render_for(services, ctx, body)
-    check_plan(ctx, rendered)
-    llm = enhance_target(services, ctx, rendered)
-    rendered = qos.stamp(rendered, ctx.plan, body.quality, explicit_steps=body.steps is not None,
-                         metadata=body.metadata)
-    admission = await tenancy.admit(ctx, route="images", model=rendered.model.name, images=len(rendered.tasks))
+async def create_image(body: ImageGenerationRequest, images: ImagesDep, ctx: CurrentTenant, tenancy: TenancyDep,
+                       response: Response) -> ImageGenerationResponse:
+    prepared = await images.prepare(body, ctx)  # everything that can refuse it runs before quota is taken
+    admission = await tenancy.admit(ctx, route="images", model=prepared.spec.model, images=prepared.spec.n)
     async with admission:
-        if llm is not None:
-            rendered = await enhance_admitted(services, tenancy, ctx, llm, rendered)
-        results = await service.run_tasks(services, rendered)
-        admission.add(images=len(results), gpu_seconds=service.gpu_seconds(results))
-        keys, urls = [], []
-        if body.response_format == "url":
-            keys = await service.store_results(services.extras[STORAGE_KEY], ctx.tenant_id, results)
-            urls = [services.extras[STORAGE_KEY].url(k) for k in keys]
-    generation_id = await anyio.to_thread.run_sync(lambda: services.extras[LIBRARY_KEY].log_rendered(
-        ctx.tenant_id, rendered, template=template, result_keys=keys, latency_s=time.monotonic() - started))
+        answer = await images.generate(prepared, admission, urls=body.response_format == "url")
     response.headers.update(admission.headers())
-    return service.to_response(rendered, results, urls=urls or None, generation_id=generation_id)
+    return answer
 
 
 @router.post("/v1/prompts/render")
-async def render_prompt(body: PromptRenderRequest, services: ServicesDep, ctx: CurrentTenant) -> dict:
+async def render_prompt(body: PromptRenderRequest, images: ImagesDep, ctx: CurrentTenant) -> dict[str, Any]:
     """Dry run: what a generation request would draw, with which typed parameters."""
-    rendered, template = await render_for(services, ctx, body)
-    check_plan(ctx, rendered)
-    return {**rendered.describe(), "template": dataclasses.asdict(template) if template else None}
+    spec = await images.render(body, ctx)
+    return {**spec.describe(), "template": dataclasses.asdict(spec.template) if spec.template else None}

@@ -1,59 +1,193 @@
-"""Image generation: render the request, fan the images out to the model's diffusion replicas."""
+"""The image use case's one owner: `ImagesService`, built once per ingress replica.
+
+`prepare` does everything that can refuse a request before quota is taken (render, plan check,
+the `enhance` model's plan check, quality of service); `generate` does the rest inside the
+request's admission (prompt expansion, the images on the model's diffusion replicas, storage, the
+generation log). `POST /v1/images/generations` calls both; `/v1/jobs` calls `prepare` and
+`enhance` when a job is submitted, and its runner `run` and `deliver` (jobs/service.py).
+
+`enhance`: the chat model (`enhance_model`, else the first LLM) is resolved and checked against the
+plan in `prepare` (403 before any quota). The expansion then runs under an admission of its own
+(route `enhance`): its tokens are held from the token window and budget up front and recorded in
+the ledger like a chat request's; it takes no second request unit or concurrency slot.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
-from deployments.diffusion.types import ImageResult
-from serve_app.chat.enhance import Expansion, expand
+import anyio
+
+from deployments.diffusion.types import ImageResult, ImageTask
+from serve_app.chat.enhance import SYSTEM_PROMPT, expand_with
+from serve_app.chat.service import LLMTarget
 from serve_app.errors import APIError, bad_request, is_backend_at_capacity, unavailable
+from serve_app.images import qos
 from serve_app.images.protocol import (GenerationInfo, ImageData, ImageGenerationRequest,
                                        ImageGenerationResponse, PromptRenderRequest)
-from serve_app.prompts.render import RenderedImageRequest, TemplateSource, render_image_request
-from serve_app.storage import ResultStore, StorageError, result_key
-from serve_app.state import Services
+from serve_app.images.render import render_image_request
+from serve_app.images.spec import ImageSpec
+from serve_app.storage import StorageError, result_key
+from serve_app.tenancy import TenantContext, ensure_model_allowed, ensure_within_plan
 from telemetry import tracing
 
+if TYPE_CHECKING:
+    from serve_app.config import AppConfig
+    from serve_app.library import Library
+    from serve_app.storage import ResultStore
+    from serve_app.tenancy import Admission, Tenancy
 
-def render(services: Services, req: ImageGenerationRequest | PromptRenderRequest,
-           templates: TemplateSource) -> RenderedImageRequest:
-    try:
-        size = req.parsed_size()
-    except ValueError as e:
-        raise bad_request(str(e), param="size", code="invalid_size") from None
-    return render_image_request(
-        config=services.config, templates=templates, prompt=req.prompt, model=req.model, n=req.n,
-        size=size, negative_prompt=req.negative_prompt, seed=req.seed, steps=req.steps,
-        guidance_scale=req.guidance_scale, template=req.template, template_version=req.template_version,
-        variables=req.variables, enhance=getattr(req, "enhance", False), style=req.style)
+ENHANCE_ROUTE = "enhance"
+ENHANCE_MAX_TOKENS = 77  # CLIP's window: more expanded prompt than this is cut off by the text encoder
+OnProgress = Callable[[float], Awaitable[None]]  # fraction of the request's denoising steps done
 
 
-async def enhance(services: Services, rendered: RenderedImageRequest, *, model: str | None = None,
-                  max_tokens: int = 77) -> tuple[RenderedImageRequest, Expansion]:
-    """The chain's LLM step: expand the prompt into Subject/Style/Composition/Lighting/Quality,
-    then draw that (sizes, seeds and other parameters stay as rendered). Metered by the caller
-    (`images.enhance.enhance_admitted`)."""
-    exp = await expand(services, rendered.prompt, model=model, max_tokens=max_tokens, seed=rendered.tasks[0].seed)
-    tasks = tuple(dataclasses.replace(t, prompt=exp.text, weighted_prompts=()) for t in rendered.tasks)
-    return dataclasses.replace(rendered, prompt=exp.text, tasks=tasks), exp
+@dataclass(frozen=True)
+class PreparedImages:
+    """A request that passed every check: its spec, who asked, and the chat model that will expand
+    its prompt (None when it asks for no expansion, or once expanded)."""
+
+    spec: ImageSpec
+    tenant: TenantContext
+    enhance_with: LLMTarget | None = None
+    started: float = field(default_factory=time.monotonic)
 
 
-async def run_tasks(services: Services, rendered: RenderedImageRequest) -> list[ImageResult]:
-    """All images of one request, in order; each one its own Serve request so batches mix users."""
-    handle = services.diffusion.get(rendered.model.name)
-    if handle is None:
-        raise unavailable(f"Model {rendered.model.name!r} has no running deployment.")
-    with tracing.span("diffusion.call", kind=tracing.SpanKind.CLIENT, model=rendered.model.name,
-                      images=len(rendered.tasks)):
-        ctx = tracing.outgoing()
+class ImagesService:
+    def __init__(self, *, config: AppConfig, diffusion: Mapping[str, Any], tenancy: Tenancy, library: Library,
+                 storage: ResultStore, resolve_llm: Callable[[str | None], LLMTarget]) -> None:
+        self.config = config
+        self.diffusion = diffusion  # Serve DeploymentHandles by model name
+        self.tenancy = tenancy
+        self.library = library
+        self.storage = storage
+        self.resolve_llm = resolve_llm  # chat.service.resolve_llm over this replica's LLM handles
+
+    # -- before quota -----------------------------------------------------------------------------
+
+    async def render(self, body: ImageGenerationRequest | PromptRenderRequest, ctx: TenantContext) -> ImageSpec:
+        """The request's spec within the tenant's plan. The tenant's templates are in the database,
+        so rendering runs in a worker thread."""
+        templates = self.library.for_tenant(ctx.tenant_id)
+        spec = await anyio.to_thread.run_sync(
+            lambda: render_image_request(self.config, templates, body, tenant=ctx.tenant))
+        ensure_model_allowed(ctx, spec.model, self.config.find_diffusion(spec.model).aliases)  # type: ignore[union-attr]
+        ensure_within_plan(ctx, width=spec.width, height=spec.height, steps=spec.steps)
+        return spec
+
+    async def prepare(self, body: ImageGenerationRequest, ctx: TenantContext) -> PreparedImages:
+        spec = await self.render(body, ctx)
+        target = self._enhance_target(ctx) if spec.enhance else None
+        spec = qos.stamp(spec, ctx.plan, body.quality, explicit_steps=body.steps is not None, metadata=body.metadata)
+        return PreparedImages(spec, ctx, target)
+
+    def _enhance_target(self, ctx: TenantContext) -> LLMTarget:
+        """404/503 when no chat model is configured or deployed, 403 when the plan excludes it."""
+        cfg = self.config.enhance_llm
+        target = self.resolve_llm(cfg.name if cfg is not None else None)
+        ensure_model_allowed(ctx, target.name, self.config.find_llm(target.name).aliases)  # type: ignore[union-attr]
+        return target
+
+    # -- inside the request's admission -----------------------------------------------------------
+
+    async def enhance(self, prepared: PreparedImages) -> PreparedImages:
+        """The prompt expanded by the chat model, its tokens admitted and metered (429 when the token
+        window or budget can't take them); unchanged when no expansion was asked."""
+        target = prepared.enhance_with
+        if target is None:
+            return prepared
+        spec = prepared.spec
+        est = (len(SYSTEM_PROMPT) + len(spec.prompt)) // 3 + 1 + ENHANCE_MAX_TOKENS  # corrected at settle
+        admission = await self.tenancy.admit(prepared.tenant, route=ENHANCE_ROUTE, model=target.name, est_tokens=est,
+                                             within_request=True)
+        async with admission:
+            exp = await expand_with(target, spec.prompt, max_tokens=ENHANCE_MAX_TOKENS, seed=spec.seeds[0])
+            admission.add(prompt_tokens=exp.prompt_tokens, completion_tokens=exp.completion_tokens,
+                          gpu_seconds=exp.gpu_seconds)
+        # Sizes, seeds and other parameters stay as rendered; the expansion is drawn as one piece.
+        spec = spec.model_copy(update={"prompt": exp.text, "asked_prompt": spec.prompt, "weighted_prompts": (),
+                                       "enhance": False})
+        return replace(prepared, spec=spec, enhance_with=None)
+
+    async def generate(self, prepared: PreparedImages, admission: Admission, *,
+                       urls: bool) -> ImageGenerationResponse:
+        """Expand, draw, meter into `admission`, store (when `urls`), log; the OpenAI-shaped answer."""
+        prepared = await self.enhance(prepared)
+        spec = prepared.spec
         try:
-            return list(await asyncio.gather(*(handle.generate.remote(dataclasses.replace(t, trace_context=ctx))
-                                               for t in rendered.tasks)))
-        except Exception as e:  # noqa: BLE001 - mapped to the client-facing error below
-            raise map_backend_error(e, rendered.model.name) from None
+            results = await self.run(spec)
+        except APIError:
+            raise
+        except Exception as e:  # noqa: BLE001 - mapped to the client-facing error
+            raise map_backend_error(e, spec.model) from None
+        admission.add(images=len(results), gpu_seconds=gpu_seconds(results))
+        try:
+            keys, generation_id = await self.deliver(spec, results, tenant_id=prepared.tenant.tenant_id, store=urls,
+                                                     latency_s=time.monotonic() - prepared.started)
+        except StorageError as e:
+            raise unavailable(f"Could not store the images: {e.reason}", code="storage_failed") from None
+        return to_response(spec, results, [self.storage.url(k) for k in keys] if urls else None, generation_id)
+
+    # -- the steps a job runs too -----------------------------------------------------------------
+
+    async def run(self, spec: ImageSpec, *, task_ids: list[str] | None = None,
+                  on_progress: OnProgress | None = None) -> list[ImageResult]:
+        """All images of `spec`, in order; each its own Serve request, so batches mix users. With
+        `on_progress`, each image streams its steps (a job's progress) and leaving cancels its call.
+        Errors are raised as the handle raised them (a job decides from them: retry or fail)."""
+        handle = self.diffusion.get(spec.model)
+        if handle is None:
+            raise unavailable(f"Model {spec.model!r} has no running deployment.")
+        with tracing.span("diffusion.call", kind=tracing.SpanKind.CLIENT, model=spec.model, images=spec.n):
+            tasks = spec.tasks(task_ids, trace_context=tracing.outgoing())
+            if on_progress is None:
+                return list(await asyncio.gather(*(handle.generate.remote(t) for t in tasks)))
+            return await _streamed(handle, tasks, on_progress)
+
+    async def deliver(self, spec: ImageSpec, results: list[ImageResult], *, tenant_id: int, store: bool = True,
+                      latency_s: float | None = None, job_id: str | None = None) -> tuple[list[str], str]:
+        """(result keys, generation id): upload the PNGs (retried by the store; StorageError after
+        that), then log the generation."""
+        keys = [await self.storage.aput(result_key(tenant_id), r.png, "image/png") for r in results] if store else []
+        generation_id = await anyio.to_thread.run_sync(lambda: self.library.generations.log_spec(
+            tenant_id, spec, seeds=[r.seed for r in results], result_keys=keys, latency_s=latency_s, job_id=job_id))
+        return keys, generation_id
+
+
+async def _streamed(handle: Any, tasks: tuple[ImageTask, ...], on_progress: OnProgress) -> list[ImageResult]:
+    steps = [0.0] * len(tasks)
+
+    async def one(i: int, task: ImageTask) -> ImageResult:
+        result: ImageResult | None = None
+        stream = handle.options(stream=True).generate_stream.remote(task)
+        try:
+            async for event in stream:
+                if isinstance(event, dict):
+                    steps[i] = event["step"] / max(1, event["total"])
+                    await on_progress(sum(steps) / len(steps))
+                else:
+                    result = event
+        except asyncio.CancelledError:
+            # Leaving the loop does not cancel the Serve call: without this the replica would
+            # denoise (and the job finish) every image of a cancelled job.
+            stream.cancel()
+            raise
+        if result is None:
+            raise RuntimeError("the diffusion stream ended without an image")
+        return result
+
+    # A TaskGroup, not gather: one image failing or the job being cancelled cancels the other calls.
+    try:
+        async with asyncio.TaskGroup() as group:
+            calls = [group.create_task(one(i, t)) for i, t in enumerate(tasks)]
+    except BaseExceptionGroup as failed:  # the first failure decides: retry later, retry, or fail
+        raise failed.exceptions[0] from None
+    return [c.result() for c in calls]
 
 
 def map_backend_error(exc: Exception, model: str) -> APIError:
@@ -75,36 +209,26 @@ def gpu_seconds(results: list[ImageResult]) -> float:
     return sum(r.compute_s / max(1, r.batch_size) for r in results)
 
 
-async def store_results(store: ResultStore, tenant_id: int, results: list[ImageResult]) -> list[str]:
-    """Upload the PNGs (retried by the store; a StorageError becomes a 503 with its reason)."""
-    try:
-        return [await store.aput(result_key(tenant_id), r.png, "image/png") for r in results]
-    except StorageError as e:
-        raise unavailable(f"Could not store the images: {e.reason}", code="storage_failed") from None
-
-
 def degradation(results: list[ImageResult]) -> tuple[bool, str | None]:
     """(whether some image ran with fewer steps than asked, why: e.g. `load`)."""
     degraded = [r for r in results if r.degraded]
     return bool(degraded), degraded[0].degrade_reason if degraded else None
 
 
-def to_response(rendered: RenderedImageRequest, results: list[ImageResult], *, urls: list[str] | None = None,
-                generation_id: str | None = None) -> ImageGenerationResponse:
-    first = rendered.tasks[0]
+def to_response(spec: ImageSpec, results: list[ImageResult], urls: list[str] | None,
+                generation_id: str | None) -> ImageGenerationResponse:
     if urls is not None:
-        data = [ImageData(url=u, revised_prompt=rendered.prompt, seed=r.seed) for u, r in zip(urls, results)]
+        data = [ImageData(url=u, revised_prompt=spec.prompt, seed=r.seed) for u, r in zip(urls, results)]
     else:
-        data = [ImageData(b64_json=base64.b64encode(r.png).decode("ascii"), revised_prompt=rendered.prompt,
+        data = [ImageData(b64_json=base64.b64encode(r.png).decode("ascii"), revised_prompt=spec.prompt,
                           seed=r.seed) for r in results]
     degraded, reason = degradation(results)
-    info = GenerationInfo(model=rendered.model.name, width=first.width, height=first.height,
-                          steps=results[0].steps if results else first.steps,
-                          guidance_scale=first.guidance_scale, negative_prompt=rendered.negative_prompt,
-                          tile=first.tile, batch_sizes=[r.batch_size for r in results],
+    info = GenerationInfo(model=spec.model, width=spec.width, height=spec.height,
+                          steps=results[0].steps if results else spec.steps,
+                          guidance_scale=spec.guidance_scales[0], negative_prompt=spec.negative_prompt,
+                          tile=spec.tile, batch_sizes=[r.batch_size for r in results],
                           queue_wait_s=[round(r.queue_wait_s, 4) for r in results],
                           compute_s=[round(r.compute_s, 4) for r in results],
                           generation_id=generation_id, steps_used=[r.steps for r in results],
                           degraded=degraded, reason=reason)
     return ImageGenerationResponse(created=int(time.time()), data=data, genserve=info)
-

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Depends, Request, Response
 
-from deployments.diffusion.types import ImageResult
-from serve_app.errors import not_found, unavailable
-from serve_app.images import qos
-from serve_app.images import service as images
-from serve_app.images.enhance import enhance_admitted, enhance_target
-from serve_app.images.router import check_plan, render_for
+from serve_app.errors import not_found
 from serve_app.jobs.protocol import Job, JobCreateRequest, JobList
-from serve_app.jobs.runner import spec_of
-from serve_app.jobs.service import JOBS_KEY, Jobs
+from serve_app.jobs.service import Jobs
 from serve_app.jobs.store import JobRecord
 from serve_app.paging import limit_only
 from serve_app.state import ServicesDep
-from serve_app.tenancy import CurrentTenant, TenancyDep
-from serve_app.tenancy.service import status_of
+from serve_app.tenancy import CurrentTenant
 
 router = APIRouter(tags=["jobs"])
 logger = logging.getLogger("genserve.jobs")
@@ -30,44 +22,17 @@ _unlisted: set[str] = set()  # ids of stored jobs that could not be shown (logge
 
 
 async def get_jobs(services: ServicesDep) -> Jobs:
-    return services.extras[JOBS_KEY]
+    if services.jobs is None:
+        raise RuntimeError("services.jobs is not set: the ingress must build Jobs")
+    return services.jobs
 
 
 JobsDep = Annotated[Jobs, Depends(get_jobs)]
 
 
 @router.post("/v1/jobs", response_model=Job, response_model_exclude_none=True, status_code=202)
-async def create_job(body: JobCreateRequest, request: Request, response: Response, services: ServicesDep,
-                     jobs: JobsDep, ctx: CurrentTenant, tenancy: TenancyDep) -> Job:
-    rendered, template = await render_for(services, ctx, body)
-    check_plan(ctx, rendered)
-    llm = enhance_target(services, ctx, rendered)
-    rendered = qos.stamp(rendered, ctx.plan, body.quality, explicit_steps=body.steps is not None,
-                         metadata=body.metadata)
-    if body.webhook_url is not None and jobs.webhooks is not None:
-        await jobs.webhooks.avalidate(body.webhook_url)
-    backlog = await anyio.to_thread.run_sync(jobs.store.backlog)
-    if backlog >= jobs.config.max_backlog:
-        raise unavailable(f"Service is at capacity ({backlog} jobs waiting); retry later.", retry_after_s=10,
-                          code="at_capacity")
-    admission = await tenancy.admit(ctx, route="jobs", model=rendered.model.name, images=len(rendered.tasks))
-
-    async def settle(status: str, results: list[ImageResult]) -> None:
-        admission.add(images=len(results), gpu_seconds=images.gpu_seconds(results))
-        await admission.settle(status)
-
-    try:
-        extra: dict = {"template_ref": dataclasses.asdict(template) if template else None}
-        if llm is not None:
-            # Expanded once, here: every attempt (a retry after a replica died) draws the same prompt.
-            extra["asked_prompt"] = rendered.prompt
-            rendered = await enhance_admitted(services, tenancy, ctx, llm, rendered)
-        spec = spec_of(rendered, tenant=ctx.tenant, extra=extra)
-        job = await jobs.runner.submit(tenant_id=ctx.tenant_id, model=rendered.model.name, spec=spec,
-                                       webhook_url=body.webhook_url, settle=settle)
-    except BaseException as e:
-        await admission.settle(status_of(e))
-        raise
+async def create_job(body: JobCreateRequest, response: Response, jobs: JobsDep, ctx: CurrentTenant) -> Job:
+    job, admission = await jobs.create(body, ctx)
     response.headers.update(admission.headers())
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     position = await anyio.to_thread.run_sync(jobs.store.queue_position, job)

@@ -19,66 +19,35 @@ its next denoising step. A cancelled job records no images and bills nothing.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
 from typing import Any
 
 import anyio
 
-from deployments.diffusion.types import ImageResult, ImageTask, WeightedPrompt
+from deployments.diffusion.types import ImageResult
 from serve_app.errors import is_backend_at_capacity
-from serve_app.images.service import degradation
 from serve_app.jobs.config import JobsConfig
 from serve_app.jobs.store import CANCELLED_REASON, JobRecord, JobStore
-from serve_app.prompts.render import RenderedImageRequest
 from telemetry import metrics, tracing
 
 logger = logging.getLogger("genserve.jobs")
 
-
-def spec_of(rendered: RenderedImageRequest, *, tenant: str, extra: dict | None = None) -> dict:
-    """Everything a (re-)run needs, JSON-serializable: the tasks carry their seeds."""
-    return {
-        "model": rendered.model.name, "prompt": rendered.prompt, "negative_prompt": rendered.negative_prompt,
-        "tasks": [asdict(t) for t in rendered.tasks], "tenant": tenant,
-        "params": rendered.describe(), **(extra or {}),
-    }
-
-
-def used_of(results: list[ImageResult]) -> dict | None:
-    """What the images were actually generated with, for the job record (`Job.used`): adaptive
-    quality may have run fewer steps than the spec asked for."""
-    if not results:
-        return None
-    degraded, reason = degradation(results)
-    first = results[0]
-    return {"model": first.model, "width": first.width, "height": first.height,
-            "steps_used": [r.steps for r in results],
-            "requested_steps": [r.requested_steps or r.steps for r in results],
-            "degraded": degraded, "reason": reason}
-
-
-def tasks_of(spec: dict, job_id: str, attempt: int) -> list[ImageTask]:
-    tasks = []
-    for i, t in enumerate(spec["tasks"]):
-        weighted = tuple(WeightedPrompt(**w) for w in t.get("weighted_prompts") or ())
-        # A fresh task id per attempt: a cancel mark of a dead attempt must not stop this one.
-        tasks.append(ImageTask(**{**t, "weighted_prompts": weighted, "task_id": f"{job_id}:{attempt}:{i}"}))
-    return tasks
+# Runs one attempt of a job: its images, reporting the fraction of steps done (jobs/service.py
+# passes `ImagesService.run` over the job's stored spec).
+Execute = Callable[[JobRecord, Callable[[float], Awaitable[None]]], Awaitable[list[ImageResult]]]
 
 
 class JobRunner:
-    def __init__(self, store: JobStore, *, diffusion: dict[str, Any], config: JobsConfig,
+    def __init__(self, store: JobStore, *, execute: Execute, config: JobsConfig,
                  finish_hook: Callable[[JobRecord, list[ImageResult]], Awaitable[dict]] | None = None,
                  terminal_hook: Callable[[JobRecord], Awaitable[None]] | None = None,
                  orphan_usage: Callable[[JobRecord, list[ImageResult]], Awaitable[None]] | None = None,
                  owner: str | None = None) -> None:
         self.store = store
-        self.diffusion = diffusion
+        self.execute = execute
         self.config = config
         # Stores results and logs the generation; returns {"result_keys", "generation_id"}.
         self.finish_hook = finish_hook
@@ -118,7 +87,7 @@ class JobRunner:
         if self._hooks:  # webhooks already started are let finish (their own retries are bounded)
             await asyncio.wait(set(self._hooks), timeout=timeout_s)
 
-    async def submit(self, *, tenant_id: int, model: str, spec: dict, webhook_url: str | None,
+    async def submit(self, *, tenant_id: int, model: str, spec: dict[str, Any], webhook_url: str | None,
                      settle: Callable[[str, list[ImageResult]], Awaitable[None]] | None = None) -> JobRecord:
         job = await anyio.to_thread.run_sync(lambda: self.store.create(
             tenant_id=tenant_id, model=model, spec=spec, owner=self.owner, lease_s=self.config.lease_s,
@@ -204,53 +173,23 @@ class JobRunner:
             return
         n = max(1, len(results))
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * (time.monotonic() - started) / n
-        await self._end(job, "succeeded", **outcome, used=used_of(results))
+        await self._end(job, "succeeded", **outcome)
         if job_id in self._settle:
             await self._settle_usage(job_id, "ok", results)
         elif self.orphan_usage is not None:
             await self._guarded(self.orphan_usage(job, results))
 
     async def _execute(self, job: JobRecord) -> list[ImageResult]:
-        handle = self.diffusion.get(job.model)
-        if handle is None:
-            raise RuntimeError(f"model {job.model!r} has no deployment")
-        ctx = tracing.outgoing()
-        tasks = [dataclasses.replace(t, trace_context=ctx) for t in tasks_of(job.spec, job.id, job.attempts)]
-        steps = [0.0] * len(tasks)
         last_write = 0.0
 
-        async def one(i: int, task: ImageTask) -> ImageResult:
+        async def progress(fraction: float) -> None:
             nonlocal last_write
-            result: ImageResult | None = None
-            stream = handle.options(stream=True).generate_stream.remote(task)
-            try:
-                async for event in stream:
-                    if isinstance(event, dict):
-                        steps[i] = event["step"] / max(1, event["total"])
-                        now = time.monotonic()
-                        if now - last_write > 0.5:  # progress writes are throttled, not every step
-                            last_write = now
-                            progress = round(0.99 * sum(steps) / len(steps), 4)
-                            await anyio.to_thread.run_sync(self.store.set_progress, job.id, self.owner, progress)
-                    else:
-                        result = event
-            except asyncio.CancelledError:
-                # Leaving the loop does not cancel the Serve call: without this the replica would
-                # denoise (and the job finish) every image of a cancelled job.
-                stream.cancel()
-                raise
-            if result is None:
-                raise RuntimeError("the diffusion stream ended without an image")
-            return result
+            now = time.monotonic()
+            if now - last_write > 0.5:  # progress writes are throttled, not every step
+                last_write = now
+                await anyio.to_thread.run_sync(self.store.set_progress, job.id, self.owner, round(0.99 * fraction, 4))
 
-        # A TaskGroup, not gather: one image failing or the job being cancelled cancels the
-        # job's other calls too (gather leaves them running).
-        try:
-            async with asyncio.TaskGroup() as group:
-                calls = [group.create_task(one(i, t)) for i, t in enumerate(tasks)]
-        except BaseExceptionGroup as failed:  # the first failure decides: retry later, retry, or fail
-            raise failed.exceptions[0] from None
-        return [c.result() for c in calls]
+        return await self.execute(job, progress)
 
     async def _on_failure(self, job: JobRecord, exc: Exception) -> None:
         name = type(exc).__name__

@@ -1,5 +1,5 @@
-"""Jobs as a feature: builds the runner with its hooks (storage, generation log, usage, webhooks)
-and turns records into the public `Job` shape."""
+"""Jobs as a feature: `create` admits and submits a job (its images prepared by `ImagesService`),
+the runner runs it through `ImagesService.run` and `deliver`, and records become the public `Job`."""
 
 from __future__ import annotations
 
@@ -10,35 +10,71 @@ from typing import Any
 import anyio
 
 from deployments.diffusion.types import ImageResult
+from serve_app.errors import unavailable
+from serve_app.images.service import ImagesService, degradation, gpu_seconds
+from serve_app.images.spec import SPEC_VERSION, ImageSpec
 from serve_app.jobs.config import JobsConfig
-from serve_app.jobs.protocol import Job, JobResult, JobUsed
+from serve_app.jobs.protocol import Job, JobCreateRequest, JobResult, JobUsed
 from serve_app.jobs.runner import JobRunner
 from serve_app.jobs.store import JobRecord, JobStore
-from serve_app.library import ResolvedTemplate
-from serve_app.storage import ResultStore, result_key
-from serve_app.tenancy import Tenancy, TenantContext
+from serve_app.storage import ResultStore
+from serve_app.tenancy import Admission, Tenancy, TenantContext
+from serve_app.tenancy.service import status_of
 
 logger = logging.getLogger("genserve.jobs")
 
-JOBS_KEY = "jobs"
 
-
-def template_of(spec: dict) -> ResolvedTemplate | None:
-    ref = spec.get("template_ref")
-    return ResolvedTemplate(**ref) if ref else None
+def used_of(results: list[ImageResult]) -> dict[str, Any] | None:
+    """What the images were actually generated with, for the job record (`Job.used`): adaptive
+    quality may have run fewer steps than the spec asked for."""
+    if not results:
+        return None
+    degraded, reason = degradation(results)
+    first = results[0]
+    return {"model": first.model, "width": first.width, "height": first.height,
+            "steps_used": [r.steps for r in results],
+            "requested_steps": [r.requested_steps or r.steps for r in results],
+            "degraded": degraded, "reason": reason}
 
 
 class Jobs:
-    def __init__(self, *, config: JobsConfig, tenancy: Tenancy, storage: ResultStore, diffusion: dict[str, Any],
-                 library: Any = None, webhooks: Any = None) -> None:
+    def __init__(self, *, config: JobsConfig, tenancy: Tenancy, storage: ResultStore, images: ImagesService,
+                 webhooks: Any = None) -> None:
         self.config = config
         self.tenancy = tenancy
         self.storage = storage
-        self.library = library
+        self.images = images
         self.webhooks = webhooks
         self.store = JobStore(tenancy.engine)
-        self.runner = JobRunner(self.store, diffusion=diffusion, config=config, finish_hook=self._store_results,
+        self.runner = JobRunner(self.store, execute=self._execute, config=config, finish_hook=self._deliver,
                                 terminal_hook=self._on_terminal, orphan_usage=self._orphan_usage)
+
+    async def create(self, body: JobCreateRequest, ctx: TenantContext) -> tuple[JobRecord, Admission]:
+        """`POST /v1/jobs`: the checks of an image request, then the job's admission (settled when the
+        job ends), then the job, durable once this returns."""
+        prepared = await self.images.prepare(body, ctx)
+        if body.webhook_url is not None and self.webhooks is not None:
+            await self.webhooks.avalidate(body.webhook_url)
+        backlog = await anyio.to_thread.run_sync(self.store.backlog)
+        if backlog >= self.config.max_backlog:
+            raise unavailable(f"Service is at capacity ({backlog} jobs waiting); retry later.", retry_after_s=10,
+                              code="at_capacity")
+        admission = await self.tenancy.admit(ctx, route="jobs", model=prepared.spec.model, images=prepared.spec.n)
+
+        async def settle(status: str, results: list[ImageResult]) -> None:
+            admission.add(images=len(results), gpu_seconds=gpu_seconds(results))
+            await admission.settle(status)
+
+        try:
+            # Expanded once, here: every attempt (a retry after a replica died) draws the same prompt.
+            prepared = await self.images.enhance(prepared)
+            spec = prepared.spec
+            job = await self.runner.submit(tenant_id=ctx.tenant_id, model=spec.model, spec=spec.model_dump(mode="json"),
+                                           webhook_url=body.webhook_url, settle=settle)
+        except BaseException as e:
+            await admission.settle(status_of(e))
+            raise
+        return job, admission
 
     async def cancel(self, job_id: str, tenant_id: int, *, wait_s: float = 2.0) -> JobRecord | None:
         """`DELETE /v1/jobs/{id}`: a queued job ends `cancelled` at once (its webhook fires); a
@@ -56,30 +92,26 @@ class Jobs:
             job = await anyio.to_thread.run_sync(self.store.get, job_id, tenant_id)
         return job
 
-    async def _store_results(self, job: JobRecord, results: list[ImageResult]) -> dict:
+    async def _execute(self, job: JobRecord, progress: Any) -> list[ImageResult]:
+        spec = ImageSpec.from_stored(job.spec)
+        # A fresh task id per attempt: a cancel mark of a dead attempt must not stop this one.
+        ids = [f"{job.id}:{job.attempts}:{i}" for i in range(spec.n)]
+        return await self.images.run(spec, task_ids=ids, on_progress=progress)
+
+    async def _deliver(self, job: JobRecord, results: list[ImageResult]) -> dict[str, Any]:
         """Upload every image (retried inside the store; a failure fails the attempt, so the job is
         retried or fails with the reason — an image is never silently lost), then log it."""
-        keys = []
-        for r in results:
-            key = result_key(job.tenant_id)
-            keys.append(await self.storage.aput(key, r.png, "image/png"))
-        generation_id = None
-        if self.library is not None:
-            spec = job.spec
-            latency = (time.time() - job.created_at.timestamp()) if job.created_at else None
-            generation_id = await anyio.to_thread.run_sync(lambda: self.library.log_generation(
-                job.tenant_id, prompt=spec["prompt"], negative_prompt=spec["negative_prompt"], model=job.model,
-                seeds=[r.seed for r in results], params=spec.get("params", {}), result_keys=keys,
-                latency_s=latency, job_id=job.id, template=template_of(spec)))
-        return {"result_keys": keys, "generation_id": generation_id}
+        latency = (time.time() - job.created_at.timestamp()) if job.created_at else None
+        keys, generation_id = await self.images.deliver(ImageSpec.from_stored(job.spec), results,
+                                                        tenant_id=job.tenant_id, latency_s=latency, job_id=job.id)
+        return {"result_keys": keys, "generation_id": generation_id, "used": used_of(results)}
 
     async def _orphan_usage(self, job: JobRecord, results: list[ImageResult]) -> None:
-        info = await anyio.to_thread.run_sync(self.tenancy.get_tenant, job.spec["tenant"])
+        info = await anyio.to_thread.run_sync(self.tenancy.get_tenant, ImageSpec.from_stored(job.spec).tenant)
         plan = self.tenancy.config.plan(info.plan) or self.tenancy.config.plans[0]
         ctx = TenantContext(job.tenant_id, info.name, plan, key_prefix="job")
-        gpu = sum(r.compute_s / max(1, r.batch_size) for r in results)
         await anyio.to_thread.run_sync(lambda: self.tenancy.record_usage(
-            ctx, route="jobs", model=job.model, images=len(results), gpu_seconds=gpu))
+            ctx, route="jobs", model=job.model, images=len(results), gpu_seconds=gpu_seconds(results)))
 
     async def _on_terminal(self, job: JobRecord) -> None:
         if job.webhook_url and self.webhooks is not None:
@@ -88,14 +120,24 @@ class Jobs:
             await self.webhooks.send(job.webhook_url, payload, job_id=job.id)
 
     def public(self, job: JobRecord, *, queue_position: int | None = None) -> Job:
-        results = [JobResult(url=self.storage.url(k), seed=t.get("seed"), revised_prompt=job.spec["prompt"])
-                   for k, t in zip(job.result_keys or [], job.spec["tasks"], strict=False)]
+        prompt, asked, seeds, params = _shown(job.spec)
+        results = [JobResult(url=self.storage.url(k), seed=seed, revised_prompt=prompt)
+                   for k, seed in zip(job.result_keys or [], seeds, strict=False)]
         eta = None
         if queue_position is not None:
-            eta = self.runner.estimated_seconds(queue_position, len(job.spec["tasks"]))
+            eta = self.runner.estimated_seconds(queue_position, len(seeds))
         return Job(id=job.id, status=job.status, model=job.model, progress=round(job.progress, 4),
                    queue_position=queue_position, estimated_seconds=eta, attempts=job.attempts,
                    created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
                    error=job.error, results=results, generation_id=job.generation_id,
-                   prompt=job.spec.get("asked_prompt") or job.spec["prompt"],
-                   params=job.spec.get("params", {}), used=JobUsed(**job.used) if job.used else None)
+                   prompt=asked or prompt, params=params, used=JobUsed(**job.used) if job.used else None)
+
+
+def _shown(stored: dict[str, Any]) -> tuple[str, str | None, list[int | None], dict[str, Any]]:
+    """(drawn prompt, prompt before `enhance`, seeds, public params) of a stored job. A row stored
+    before `ImageSpec` is shown as it was stored then (its `params` is that public view already)."""
+    if stored.get("spec_version") == SPEC_VERSION:
+        spec = ImageSpec.model_validate(stored)
+        return spec.prompt, spec.asked_prompt, list(spec.seeds), spec.describe()
+    return (stored["prompt"], stored.get("asked_prompt"), [t.get("seed") for t in stored["tasks"]],
+            stored.get("params", {}))

@@ -143,7 +143,8 @@ def render(name: str, pairs: tuple[str, ...], prompt: str, version: int | None, 
            seed: int | None, tenant: str | None, config_path: str | None, database_url: str | None,
            app_name: str | None) -> None:
     from serve_app.config import load_app_config
-    from serve_app.prompts.render import render_image_request
+    from serve_app.images.protocol import PromptRenderRequest
+    from serve_app.images.render import render_image_request
 
     if config_path is None:
         raise click.UsageError("render needs --config (the models' sizes and steps come from it)")
@@ -154,13 +155,15 @@ def render(name: str, pairs: tuple[str, ...], prompt: str, version: int | None, 
     with _library(config_path, database_url, app_name) as lib:
         lib = Library(lib.engine, app_cfg.templates)
         source = lib.for_tenant(_tenant_id(lib, tenant))
-        rendered = render_image_request(config=app_cfg, templates=source, prompt=prompt, model=model, seed=seed,
-                                        template=name, template_version=version, variables=_parse_vars(pairs))
-        used = source.last
-    click.echo(rendered.prompt)
-    info = rendered.describe()
-    if used is not None:
-        info["template"] = {"name": used.name, "version": used.version, "source": used.source}
+        # The request's prompt may be empty here: the template alone is rendered ({prompt} = "").
+        body = PromptRenderRequest.model_construct(prompt=prompt, model=model, seed=seed, template=name,
+                                                   template_version=version, variables=_parse_vars(pairs))
+        spec = render_image_request(app_cfg, source, body)
+    click.echo(spec.prompt)
+    info = spec.describe()
+    if spec.template is not None:
+        t = spec.template
+        info["template"] = {"name": t.name, "version": t.version, "source": t.source}
     click.echo(json.dumps(info, indent=2))
 
 

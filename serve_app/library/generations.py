@@ -16,7 +16,7 @@ from serve_app.library.templates import MAX_PAGE, ResolvedTemplate, aware, utcno
 from serve_app.tenancy.db import read_tx, write_tx
 
 if TYPE_CHECKING:
-    from serve_app.prompts.render import RenderedImageRequest
+    from serve_app.images.spec import ImageSpec
 
 GEN = Generation.__table__
 # Turns stored keys into fresh URLs when listing (signed URLs expire; keys don't).
@@ -63,17 +63,13 @@ class GenerationLog:
                 created_at=utcnow(), rating=None, rated_at=None))
         return gid
 
-    def log_rendered(self, tenant_id: int, rendered: RenderedImageRequest, *, template: ResolvedTemplate | None,
-                     result_keys: Sequence[str] = (), result_urls: Sequence[str] = (),
-                     latency_s: float | None = None, job_id: str | None = None,
-                     generation_id: str | None = None) -> str:
-        """`log` with prompt, model, seeds and parameters taken from a rendered request."""
-        d = rendered.describe()
-        params = {k: d[k] for k in ("width", "height", "steps", "guidance_scale", "tile", "weighted_prompts",
-                                    "params")}
-        return self.log(tenant_id, prompt=d["prompt"], negative_prompt=d["negative_prompt"], model=d["model"],
-                        seeds=d["seeds"], params=params, result_keys=result_keys, result_urls=result_urls,
-                        latency_s=latency_s, template=template, job_id=job_id, generation_id=generation_id)
+    def log_spec(self, tenant_id: int, spec: ImageSpec, *, seeds: Sequence[int] | None = None,
+                 result_keys: Sequence[str] = (), latency_s: float | None = None, job_id: str | None = None) -> str:
+        """`log` of an image request: prompt, model, template and parameters from its spec (`params`
+        is the spec's public view, as `/v1/prompts/render` and `Job.params` show it)."""
+        return self.log(tenant_id, prompt=spec.prompt, negative_prompt=spec.negative_prompt, model=spec.model,
+                        seeds=spec.seeds if seeds is None else seeds, params=spec.describe(),
+                        result_keys=result_keys, latency_s=latency_s, template=spec.template, job_id=job_id)
 
     def rate(self, tenant_id: int, generation_id: str, rating: int, url_of: UrlMaker | None = None) -> GenerationOut:
         if not isinstance(rating, int) or isinstance(rating, bool) or not 1 <= rating <= 5:

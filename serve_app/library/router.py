@@ -12,7 +12,7 @@ from serve_app.library.generations import UrlMaker
 from serve_app.library.protocol import (
     GenerationList, GenerationOut, RatingIn, TemplateCreate, TemplateList, TemplateOut,
 )
-from serve_app.library.service import LIBRARY_KEY, Library
+from serve_app.library.service import Library
 from serve_app.library.templates import MAX_PAGE
 from serve_app.paging import Page, paging
 from serve_app.state import ServicesDep
@@ -20,10 +20,9 @@ from serve_app.tenancy import CurrentTenant
 
 
 async def get_library(services: ServicesDep) -> Library:
-    lib = services.extras.get(LIBRARY_KEY)
-    if lib is None:
-        raise RuntimeError(f"services.extras[{LIBRARY_KEY!r}] is not set: the ingress must build a Library")
-    return lib
+    if services.library is None:
+        raise RuntimeError("services.library is not set: the ingress must build a Library")
+    return services.library
 
 
 LibraryDep = Annotated[Library, Depends(get_library)]
@@ -33,7 +32,7 @@ PageDep = Annotated[Page, Depends(paging(default_limit=50, max_limit=MAX_PAGE))]
 
 
 async def _url_maker(services: ServicesDep) -> UrlMaker | None:
-    store = services.extras.get("storage")  # serve_app.storage.STORAGE_KEY; fresh URLs from stored keys
+    store = services.storage  # fresh URLs from stored keys
     if store is None:
         return None
     return lambda key: store.url(key)  # origin from config, never from the request

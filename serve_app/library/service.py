@@ -1,5 +1,5 @@
 """`Library`: the template library and the generation log behind one object per replica
-(`services.extras["library"]`), on the app database that Tenancy already migrated."""
+(`services.library`), on the app database that Tenancy already migrated."""
 
 from __future__ import annotations
 
@@ -11,18 +11,12 @@ from serve_app.config import PromptTemplateConfig
 from serve_app.library.generations import GenerationLog
 from serve_app.library.templates import TemplateLibrary, TenantTemplates
 
-LIBRARY_KEY = "library"
-
 
 class Library:
     def __init__(self, engine: Engine, config_templates: Iterable[PromptTemplateConfig] = ()) -> None:
         self.engine = engine
         self.templates = TemplateLibrary(engine, config_templates)
         self.generations = GenerationLog(engine)
-        # The shortcuts the ingress and the jobs runner call.
-        self.log_generation = self.generations.log
-        self.log_rendered = self.generations.log_rendered
-        self.rate = self.generations.rate
 
     def for_tenant(self, tenant_id: int | None) -> TenantTemplates:
         return self.templates.for_tenant(tenant_id)

@@ -205,21 +205,11 @@ class TemplateLibrary:
 
 
 class TenantTemplates:
-    """A `serve_app.prompts.render.TemplateSource` scoped to one tenant. `get` queries the
-    database (blocking): run `render_image_request` in a worker thread when a template is named.
-    `resolved` remembers what each name resolved to, for the generation log."""
+    """A `serve_app.images.render.TemplateSource` scoped to one tenant. `get` queries the database
+    (blocking): run `render_image_request` in a worker thread when a template is named."""
 
     def __init__(self, library: TemplateLibrary, tenant_id: int | None) -> None:
         self.library, self.tenant_id = library, tenant_id
-        self.resolved: dict[str, ResolvedTemplate] = {}
 
-    def get(self, name: str, version: int | None = None) -> tuple[str, str] | None:
-        found = self.library.resolve(self.tenant_id, name, version)
-        if found is None:
-            return None
-        self.resolved[name] = found
-        return found.template, found.defaults
-
-    @property
-    def last(self) -> ResolvedTemplate | None:
-        return next(reversed(self.resolved.values()), None)
+    def get(self, name: str, version: int | None = None) -> ResolvedTemplate | None:
+        return self.library.resolve(self.tenant_id, name, version)

@@ -24,7 +24,11 @@ import math
 import random
 from dataclasses import dataclass
 
-from serve_app.prompts.params import SEED_MAX, PromptParams
+from pydantic import BaseModel, ConfigDict
+
+from deployments.diffusion import rules
+from deployments.diffusion.rules import seed_for_image
+from serve_app.prompts.params import PromptParams
 
 STYLIZE_DEFAULT = 100
 STYLIZE_MAX = 1000
@@ -36,8 +40,7 @@ def size_for_aspect(
 ) -> tuple[int, int]:
     """(width, height): about `native_pixels` pixels, width/height ≈ ar, sides % multiple == 0."""
     w_ratio, h_ratio = ar
-    if w_ratio < 1 or h_ratio < 1:
-        raise ValueError(f"ar must be two positive integers, got {ar!r}")
+    rules.check_aspect_ratio(w_ratio, h_ratio, name="ar")
     if native_pixels < 1:
         raise ValueError(f"native_pixels must be positive, got {native_pixels}")
     if multiple < 1:
@@ -97,13 +100,6 @@ def chaos_guidance(chaos: int, guidance: float, seed: int, index: int) -> float:
     return max(1.0, guidance * (1.0 + chaos / 100 * u))
 
 
-def seed_for_image(seed: int, index: int) -> int:
-    """Seed of image `index`: distinct per image, reproducible per request."""
-    if index < 0:
-        raise ValueError(f"index must be >= 0, got {index}")
-    return (seed + index) % (SEED_MAX + 1)
-
-
 def negative_prompt(params: PromptParams, base: str | None) -> str:
     """The request's own negative prompt followed by the `--no` terms, joined with ", "."""
     parts = [base.strip()] if base and base.strip() else []
@@ -122,17 +118,23 @@ class ModelDefaults:
     max_side: int | None = None
 
 
-@dataclass(frozen=True)
-class ImageSettings:
-    """Resolved diffusion parameters of one image of a request."""
+class ImageSettings(BaseModel):
+    """Resolved diffusion parameters of a request's images: shared ones once, per image the seed and
+    guidance (`--c` varies it). `images.spec.ImageSpec` extends it with what and where to draw."""
 
-    seed: int
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     width: int
     height: int
     steps: int
-    guidance_scale: float
     negative_prompt: str
     tile: bool
+    seeds: tuple[int, ...]
+    guidance_scales: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
 
 
 def resolve_images(
@@ -145,7 +147,7 @@ def resolve_images(
     steps: int | None = None,
     guidance_scale: float | None = None,
     negative: str | None = None,
-) -> list[ImageSettings]:
+) -> ImageSettings:
     """Apply the precedence rule (docs/prompt-parameters.md) to the JSON fields and prompt flags.
 
     JSON fields set the base; prompt flags are applied on top: absolute flags (--seed, --ar)
@@ -170,15 +172,9 @@ def resolve_images(
     if params.stylize is not None:
         guidance = guidance_for_stylize(params.stylize, guidance)
     neg = negative_prompt(params, negative)
-    return [
-        ImageSettings(
-            seed=seed_for_image(base_seed, i),
-            width=width,
-            height=height,
-            steps=base_steps,
-            guidance_scale=chaos_guidance(params.chaos or 0, guidance, base_seed, i),
-            negative_prompt=neg,
-            tile=params.tile,
-        )
-        for i in range(n)
-    ]
+    return ImageSettings(
+        width=width, height=height, steps=base_steps, negative_prompt=neg, tile=params.tile,
+        seeds=tuple(seed_for_image(base_seed, i) for i in range(n)),
+        # Rounded: the value is shown, stored and compared (batch grouping) as written.
+        guidance_scales=tuple(round(chaos_guidance(params.chaos or 0, guidance, base_seed, i), 4) for i in range(n)),
+    )

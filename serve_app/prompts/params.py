@@ -17,9 +17,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SEED_MAX = 2**32 - 1
-MAX_RATIO = 4  # --ar must lie between 1:MAX_RATIO and MAX_RATIO:1
-MAX_AR_SIDE = 999_999
+from deployments.diffusion import rules
+from deployments.diffusion.rules import SEED_MAX
+
+MAX_AR_SIDE = rules.MAX_ASPECT_SIDE
 _EM_DASH = "\u2014"  # phones autocorrect "--" into an em dash
 
 _INT = re.compile(r"-?[0-9]+")
@@ -153,23 +154,17 @@ def _flag_name(token: str) -> str | None:
 
 
 def _check_ratio(flag: str, w: int, h: int) -> None:
-    if w < 1 or h < 1 or w > MAX_AR_SIDE or h > MAX_AR_SIDE:
-        raise PromptParameterError(
-            flag, f"{flag} sides must be integers from 1 to {MAX_AR_SIDE}, got {w}:{h}"
-        )
-    if w > MAX_RATIO * h or h > MAX_RATIO * w:
-        raise PromptParameterError(
-            flag, f"{flag} must be between 1:{MAX_RATIO} and {MAX_RATIO}:1, got {w}:{h}"
-        )
+    try:
+        rules.check_aspect_ratio(w, h, name=flag)
+    except ValueError as e:
+        raise PromptParameterError(flag, str(e)) from None
 
 
 def _check_weights(segments: tuple[WeightedSegment, ...]) -> None:
-    total = math.fsum(s.weight for s in segments)
-    if not math.isfinite(total) or total <= 0:
-        shown = " + ".join(f"{s.weight:g}" for s in segments[:8])
-        raise PromptParameterError(
-            "::", f":: weights must sum to more than 0, got {shown} = {total:g}"
-        )
+    try:
+        rules.check_weights([s.weight for s in segments])
+    except ValueError as e:
+        raise PromptParameterError("::", str(e)) from None
 
 
 def _parse_value(flag: str, spec: _Spec, raw: str) -> Any:

@@ -1,7 +1,7 @@
 """Where generated images live: one `ResultStore` interface, local files or S3 (issue 5).
 
     store = build_store(cfg.storage, work_dir=cfg.work_dir, public_base_url=cfg.public_base_url)  # one per replica
-    services.extras[STORAGE_KEY] = store; app.include_router(files_router)
+    Services(..., storage=store); app.include_router(files_router)
     key = await store.aput(result_key(ctx.tenant_id), png_bytes)   # StorageError after retries
     url = store.url(key)          # origin: storage.local.public_base_url, else the app's public_base_url
 """
@@ -15,7 +15,7 @@ from serve_app.storage.base import (
 )
 from serve_app.storage.config import LocalStorageConfig, S3StorageConfig, StorageConfig
 from serve_app.storage.local import LocalResultStore
-from serve_app.storage.router import STORAGE_KEY, files_router, get_store
+from serve_app.storage.router import files_router, get_store
 from serve_app.storage.s3 import S3ResultStore
 from serve_app.storage.secrets import persisted_secret
 
@@ -35,7 +35,7 @@ def build_store(cfg: StorageConfig, work_dir: Path | str, *, public_base_url: st
 
 
 __all__ = [
-    "STORAGE_KEY", "InvalidKeyError", "LocalResultStore", "LocalStorageConfig", "ResultStore", "S3ResultStore",
+    "InvalidKeyError", "LocalResultStore", "LocalStorageConfig", "ResultStore", "S3ResultStore",
     "S3StorageConfig", "StorageConfig", "StorageError", "build_store", "files_router", "get_store",
     "new_result_id", "persisted_secret", "result_key", "validate_key",
 ]

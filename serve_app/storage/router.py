@@ -17,16 +17,13 @@ from serve_app.state import ServicesDep
 from serve_app.storage.base import InvalidKeyError, ResultStore
 from serve_app.storage.local import LocalResultStore
 
-STORAGE_KEY = "storage"
-
 files_router = APIRouter(tags=["files"])
 
 
 def get_store(services: ServicesDep) -> ResultStore:
-    store = services.extras.get(STORAGE_KEY)
-    if store is None:
-        raise RuntimeError(f"services.extras[{STORAGE_KEY!r}] is not set: the ingress must build a ResultStore")
-    return store
+    if services.storage is None:
+        raise RuntimeError("services.storage is not set: the ingress must build a ResultStore")
+    return services.storage
 
 
 def _forbidden(message: str) -> APIError:

@@ -15,14 +15,10 @@ from telemetry import metrics
 from telemetry.context import annotate, phase
 from serve_app.tenancy.service import Tenancy, TenantContext
 
-TENANCY_KEY = "tenancy"
-
-
 async def get_tenancy(services: ServicesDep) -> Tenancy:
-    tenancy = services.extras.get(TENANCY_KEY)
-    if tenancy is None:
-        raise RuntimeError(f"services.extras[{TENANCY_KEY!r}] is not set: the ingress must build a Tenancy")
-    return tenancy
+    if services.tenancy is None:
+        raise RuntimeError("services.tenancy is not set: the ingress must build a Tenancy")
+    return services.tenancy
 
 
 TenancyDep = Annotated[Tenancy, Depends(get_tenancy)]

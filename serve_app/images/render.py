@@ -1,66 +1,46 @@
-"""From an image request to the per-image tasks a diffusion replica runs.
+"""From an image request to its `ImageSpec` (images/spec.py).
 
 Order: template (+ its default parameters) → Midjourney parameters parsed out of the text →
-JSON fields and flags merged (rules in docs/prompt-parameters.md) → size/steps/guidance
-validated against the model's limits → one `ImageTask` per image (own seed each).
+JSON fields and flags merged (rules in docs/prompt-parameters.md) → size/steps checked with the
+diffusion contract's rules (deployments/diffusion/rules.py, the ones the engine applies too) and
+the model's limits → one seed and guidance per image.
 """
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
 from typing import Protocol
 
-from deployments.diffusion.types import ImageTask, WeightedPrompt
+from deployments.diffusion.rules import SEED_MAX, SizeRules
 from serve_app.config import AppConfig, DiffusionModelConfig
 from serve_app.errors import APIError, bad_request, not_found, unprocessable
+from serve_app.images.protocol import ImageGenerationRequest, PromptRenderRequest
+from serve_app.images.spec import ImageSpec
+from serve_app.library.templates import ResolvedTemplate
 from serve_app.prompts import mapping
 from serve_app.prompts.params import ParsedPrompt, PromptParameterError, PromptParams, parse_prompt
 from serve_app.prompts.templates import MissingVariableError, fill
 
+ImageRequest = ImageGenerationRequest | PromptRenderRequest
+
 
 class TemplateSource(Protocol):
-    """Where named templates come from (config now; the template library later)."""
+    """Where named templates come from: the tenant's library (`library.TenantTemplates`) or the
+    config (`ConfigTemplates`)."""
 
-    def get(self, name: str, version: int | None = None) -> tuple[str, str] | None:
-        """(template text, default parameters) or None when unknown."""
+    def get(self, name: str, version: int | None = None) -> ResolvedTemplate | None:
+        """The template, or None when unknown."""
 
 
 class ConfigTemplates:
     def __init__(self, config: AppConfig) -> None:
         self._by_name = {t.name: t for t in config.templates}
 
-    def get(self, name: str, version: int | None = None) -> tuple[str, str] | None:
+    def get(self, name: str, version: int | None = None) -> ResolvedTemplate | None:
         t = self._by_name.get(name)
         if t is None or version not in (None, 1):
             return None
-        return t.template, t.defaults
-
-
-@dataclass(frozen=True)
-class RenderedImageRequest:
-    model: DiffusionModelConfig
-    prompt: str  # what is drawn (the OpenAI `revised_prompt`)
-    negative_prompt: str
-    parsed: ParsedPrompt
-    tasks: tuple[ImageTask, ...]
-    enhance: bool
-
-    def describe(self) -> dict:
-        first = self.tasks[0]
-        return {
-            "model": self.model.name,
-            "prompt": self.prompt,
-            "negative_prompt": self.negative_prompt,
-            "width": first.width,
-            "height": first.height,
-            "steps": first.steps,
-            "guidance_scale": [t.guidance_scale for t in self.tasks],
-            "seeds": [t.seed for t in self.tasks],
-            "tile": first.tile,
-            "weighted_prompts": [{"text": w.text, "weight": w.weight} for w in first.weighted_prompts],
-            "params": self.parsed.params.model_dump(mode="json"),
-        }
+        return ResolvedTemplate(name=t.name, version=1, template=t.template, defaults=t.defaults, source="config")
 
 
 def _parse(text: str) -> ParsedPrompt:
@@ -84,16 +64,16 @@ STYLE_PARAMS: dict[str, PromptParams] = {"vivid": PromptParams(stylize=250), "na
 
 
 def _parse_with_template(prompt: str, template: str | None, version: int | None, variables: dict[str, str],
-                         templates: TemplateSource) -> ParsedPrompt:
+                         templates: TemplateSource) -> tuple[ParsedPrompt, ResolvedTemplate | None]:
     user = _parse(prompt)
     if template is None:
-        return user
+        return user, None
     found = templates.get(template, version)
     if found is None:
         suffix = f" version {version}" if version else ""
         raise not_found(f"Template {template!r}{suffix} does not exist.", param="template",
                         code="template_not_found")
-    text, defaults = found
+    text, defaults = found.template, found.defaults
     # The user's text (flags removed) is available to the template as {prompt}.
     try:
         filled = fill(text, {"prompt": user.text, **variables})
@@ -102,7 +82,8 @@ def _parse_with_template(prompt: str, template: str | None, version: int | None,
                             param=f"variables.{e.name}", code="missing_variable") from None
     drawn = _parse(filled)
     default_params = _merge_params(_parse(f"x {defaults}").params, drawn.params) if defaults else drawn.params
-    return ParsedPrompt(text=drawn.text, segments=drawn.segments, params=_merge_params(default_params, user.params))
+    return ParsedPrompt(text=drawn.text, segments=drawn.segments,
+                        params=_merge_params(default_params, user.params)), found
 
 
 def _resolve_model(config: AppConfig, requested: str | None, flag: str | None) -> DiffusionModelConfig:
@@ -118,14 +99,10 @@ def _resolve_model(config: AppConfig, requested: str | None, flag: str | None) -
 
 
 def _validate_size(model: DiffusionModelConfig, width: int, height: int) -> None:
-    m = model.size_multiple
-    if width % m or height % m:
-        raise bad_request(f"`width` and `height` have to be divisible by {m} for model {model.name!r} "
-                          f"but are {width} and {height}.", param="size", code="invalid_size")
-    lo, hi = model.min_side, model.max_side
-    if not (lo <= width <= hi and lo <= height <= hi):
-        raise bad_request(f"`width` and `height` must be between {lo} and {hi} for model {model.name!r} "
-                          f"but are {width} and {height}.", param="size", code="invalid_size")
+    try:  # the contract's rules, the same the model's replicas check
+        SizeRules(model.size_multiple, model.min_side, model.max_side).check(width, height, model=model.name)
+    except ValueError as e:
+        raise bad_request(str(e), param="size", code="invalid_size") from None
     if width * height / 1e6 > model.batch_megapixels:
         # Larger than a whole batch of this model's replica may hold: it would not fit its GPU share.
         raise unprocessable(f"A {width}x{height} image needs more GPU memory than a replica of model {model.name!r} "
@@ -133,31 +110,26 @@ def _validate_size(model: DiffusionModelConfig, width: int, height: int) -> None
                             param="size", code="exceeds_memory_budget")
 
 
-def render_image_request(
-    *,
-    config: AppConfig,
-    templates: TemplateSource,
-    prompt: str,
-    model: str | None = None,
-    n: int = 1,
-    size: tuple[int, int] | None = None,
-    negative_prompt: str | None = None,
-    seed: int | None = None,
-    steps: int | None = None,
-    guidance_scale: float | None = None,
-    template: str | None = None,
-    template_version: int | None = None,
-    variables: dict[str, str] | None = None,
-    enhance: bool = False,
-    style: str | None = None,
-) -> RenderedImageRequest:
+def _size_of(req: ImageRequest) -> tuple[int, int] | None:
+    try:
+        return req.parsed_size()
+    except ValueError as e:
+        raise bad_request(str(e), param="size", code="invalid_size") from None
+
+
+def render_image_request(config: AppConfig, templates: TemplateSource, req: ImageRequest, *,
+                         tenant: str | None = None) -> ImageSpec:
+    """The request's `ImageSpec`, or the APIError (400/404/422) naming what is wrong. Blocking when
+    `templates` reads the database: run it in a worker thread."""
+    n, prompt, style = req.n, req.prompt, req.style
     if n > config.limits.max_images_per_request:
         raise bad_request(f"n is {n}; the limit is {config.limits.max_images_per_request} images per request.",
                           param="n", code="too_many_images")
     if len(prompt) > config.limits.max_prompt_chars:
         raise bad_request(f"prompt is {len(prompt)} characters; the limit is {config.limits.max_prompt_chars}.",
                           param="prompt", code="prompt_too_long")
-    parsed = _parse_with_template(prompt, template, template_version, variables or {}, templates)
+    size = _size_of(req)
+    parsed, template = _parse_with_template(prompt, req.template, req.template_version, req.variables, templates)
     if style is not None:
         if style not in STYLE_PARAMS:
             raise bad_request(f"style must be one of {sorted(STYLE_PARAMS)}, got {style!r}.", param="style")
@@ -165,30 +137,26 @@ def render_image_request(
     p = parsed.params
     if not parsed.text.strip():
         raise bad_request("prompt has no text besides its parameters.", param="prompt", code="empty_prompt")
-    mdl = _resolve_model(config, model, p.model)
+    mdl = _resolve_model(config, req.model, p.model)
 
     try:
-        images = mapping.resolve_images(
+        settings = mapping.resolve_images(
             p, mapping.ModelDefaults(native_side=mdl.native_resolution, multiple=mdl.size_multiple,
                                      steps=mdl.default_steps, guidance=mdl.default_guidance,
                                      max_side=mdl.max_side),
-            n=n, seed=seed if seed is not None else secrets.randbits(32), size=size, steps=steps,
-            guidance_scale=guidance_scale, negative=negative_prompt)
+            n=n, seed=req.seed if req.seed is not None else secrets.randbelow(SEED_MAX + 1), size=size, steps=req.steps,
+            guidance_scale=req.guidance_scale, negative=req.negative_prompt)
     except ValueError as e:
         raise bad_request(str(e)) from None
-    first = images[0]
-    _validate_size(mdl, first.width, first.height)
-    if first.steps > mdl.max_steps:
+    _validate_size(mdl, settings.width, settings.height)
+    if settings.steps > mdl.max_steps:
         param = "--q" if p.quality is not None else "steps"
-        raise bad_request(f"steps ({first.steps}) exceed the limit of {mdl.max_steps} for model {mdl.name!r}.",
+        raise bad_request(f"steps ({settings.steps}) exceed the limit of {mdl.max_steps} for model {mdl.name!r}.",
                           param=param, code="too_many_steps")
-
-    weighted = tuple(WeightedPrompt(s.text, s.weight) for s in parsed.segments) if len(parsed.segments) > 1 else ()
-    tasks = tuple(ImageTask(prompt=parsed.text, negative_prompt=im.negative_prompt, seed=im.seed, width=im.width,
-                            height=im.height, steps=im.steps, guidance_scale=round(im.guidance_scale, 4),
-                            tile=im.tile, weighted_prompts=weighted) for im in images)
-    return RenderedImageRequest(model=mdl, prompt=parsed.text, negative_prompt=first.negative_prompt,
-                                parsed=parsed, tasks=tasks, enhance=enhance or p.enhance)
+    weighted = parsed.segments if len(parsed.segments) > 1 else ()
+    enhance = getattr(req, "enhance", False) or p.enhance
+    return ImageSpec(**dict(settings), model=mdl.name, prompt=parsed.text, weighted_prompts=weighted, params=p,
+                     enhance=enhance, template=template, tenant=tenant)
 
 
-__all__ = ["render_image_request", "RenderedImageRequest", "ConfigTemplates", "TemplateSource", "APIError"]
+__all__ = ["APIError", "ConfigTemplates", "ImageRequest", "TemplateSource", "render_image_request"]
