@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install diffusers (+ torchao if the host lacks it) from .gpuwhl/, then
-# benchmarks/engine_speed.py. .gpuwhl/ is git-ignored (pass carry: [".gpuwhl"]); make it with
+# benchmarks/engine_speed.py. .gpuwhl/ is never committed (untracked files travel with a device
+# call; if you git-ignore it, pass carry: [".gpuwhl"]); make it with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 -d .gpuwhl diffusers==0.42.1 importlib_metadata torchao==0.18.0
 #   usage: bash benchmarks/gpu/engine_speed.sh NAME [engine_speed args...]   (writes $OUT/NAME.json)
