@@ -147,3 +147,21 @@ def test_admission_benchmark_smoke(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "adm.json").read_text())
     assert result["dialect"] == "sqlite" and result["admit_p50_ms"] > 0 and result["settle_p50_ms"] > 0
     assert all(r["built_us"] > 0 and r["prebuilt_us"] > 0 for r in result["upsert_per_execution"])
+
+
+def test_engine_speed_smoke(tmp_path: Path) -> None:
+    """benchmarks/engine_speed.py end to end on the tiny model, eager (compiling is for the GPU):
+    a variant with the draft tier, draft rows with fidelity, and the fresh-process start."""
+    out = tmp_path / "es.json"
+    cmd = [sys.executable, "-m", "benchmarks.engine_speed", "--tiny", "--device", "cpu", "--steps", "3",
+           "--reps", "1", "--variants", '[{"channels_last": true, "draft": {"cache_interval": 2}}]',
+           "--draft", "2", "--warm-start", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["eager"]["images_per_s"] > 0
+    (variant,) = result["variants"]
+    assert variant["fidelity_vs_eager"]["psnr_db_min"] >= 40  # channels-last is lossless
+    (draft,) = result["draft"]["rows"]
+    assert draft["unet_calls"]["reused"] > 0 and draft["fidelity_vs_default"]["max_abs_diff"] > 0
+    assert "error" not in result["warm_start"] and result["warm_start"]["start_to_first_image_s"] > 0

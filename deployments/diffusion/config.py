@@ -55,17 +55,60 @@ class AdaptiveQualityConfig(_Strict):
 CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
+class DraftConfig(_Strict):
+    """The draft tier (deployments/diffusion/unet_split.py): DeepCache-style reuse of the UNet's deep
+    features. Runs only for tasks that ask for draft quality; default-quality tasks are unaffected."""
+
+    cache_interval: int = Field(0, ge=0, le=10, description="Run the full UNet every N-th step and only its "
+                                "shallow blocks in between (0 or 1: no draft tier). SDXL only.")
+    steps_fraction: float = Field(1.0, gt=0.0, le=1.0, description="Draft tasks run ceil(steps x this) steps.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cache_interval > 1 or self.steps_fraction < 1.0
+
+
 class OptimizeConfig(_Strict):
-    """Pipeline speed-ups (deployments/diffusion/optimize.py). Eager is the default: compiling costs
-    minutes per shape at replica start."""
+    """Pipeline speed-ups (deployments/diffusion/optimize.py; measured effects in docs/optimize.md).
+    Eager is the default: compiling costs minutes per size bucket at replica start (seconds with a
+    warm compile cache)."""
 
     compile: CompileMode = "none"
     channels_last: bool = False
     fuse_qkv: bool = False
+    fp8: bool = Field(False, description="float8 (e4m3, per-row scales) weights and dynamic activations for "
+                      "the UNet's linear layers (torchao; Hopper or newer). Not lossless: see docs/optimize.md.")
+    cache_dir: str | None = Field(None, description="Inductor/Triton compile cache (TORCHINDUCTOR_CACHE_DIR), "
+                                  "shared by the replicas of a host so a new one loads instead of compiling. "
+                                  "None: $TORCHINDUCTOR_CACHE_DIR if set, else $GENSERVE_WORK/compile-cache.")
+    buckets: list[str] = Field(default_factory=list, description="Sizes `WxH` that requests snap to (nearest in "
+                               "log width/height); the image is generated at the bucket and resized to the size "
+                               "asked for. With compile on, one compiled graph per bucket. Empty: no snapping.")
+    warmup: bool = Field(True, description="With compile on, run every bucket x warmup batch size once at replica "
+                         "start (compiling or loading from cache) so no request pays a compile.")
+    warmup_batch_sizes: list[int] = Field(default_factory=list, description="Batch sizes to warm per bucket. "
+                                          "Empty: 1 and the largest batch the bucket's megapixel budget allows. "
+                                          "(One graph serves every batch size; each new size records a CUDA "
+                                          "graph, ~1 s, not a compile.)")
+    draft: DraftConfig = Field(default_factory=DraftConfig)
+
+    @model_validator(mode="after")
+    def _check_buckets(self) -> OptimizeConfig:
+        from deployments.diffusion.buckets import parse
+
+        for b in self.buckets:
+            parse(b)  # raises ValueError naming the bad entry
+        if any(b < 1 for b in self.warmup_batch_sizes):
+            raise ValueError(f"warmup_batch_sizes must be >= 1, got {self.warmup_batch_sizes}")
+        return self
 
     @property
     def enabled(self) -> bool:
         return self != OptimizeConfig()
+
+    @property
+    def compiled(self) -> bool:
+        return self.compile != "none"
 
 
 class DiffusionModelConfig(_Strict):
@@ -110,6 +153,9 @@ class DiffusionModelConfig(_Strict):
         if self.native_resolution**2 / 1e6 > self.batch_megapixels:
             raise ValueError(f"batching.max_batch_megapixels ({self.batch_megapixels:g}) is smaller than one image at "
                              f"the native resolution ({self.native_resolution}px): every default request would be refused")
+        from deployments.diffusion.buckets import check_buckets
+
+        check_buckets(self)
         if self.default_steps > self.max_steps:
             raise ValueError(f"default_steps ({self.default_steps}) must be <= max_steps ({self.max_steps})")
         return self

@@ -125,6 +125,7 @@ def per_task_calls(module: torch.nn.Module, method: str, n_tasks: int | Callable
     `n_tasks` may be a callable: the live count of a batch that drops cancelled rows.
     """
     original = getattr(module, method)
+    shadowed = module.__dict__.get(method)  # an instance attribute already there (unet_split's forward)
     count = n_tasks
 
     def per_task(*args: Any, **kwargs: Any) -> Any:
@@ -142,4 +143,7 @@ def per_task_calls(module: torch.nn.Module, method: str, n_tasks: int | Callable
     try:
         yield
     finally:
-        delattr(module, method)
+        if shadowed is None:
+            delattr(module, method)
+        else:
+            setattr(module, method, shadowed)

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from deployments.diffusion import optimize, unet_split
+from deployments.diffusion.buckets import snap
 from deployments.diffusion.hooks import LiveRows, StopDenoising, take_rows, weighted_sum
 from deployments.diffusion.types import ImageTask
 
@@ -36,6 +38,25 @@ def tiling_modules(pipeline: Any) -> list[torch.nn.Module]:
 def heavy_calls(pipeline: Any) -> list[tuple[torch.nn.Module, str]]:
     """The model calls that see the whole batch (what `batch_invariant` splits per task)."""
     return [(pipeline.unet, "forward"), (pipeline.vae, "decode")]
+
+
+def is_draft(task: ImageTask) -> bool:
+    """Draft quality asked for. `ImageTask` has no `quality` field yet (the request plumbing adds
+    it, with `quality` in `group_key()`); until then nothing reaches the draft tier by request."""
+    return getattr(task, "quality", "default") == "draft"
+
+
+def plan(p: Any, task: ImageTask) -> tuple[int, int, int, int]:
+    """(width, height, steps, draft cache interval) this task's group actually runs: its size
+    snapped to the configured buckets, and the draft tier's settings for a draft task."""
+    speed = optimize.state(p)
+    if speed is None:
+        return task.width, task.height, task.steps, 0
+    width, height = snap(task.width, task.height, speed.buckets)
+    draft = speed.options.draft
+    if is_draft(task) and draft.enabled:
+        return width, height, max(1, math.ceil(task.steps * draft.steps_fraction)), draft.cache_interval
+    return width, height, task.steps, 0
 
 
 def run(
@@ -91,6 +112,7 @@ def run(
     shrinkable = rows is not None and p.unet.config.time_cond_proj_dim is None
 
     def on_step_end(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        unet_split.begin_step(pipe.unet, i + 1)  # the draft tier counts steps, not UNet calls
         if step_done(i + 1):
             # diffusers' own stop flag: the loop skips the remaining steps and the pipeline
             # still runs its clean-up (offload hooks); the decoded images are discarded.
@@ -100,23 +122,28 @@ def run(
             n = len(rows)
             keep = rows.leaving()
             if keep is not None:
+                unet_split.invalidate(pipe.unet)
                 # The pipeline's step kwargs hold this same list: shrink it in place.
                 generators[:] = [generators[k] for k in keep]
                 return {k: take_rows(v, keep, n) for k, v in tensors.items()}
         return tensors
 
     raise_after = [False]
-    images = p(
-        **kwargs,
-        height=first.height,
-        width=first.width,
-        num_inference_steps=first.steps,
-        guidance_scale=first.guidance_scale,
-        generator=generators,
-        callback_on_step_end=on_step_end,
-        callback_on_step_end_tensor_inputs=list(SHRINKABLE) if shrinkable else ["latents"],
-        output_type="pil",
-    ).images
+    width, height, steps, cache_interval = plan(p, first)
+    with unet_split.draft(p.unet, cache_interval):
+        images = p(
+            **kwargs,
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=first.guidance_scale,
+            generator=generators,
+            callback_on_step_end=on_step_end,
+            callback_on_step_end_tensor_inputs=list(SHRINKABLE) if shrinkable else ["latents"],
+            output_type="pil",
+        ).images
     if raise_after[0]:
         raise StopDenoising()
+    if (width, height) != (first.width, first.height):  # generated at its bucket: back to the size asked
+        images = [im.resize((first.width, first.height), Image.Resampling.LANCZOS) for im in images]
     return list(images)
