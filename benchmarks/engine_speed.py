@@ -192,7 +192,7 @@ def warm_start(args: argparse.Namespace, spec: dict) -> dict:
                                   optimize={**spec, "buckets": [size], "warmup_batch_sizes": [1]})
     engine = make_engine(args, config.optimize)
     build_s = time.perf_counter() - t0
-    from deployments.diffusion.buckets import warm_up
+    from deployments.diffusion.warmup import warm_up
 
     rows = warm_up(engine, config)
     warm_s = time.perf_counter() - t0 - build_s

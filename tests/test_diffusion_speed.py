@@ -14,7 +14,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from deployments.diffusion import unet_split
-from deployments.diffusion.buckets import SDXL_BUCKETS, parse, snap, warm_up, warmup_plan
+from deployments.diffusion.buckets import SDXL_BUCKETS, parse, snap
+from deployments.diffusion.warmup import warm_up, warmup_plan
 from deployments.diffusion.config import DiffusionModelConfig, OptimizeConfig
 from deployments.diffusion.engine import DiffusionEngine
 from deployments.diffusion.optimize import configure_compile_cache, state

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.diffusion.buckets import parse
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -94,8 +96,6 @@ class OptimizeConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_buckets(self) -> OptimizeConfig:
-        from deployments.diffusion.buckets import parse
-
         for b in self.buckets:
             parse(b)  # raises ValueError naming the bad entry
         if any(b < 1 for b in self.warmup_batch_sizes):
@@ -153,12 +153,24 @@ class DiffusionModelConfig(_Strict):
         if self.native_resolution**2 / 1e6 > self.batch_megapixels:
             raise ValueError(f"batching.max_batch_megapixels ({self.batch_megapixels:g}) is smaller than one image at "
                              f"the native resolution ({self.native_resolution}px): every default request would be refused")
-        from deployments.diffusion.buckets import check_buckets
-
-        check_buckets(self)
+        self._check_buckets_fit()
         if self.default_steps > self.max_steps:
             raise ValueError(f"default_steps ({self.default_steps}) must be <= max_steps ({self.max_steps})")
         return self
+
+    def _check_buckets_fit(self) -> None:
+        """Every bucket must be a size this model accepts and fit one batch's pixel budget."""
+        m = self.size_multiple
+        for spec in self.optimize.buckets:
+            w, h = parse(spec)
+            if w % m or h % m:
+                raise ValueError(f"optimize.buckets: {spec} is not a multiple of size_multiple ({m})")
+            if not (self.min_side <= min(w, h) and max(w, h) <= self.max_side):
+                raise ValueError(f"optimize.buckets: {spec} is outside min_side..max_side "
+                                 f"({self.min_side}..{self.max_side})")
+            if w * h / 1e6 > self.batch_megapixels:
+                raise ValueError(f"optimize.buckets: {spec} is larger than batching.max_batch_megapixels "
+                                 f"({self.batch_megapixels:g})")
 
     @property
     def deployment_name(self) -> str:

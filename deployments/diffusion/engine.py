@@ -24,7 +24,6 @@ import torch
 from PIL import Image
 
 from deployments.diffusion import sdxl, wuerstchen
-from deployments.diffusion.buckets import warm_up
 from deployments.diffusion.config import DiffusionModelConfig, OptimizeConfig
 from deployments.diffusion.hooks import LiveRows, StopDenoising, circular_padding, generators, per_task_calls
 from deployments.diffusion.loading import FAMILIES, load_pipeline
@@ -133,15 +132,13 @@ class DiffusionEngine:
 
     @classmethod
     def from_config(cls, config: DiffusionModelConfig, device: str) -> DiffusionEngine:
-        """Load the model of one deployment's config on `device` (resolved: "cpu" or "cuda"), and with
-        compile on, compile its size buckets before it takes requests (buckets.warm_up)."""
-        engine = cls.from_pretrained(
+        """Load the model of one deployment's config on `device` (resolved: "cpu" or "cuda"). With
+        compile on, the caller warms its size buckets next (warmup.warm_up)."""
+        return cls.from_pretrained(
             config.name, config.model, config.family, dtype=config.dtype, device=device, variant=config.variant,
             decoder_steps=config.decoder_steps, batch_invariant=config.batch_invariant, optimize=config.optimize,
             vae_slicing=config.vae_slicing,
             size_rules=SizeRules(config.size_multiple, config.min_side, config.max_side))
-        warm_up(engine, config)
-        return engine
 
     # -- limits and checks ---------------------------------------------------------------------
 

@@ -37,7 +37,8 @@ class DiffusionServer:
     """`DiffusionServer(config)` loads the engine the config names; `engine=` injects one."""
 
     def __init__(self, config: DiffusionModelConfig, *, engine: Any = None) -> None:
-        from deployments.diffusion.engine import DiffusionEngine
+        from deployments.diffusion.engine import DiffusionEngine  # torch + diffusers: import in the replica
+        from deployments.diffusion.warmup import warm_up
 
         self.config = config
         self.name = config.name
@@ -45,7 +46,10 @@ class DiffusionServer:
         self.gpu_share = placement.cap_gpu_memory(self.device)
         placement.set_cpu_threads(self.device)
         t0 = time.monotonic()
-        self.engine = engine or DiffusionEngine.from_config(config, self.device)
+        if engine is None:
+            engine = DiffusionEngine.from_config(config, self.device)
+            warm_up(engine, config)  # compile the size buckets now: no request pays a compile
+        self.engine = engine
         self.load_s = time.monotonic() - t0
         logger.info("model %s (%s) loaded on %s in %.1fs", self.name, config.model, self.device, self.load_s)
         self.progress = TaskProgress(self.name)
