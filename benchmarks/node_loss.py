@@ -46,6 +46,7 @@ class LocalCluster:
         self.groups: dict[str, subprocess.Popen[bytes]] = {}
         self.temp_dirs: list[Path] = []
         self.address = ""
+        self.restarts: list[str] = []
 
     def _start(self, name: str, args: list[str]) -> None:
         log = open(self.logs / f"ray-{name}.log", "wb")  # noqa: SIM115 - lives as long as the node
@@ -69,6 +70,15 @@ class LocalCluster:
         # A custom resource names the node, so a report can say which node holds which replica.
         self._start(name, [f"--address={self.address}", f"--num-cpus={num_cpus}",
                            f"--resources={json.dumps({f'zf_node_{name}': 1})}", "--object-store-memory=100000000"])
+
+    def restart_if_dead(self, name: str, num_cpus: int) -> None:
+        """A node whose `ray start` exited before joining is started again, as KubeRay recreates a
+        failed pod (on a loaded 2-core machine a raylet has died at start-up waiting for its agents)."""
+        proc = self.groups.get(name)
+        if proc is not None and proc.poll() is not None:
+            self.groups.pop(name)
+            self.restarts.append(name)
+            self.add_node(name, num_cpus)
 
     def kill(self, name: str) -> None:
         """The machine is gone: SIGKILL to the node's whole process group, no goodbye to the GCS."""
@@ -185,10 +195,12 @@ def start(base_doc: dict[str, Any], logs: Path, num_cpus: int) -> tuple[LocalClu
                 break
             except Exception:  # noqa: BLE001 - the head is still starting
                 time.sleep(1)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while set(node_names().values()) != {"head", "a", "b"}:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"worker nodes did not join: {node_names()}")
+            for name in ("a", "b"):
+                cluster.restart_if_dead(name, num_cpus)
             time.sleep(0.5)
         doc = node_loss_doc(base_doc)
         launcher.deploy(doc)
@@ -218,6 +230,7 @@ async def lose_a_node(cluster: LocalCluster, num_cpus: int, replacement_delay_s:
     cluster.add_node("c", num_cpus)
     detected_s = full_s = None
     while time.monotonic() - t0 < timeout_s:
+        cluster.restart_if_dead("c", num_cpus)
         running = await asyncio.to_thread(running_replicas)
         if detected_s is None and any(n < 2 for n in running.values()):
             detected_s = round(time.monotonic() - t0, 1)
@@ -227,5 +240,6 @@ async def lose_a_node(cluster: LocalCluster, num_cpus: int, replacement_delay_s:
         await asyncio.sleep(0.5)
     return {"killed_node": "b", "replicas_lost": lost, "replicas_before": before,
             "replicas_after": await asyncio.to_thread(replicas_by_node),
-            "replacement_node_after_s": replacement_delay_s, "loss_seen_by_serve_s": detected_s,
+            "replacement_node_after_s": replacement_delay_s, "node_restarts": list(cluster.restarts),
+            "loss_seen_by_serve_s": detected_s,
             "time_to_full_capacity_s": full_s}
