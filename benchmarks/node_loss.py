@@ -49,7 +49,7 @@ class LocalCluster:
         self.restarts: list[str] = []
 
     def _start(self, name: str, args: list[str]) -> None:
-        log = open(self.logs / f"ray-{name}.log", "wb")  # noqa: SIM115 - lives as long as the node
+        log = open(self.logs / f"ray-{name}.log", "ab")  # noqa: SIM115 - lives as long as the node
         # Nodes on one host would share the session dir and collide on its raylet and plasma
         # sockets: each gets a temp dir of its own (short: socket paths stop at ~107 bytes).
         temp = Path(tempfile.mkdtemp(prefix=f"gsn{name}", dir="/tmp"))
@@ -76,6 +76,12 @@ class LocalCluster:
         failed pod (on a loaded 2-core machine a raylet has died at start-up waiting for its agents)."""
         proc = self.groups.get(name)
         if proc is not None and proc.poll() is not None:
+            # `ray start` gave up (Ray waits 30 s, fixed, for its raylet to register) but may leave
+            # that raylet behind: end the whole group before starting the node again.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.groups.pop(name)
             self.restarts.append(name)
             self.add_node(name, num_cpus)
@@ -217,7 +223,7 @@ def start(base_doc: dict[str, Any], logs: Path, num_cpus: int) -> tuple[LocalClu
 
 
 async def lose_a_node(cluster: LocalCluster, num_cpus: int, replacement_delay_s: float,
-                      timeout_s: float = 300.0) -> dict[str, Any]:
+                      timeout_s: float = 600.0) -> dict[str, Any]:
     """Kill worker node b (with its replica of every deployment); a replacement node c joins after
     `replacement_delay_s`. Returns when every deployment is back at two replicas on two live nodes."""
     import asyncio
