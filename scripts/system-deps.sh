@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Debian packages the test suite runs for real: PostgreSQL, Redis, promtool. Installs only what is missing.
+# Debian packages the test suite runs for real: PostgreSQL, Redis, promtool, amtool. Installs only what is missing.
 set -euo pipefail
 need=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v promtool >/dev/null || need+=(prometheus)  # promtool checks the alert rules
+command -v amtool >/dev/null || need+=(prometheus-alertmanager)  # amtool checks the routing example
 command -v npm >/dev/null || need+=(nodejs npm)       # s3rver, the S3 server that enforces URL expiry
 command -v chromium >/dev/null || need+=(chromium fonts-liberation)  # the playground's browser test
 install_node_modules() {

@@ -189,6 +189,30 @@ def kuberay_render(config_path: Path, template_path: Path, out_path: Path, image
     click.echo(f"wrote {out_path} (serveConfigV2 from {config_path}, image {image})")
 
 
+@kuberay.command("rules")
+@click.option("--rules", "rules_path", type=click.Path(exists=True, path_type=Path),
+              default=Path("configs/prometheus/alerts.yaml"), show_default=True, help="Prometheus rule file.")
+@click.option("--out", "out_path", type=click.Path(path_type=Path), default=Path("kuberay/prometheusrule.yaml"),
+              show_default=True)
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 if OUT differs from a fresh render.")
+def kuberay_rules(rules_path: Path, out_path: Path, check: bool) -> None:
+    """Render the alert rules as a PrometheusRule (Prometheus Operator) for the kustomization."""
+    from serve_app.kuberay import render_prometheus_rule
+
+    try:
+        text = render_prometheus_rule(rules_path.read_text(), str(rules_path))
+    except Exception as e:  # noqa: BLE001 - shown to the user as a render failure
+        raise click.ClickException(f"{rules_path}: {e}") from None
+    if check:
+        if not out_path.exists() or out_path.read_text() != text:
+            click.echo(f"{out_path} is stale: run `genserve kuberay rules`", err=True)
+            sys.exit(1)
+        click.echo(f"{out_path}: up to date")
+        return
+    out_path.write_text(text)
+    click.echo(f"wrote {out_path} (PrometheusRule from {rules_path})")
+
+
 _mount_feature_commands()
 
 if __name__ == "__main__":

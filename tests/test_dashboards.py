@@ -22,6 +22,17 @@ REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "configs" / "grafana" / "genserve.json"
 ALERTS = REPO / "configs" / "prometheus" / "alerts.yaml"
 OPERATIONS = REPO / "docs" / "operations.md"
+GPU_DASHBOARD = REPO / "configs" / "grafana" / "genserve-gpu.json"
+ALERTMANAGER = REPO / "configs" / "prometheus" / "alertmanager.example.yaml"
+# Metrics from exporters outside Ray (telemetry/catalog.py lists Ray's and genserve's): the name
+# check takes these too, so a misspelt exporter metric still fails.
+EXTERNAL_METRICS = {
+    **dict.fromkeys(("DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_MEMORY_TEMP", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE",
+                     "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_POWER_USAGE"), "dcgm-exporter (kuberay/dcgm-exporter.yaml)"),
+    **dict.fromkeys(("kube_node_status_allocatable", "kube_node_status_condition", "kube_node_spec_unschedulable"),
+                    "kube-state-metrics"),
+    **dict.fromkeys(("kubelet_volume_stats_used_bytes", "kubelet_volume_stats_capacity_bytes"), "kubelet"),
+}
 GRAFANA_VARS = {"$__rate_interval": "5m", "$__interval": "1m", "$application": "genserve"}
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
                 "offset", "inf", "nan"}
@@ -145,7 +156,82 @@ def test_alert_shape() -> None:
 def test_seed_monitor_checks_are_alerts() -> None:
     names = {r["alert"] for r in _rules()}
     assert {"GenserveApplicationUnhealthy", "GenserveQueueHigh", "GenserveNoHealthyDiffusionReplica",
-            "GenserveApiLatencyP95High", "GenserveGpuMemoryHigh"} <= names
+            "GenserveApiLatencyP95High", "GenserveGpuMemoryHigh",
+            # seed 000's monitor: GPU nodes < 2, model disk > 85 %, no workers (chat as well as images)
+            "GenserveGpuNodesLow", "GenserveModelVolumeFull", "GenserveNoHealthyLlmReplica",
+            "GenserveReplicaRedundancyLost", "GenserveGpuTemperatureHigh"} <= names
+    every_case = {t["alertname"] for case in ALERT_CASES for t in case["alert_rule_test"]}
+    new = {"GenserveGpuNodesLow", "GenserveModelVolumeFull", "GenserveNoHealthyLlmReplica",
+           "GenserveReplicaRedundancyLost", "GenserveGpuTemperatureHigh"}
+    assert new <= every_case, f"no promtool unit test for {sorted(new - every_case)}"
+
+
+# ---- the GPU dashboard (DCGM exporter, kube-state-metrics, kubelet) -----------------------------
+
+GPU_GRAFANA_VARS = {**GRAFANA_VARS, "$node": ".*"}
+
+
+def _gpu_panels() -> list[dict[str, Any]]:
+    return [p for p in json.loads(GPU_DASHBOARD.read_text())["panels"] if p["type"] != "row"]
+
+
+def _gpu_exprs() -> list[str]:
+    return [t["expr"] for p in _gpu_panels() for t in p["targets"]]
+
+
+def test_gpu_dashboard_shape_and_coverage() -> None:
+    d = json.loads(GPU_DASHBOARD.read_text())
+    assert d["uid"] != _dashboard()["uid"] and d["title"] and 36 <= d["schemaVersion"] <= 41
+    ids = [p["id"] for p in d["panels"]]
+    assert len(ids) == len(set(ids))
+    assert {v["name"] for v in d["templating"]["list"]} >= {"datasource", "node"}
+    for p in _gpu_panels():
+        pos = p["gridPos"]
+        assert p["title"] and p["targets"] and pos["x"] + pos["w"] <= 24, p["title"]
+        assert p["datasource"]["uid"] == "${datasource}"
+    exprs = "\n".join(_gpu_exprs())
+    for needle in ("DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE", "kube_node_status_allocatable",
+                   "kubelet_volume_stats_used_bytes", "ray_serve_deployment_replica_healthy"):
+        assert needle in exprs, needle
+
+
+@pytest.mark.parametrize("expr", _gpu_exprs())
+def test_gpu_dashboard_expr_names(expr: str) -> None:
+    assert _balanced(expr), expr
+    unknown = metric_names(expr) - set(exposed_names()) - EXTERNAL_METRICS.keys()
+    assert metric_names(expr) and not unknown, f"unknown metrics {sorted(unknown)} in {expr}"
+
+
+# ---- Alertmanager routing example ---------------------------------------------------------------
+
+amtool = shutil.which("amtool")
+needs_amtool = pytest.mark.skipif(amtool is None, reason="amtool not on PATH (apt-get install prometheus-alertmanager)")
+
+
+@needs_amtool
+def test_alertmanager_example_is_valid() -> None:
+    res = subprocess.run([amtool or "amtool", "check-config", str(ALERTMANAGER)], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@needs_amtool
+def test_alertmanager_routes_every_alert() -> None:
+    """Every rule's alert reaches a receiver: critical ones page, node/volume warnings go to the
+    platform channel, other warnings to the service channel."""
+    def route(labels: dict[str, str]) -> str:
+        res = subprocess.run([amtool or "amtool", "config", "routes", "test", f"--config.file={ALERTMANAGER}",
+                              *(f"{k}={v}" for k, v in labels.items())], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        return res.stdout.strip()
+
+    platform = {"GenserveGpuTemperatureHigh", "GenserveModelVolumeFull", "GenserveGpuMemoryHigh"}
+    for r in _rules():
+        got = route({"alertname": r["alert"], **r["labels"]})
+        severity = r["labels"]["severity"]
+        want = ("genserve-pager" if severity == "critical" else "platform-chat" if r["alert"] in platform
+                else "genserve-chat")
+        assert got == want, f"{r['alert']} ({severity}) routed to {got}"
 
 
 # ---- both -----------------------------------------------------------------------------------------
@@ -155,8 +241,8 @@ def test_expr_sanity_and_names_in_catalogue(expr: str) -> None:
     assert _balanced(expr), f"unbalanced brackets: {expr}"
     names = metric_names(expr)
     assert names, f"no metric in: {expr}"
-    unknown = names - set(exposed_names())
-    assert not unknown, f"not in telemetry/catalog.py: {sorted(unknown)} in {expr}"
+    unknown = names - set(exposed_names()) - EXTERNAL_METRICS.keys()
+    assert not unknown, f"not in telemetry/catalog.py (nor EXTERNAL_METRICS): {sorted(unknown)} in {expr}"
 
 
 def test_catalogue() -> None:
@@ -209,6 +295,11 @@ def test_promtool_parses_dashboard_queries(tmp_path: Path) -> None:
 HEALTHY = 'ray_serve_deployment_replica_healthy{application="genserve",deployment="%s",replica="%s"}'
 GRAM = 'ray_node_gram_%s{ip="10.0.0.7",GpuIndex="0"}'
 LAT = 'ray_genserve_request_latency_seconds_bucket{application="genserve",route="/v1/models",le="%s"}'
+ALLOC = 'kube_node_status_allocatable{job="kube-state-metrics",node="%s",resource="%s",unit="integer"}'
+READY = 'kube_node_status_condition{job="kube-state-metrics",node="%s",condition="Ready",status="true"}'
+UNSCHED = 'kube_node_spec_unschedulable{job="kube-state-metrics",node="%s"}'
+VOL = 'kubelet_volume_stats_%s_bytes{job="kubelet",namespace="genserve",persistentvolumeclaim="%s"}'
+TEMP = 'DCGM_FI_DEV_GPU_TEMP{Hostname="gpu-node-1",gpu="%s",UUID="GPU-x",pod="genserve-x7k2p-gpu-worker-abcde"}'
 ALERT_CASES: list[dict[str, Any]] = [
     {"interval": "1m",
      "input_series": [{"series": HEALTHY % ("Diffusion-sdxl", "r1"), "values": "1 1 0 0 0 0 0"},
@@ -251,7 +342,82 @@ ALERT_CASES: list[dict[str, Any]] = [
                       {"series": LAT % "+Inf", "values": "0+10x20"}],
      "alert_rule_test": [{"eval_time": "16m", "alertname": "GenserveApiLatencyP95High",
                           "exp_alerts": [{"exp_labels": {"severity": "warning", "route": "/v1/models"}}]}]},
+    # ---- seed 000's monitor checks as rules --------------------------------------------------------
+    {"interval": "1m",  # three GPU nodes; c goes NotReady at 2m, b is cordoned at 7m: one left
+     "input_series": [
+         *({"series": ALLOC % (n, "nvidia_com_gpu"), "values": "1x20"} for n in "abc"),
+         {"series": ALLOC % ("cpu-1", "cpu"), "values": "8x20"},  # a CPU node: never counted
+         {"series": READY % "a", "values": "1x20"}, {"series": READY % "b", "values": "1x20"},
+         {"series": READY % "c", "values": "1 1 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0"},
+         {"series": READY % "cpu-1", "values": "1x20"},
+         {"series": UNSCHED % "a", "values": "0x20"}, {"series": UNSCHED % "c", "values": "0x20"},
+         {"series": UNSCHED % "b", "values": "0 0 0 0 0 0 0 1 1 1 1 1 1 1 1 1 1 1 1 1"}],
+     "alert_rule_test": [
+         {"eval_time": "6m", "alertname": "GenserveGpuNodesLow", "exp_alerts": []},
+         {"eval_time": "10m", "alertname": "GenserveGpuNodesLow", "exp_alerts": []},  # `for: 5m`
+         {"eval_time": "13m", "alertname": "GenserveGpuNodesLow",
+          "exp_alerts": [{"exp_labels": {"severity": "critical"}}]}]},
+    {"interval": "1m",  # no GPU node at all (count() of nothing): still fires
+     "input_series": [{"series": ALLOC % ("cpu-1", "cpu"), "values": "8x10"},
+                      {"series": READY % "cpu-1", "values": "1x10"}],
+     "alert_rule_test": [{"eval_time": "6m", "alertname": "GenserveGpuNodesLow",
+                          "exp_alerts": [{"exp_labels": {"severity": "critical"}}]}]},
+    {"interval": "1m",  # a GPU pod's model cache at 90 %; another at 50 %; the GCS Redis volume is not a model volume
+     "input_series": [
+         {"series": VOL % ("used", "genserve-x7k2p-gpu-worker-abcde-models"), "values": "45e9x20"},
+         {"series": VOL % ("capacity", "genserve-x7k2p-gpu-worker-abcde-models"), "values": "50e9x20"},
+         {"series": VOL % ("used", "genserve-x7k2p-gpu-llm-worker-fghij-models"), "values": "25e9x20"},
+         {"series": VOL % ("capacity", "genserve-x7k2p-gpu-llm-worker-fghij-models"), "values": "50e9x20"},
+         {"series": VOL % ("used", "data-genserve-gcs-redis-0"), "values": "9.9e9x20"},
+         {"series": VOL % ("capacity", "data-genserve-gcs-redis-0"), "values": "10e9x20"}],
+     "alert_rule_test": [
+         {"eval_time": "5m", "alertname": "GenserveModelVolumeFull", "exp_alerts": []},
+         {"eval_time": "12m", "alertname": "GenserveModelVolumeFull",
+          "exp_alerts": [{"exp_labels": {"severity": "warning", "namespace": "genserve",
+                                         "persistentvolumeclaim": "genserve-x7k2p-gpu-worker-abcde-models"}}]}]},
+    {"interval": "1m",  # both LLM replicas go unhealthy at 2m
+     "input_series": [{"series": HEALTHY % ("LLM-llama-3.1-8b-instruct", "r1"), "values": "1 1 0 0 0 0 0"},
+                      {"series": HEALTHY % ("LLM-llama-3.1-8b-instruct", "r2"), "values": "1 1 0 0 0 0 0"},
+                      {"series": HEALTHY % ("Diffusion-sdxl", "r3"), "values": "1x6"}],
+     "alert_rule_test": [
+         {"eval_time": "2m", "alertname": "GenserveNoHealthyLlmReplica", "exp_alerts": []},
+         {"eval_time": "4m", "alertname": "GenserveNoHealthyLlmReplica",
+          "exp_alerts": [{"exp_labels": {"severity": "critical", "deployment": "LLM-llama-3.1-8b-instruct"}}]},
+         {"eval_time": "4m", "alertname": "GenserveNoHealthyDiffusionReplica", "exp_alerts": []}]},
+    {"interval": "1m",  # no LLM replica reports at all (its GPU group never came up)
+     "input_series": [{"series": HEALTHY % ("Diffusion-sdxl", "r3"), "values": "1x6"}],
+     "alert_rule_test": [{"eval_time": "3m", "alertname": "GenserveNoHealthyLlmReplica",
+                          "exp_alerts": [{"exp_labels": {"severity": "critical", "application": "genserve"}}]}]},
+    {"interval": "1m",  # SDXL loses one of its two replicas at 2m (a node); Würstchen keeps both
+     "input_series": [{"series": HEALTHY % ("Diffusion-sdxl", "r1"), "values": "1x20"},
+                      {"series": HEALTHY % ("Diffusion-sdxl", "r2"), "values": "1 1 0 0 0 0 0 0 0 0 0 0 0 0 0 0"},
+                      {"series": HEALTHY % ("Diffusion-wuerstchen", "r3"), "values": "1x20"},
+                      {"series": HEALTHY % ("Diffusion-wuerstchen", "r4"), "values": "1x20"}],
+     "alert_rule_test": [
+         {"eval_time": "8m", "alertname": "GenserveReplicaRedundancyLost", "exp_alerts": []},  # a replacement's time
+         {"eval_time": "13m", "alertname": "GenserveReplicaRedundancyLost",
+          "exp_alerts": [{"exp_labels": {"severity": "warning", "deployment": "Diffusion-sdxl"}}]}]},
+    {"interval": "1m",  # GPU 0 at 88 °C, GPU 1 at 70 °C
+     "input_series": [{"series": TEMP % "0", "values": "88x20"}, {"series": TEMP % "1", "values": "70x20"}],
+     "alert_rule_test": [
+         {"eval_time": "5m", "alertname": "GenserveGpuTemperatureHigh", "exp_alerts": []},
+         {"eval_time": "12m", "alertname": "GenserveGpuTemperatureHigh",
+          "exp_alerts": [{"exp_labels": {"severity": "warning", "Hostname": "gpu-node-1", "gpu": "0"}}]}]},
 ]
+
+
+@needs_promtool
+def test_promtool_parses_gpu_dashboard_queries(tmp_path: Path) -> None:
+    rules = []
+    for i, expr in enumerate(_gpu_exprs()):
+        for var, value in GPU_GRAFANA_VARS.items():
+            expr = expr.replace(var, value)
+        assert "$" not in expr, expr
+        rules.append({"record": f"gpu_dashboard:query_{i}", "expr": expr})
+    path = tmp_path / "gpu_dashboard_rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "gpu-dashboard", "rules": rules}]}))
+    res = _promtool("check", "rules", str(path))
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 @needs_promtool

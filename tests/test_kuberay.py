@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 KUBERAY = REPO / "kuberay"
 SERVE_YAML = REPO / "configs" / "serve.yaml"
 K8S_VERSIONS = ("1.30.0", "1.34.0")
-CORE_FILES = ("redis.yaml", "pdb.yaml", "secrets.template.yaml")
+CORE_FILES = ("redis.yaml", "pdb.yaml", "secrets.template.yaml", "dcgm-exporter.yaml")
 
 
 def _shared() -> Path:
@@ -52,7 +52,7 @@ def _groups(rs: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _pod_templates(rs: dict[str, Any]) -> list[dict[str, Any]]:
     pods = [g["template"] for g in _groups(rs).values()]
-    pods += [d["spec"]["template"] for d in _docs("redis.yaml") if d["kind"] == "Deployment"]
+    pods += [d["spec"]["template"] for d in _docs("redis.yaml") if d["kind"] == "StatefulSet"]
     return pods
 
 
@@ -118,6 +118,8 @@ def test_core_objects_validate_strict(version: str, rs: dict[str, Any]) -> None:
 
     for name in CORE_FILES:
         for doc in _docs(name):
+            if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+                continue  # no schema here; test_podmonitor_shape / test_dcgm_exporter check them
             kv.validate(doc, version, strict=True)
     # The RayService's pod templates are core PodTemplateSpecs: validate them as such too.
     for group, g in _groups(rs).items():
@@ -128,7 +130,7 @@ def test_core_objects_validate_strict(version: str, rs: dict[str, Any]) -> None:
 def test_strict_validation_catches_unknown_fields() -> None:
     import kubernetes_validate as kv
 
-    deployment = next(d for d in _docs("redis.yaml") if d["kind"] == "Deployment")
+    deployment = next(d for d in _docs("redis.yaml") if d["kind"] == "StatefulSet")
     bad = copy.deepcopy(deployment)
     bad["spec"]["template"]["spec"]["containers"][0]["resource"] = {}
     with pytest.raises(kv.ValidationError):
@@ -164,13 +166,38 @@ def test_head_and_gcs_fault_tolerance(rs: dict[str, Any]) -> None:
     assert rs["apiVersion"] == "ray.io/v1" and rs["kind"] == "RayService"
     assert rc["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     ft = rc["gcsFaultToleranceOptions"]
-    svc = next(d for d in _docs("redis.yaml") if d["kind"] == "Service")
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in _docs("redis.yaml")}
+    # redisAddress is the sentinel Service (Ray's GCS asks it for the primary), not one Redis pod.
     host, port = ft["redisAddress"].split(":")
-    assert host == svc["metadata"]["name"] and int(port) in [p["port"] for p in svc["spec"]["ports"]]
+    svc = docs[("Service", host)]
+    (svc_port,) = [p for p in svc["spec"]["ports"] if p["port"] == int(port)]
+    sts = docs[("StatefulSet", "genserve-gcs-redis")]
+    pod = sts["spec"]["template"]
+    assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    containers = {c["name"]: c for c in pod["spec"]["containers"]}
+    assert svc_port["targetPort"] in [p["name"] for p in containers["sentinel"]["ports"]]
     ref = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
-    redis_dep = next(d for d in _docs("redis.yaml") if d["kind"] == "Deployment")
-    redis_ref = redis_dep["spec"]["template"]["spec"]["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"]
-    assert ref == redis_ref, "the head and Redis must use the same password secret"
+    for c in containers.values():
+        env = {e["name"]: e for e in c["env"]}
+        assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == ref, "one password: head, Redis, sentinels"
+        # The scripts' contract (tests/test_gcs_redis.py runs them with these variables).
+        assert {"SELF_HOST", "SENTINELS", "BOOTSTRAP_PRIMARY", "MASTER_NAME", "RUN_DIR"} <= env.keys()
+        assert c["command"] == ["sh", f"/etc/genserve-gcs/start-{c['name']}.sh"]
+    # Replicated: three pods, one per machine, through the headless Service's stable names.
+    assert sts["spec"]["replicas"] == 3
+    headless = docs[("Service", sts["spec"]["serviceName"])]
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
+    sentinels = {e["name"]: e.get("value", "") for e in containers["sentinel"]["env"]}["SENTINELS"].split()
+    assert [s.split(".")[0] for s in sentinels] == [f"genserve-gcs-redis-{i}" for i in range(3)]
+    assert all(f".{headless['metadata']['name']}." in s for s in sentinels)
+    (anti,) = pod["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert anti["topologyKey"] == "kubernetes.io/hostname"
+    # The ConfigMap the pods mount is generated from the tested files.
+    kust = yaml.safe_load((KUBERAY / "kustomization.yaml").read_text())
+    (gen,) = [g for g in kust["configMapGenerator"] if g["name"] == "genserve-gcs-redis-scripts"]
+    assert {Path(f).name for f in gen["files"]} == {"common.sh", "start-redis.sh", "start-sentinel.sh", "redis.conf"}
+    vols = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert vols["scripts"]["configMap"]["name"] == gen["name"]
 
 
 def test_autoscaling_and_groups(rs: dict[str, Any]) -> None:
@@ -179,7 +206,7 @@ def test_autoscaling_and_groups(rs: dict[str, Any]) -> None:
     groups = _groups(rs)
     assert groups["ingress"]["minReplicas"] >= 2
     gpu = groups["gpu"]
-    assert gpu["maxReplicas"] > gpu["minReplicas"] >= 1
+    assert gpu["maxReplicas"] > gpu["minReplicas"] >= 2
     (c,) = gpu["template"]["spec"]["containers"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu["template"]["spec"][
@@ -225,6 +252,19 @@ def test_pdbs_select_real_pods(rs: dict[str, Any]) -> None:
         assert len(matching) == 1, f"PDB {pdb['metadata']['name']} matches {len(matching)} pod templates"
         covered.add(matching[0]["app.kubernetes.io/component"])
     assert covered == {"ray-head", "ingress-worker", "gpu-worker", "gpu-llm-worker", "gcs-redis"}
+
+
+def test_pdbs_keep_one_pod_per_group(rs: dict[str, Any]) -> None:
+    """At each group's floor a drain leaves at least one pod (and the head is never evicted)."""
+    floors = {g["template"]["metadata"]["labels"]["app.kubernetes.io/component"]: g.get("minReplicas", 1)
+              for g in _groups(rs).values()}
+    sts = next(d for d in _docs("redis.yaml") if d["kind"] == "StatefulSet")
+    floors["gcs-redis"] = sts["spec"]["replicas"]
+    for pdb in _docs("pdb.yaml"):
+        comp = pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]
+        spec = pdb["spec"]
+        kept = spec["minAvailable"] if "minAvailable" in spec else floors[comp] - spec["maxUnavailable"]
+        assert kept >= 1, f"PDB {pdb['metadata']['name']} lets a drain empty {comp} (floor {floors[comp]})"
 
 
 def test_kustomization_lists_manifests_but_not_secrets() -> None:
@@ -307,8 +347,150 @@ def _edit_deployment(name: str, old: str, new: str) -> Any:
 
 
 def test_render_rejects_gpu_max_above_pool() -> None:
-    with pytest.raises(ValueError, match=r"maxReplicas \(6 pods x 1 GPU\) < 8 GPUs"):
-        _render_with(serve_edit=_edit_deployment("Diffusion-wuerstchen", "max_replicas: 4", "max_replicas: 8"))
+    # 10 Würstchen replicas at one per pod need 10 pods; the gpu group has 8.
+    with pytest.raises(ValueError, match=r"maxReplicas \(8 pods x 1 GPU, groups \['gpu'\]\) < 10 pods"):
+        _render_with(serve_edit=_edit_deployment("Diffusion-wuerstchen", "max_replicas: 4", "max_replicas: 10"))
+
+
+def test_render_counts_pods_not_gpus_under_a_per_node_cap() -> None:
+    """Without max_replicas_per_node, 8 + 4 half-GPU replicas fit 6 GPUs; capped at one per pod,
+    SDXL's 8 need 8 pods. A group sized by GPUs alone would leave replicas pending."""
+    assert kr.pods_needed([("a", 0.5, None)] * 8 + [("b", 0.5, None)] * 4, 1) == 6
+    assert kr.pods_needed([("a", 0.5, 1)] * 8 + [("b", 0.5, 1)] * 4, 1) == 8
+    assert kr.pods_needed([("a", 0.5, 1)] * 2 + [("b", 0.5, 1)] * 2, 1) == 2  # the floor: two full GPUs
+    assert kr.pods_needed([("a", 0.5, 2)] * 3, 1) == 2
+    assert kr.pods_needed([("llm", 1.0, 1)] * 2, 2) == 2
+    group = "      - groupName: gpu\n        replicas: 2\n        minReplicas: 2\n        maxReplicas: "
+    edit = lambda t: t.replace(group + "8\n", group + "6\n", 1)  # noqa: E731
+    with pytest.raises(ValueError, match=r"maxReplicas \(6 pods x 1 GPU, groups \['gpu'\]\) < 8 pods"):
+        _render_with(template_edit=edit)
+
+
+# ---- a GPU tier that survives a node ----------------------------------------------------------------
+
+def test_floors_survive_a_node(rs: dict[str, Any]) -> None:
+    """Every deployment: >= 2 replicas, never all on one Ray node; every group: >= 2 pods on >= 2 machines."""
+    serve = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    deps = serve["applications"][0]["deployments"]
+    assert {d["name"] for d in deps} >= {"Ingress", "Diffusion-sdxl", "Diffusion-wuerstchen", "LLM-llama-3.1-8b-instruct"}
+    for d in deps:
+        lo = d["autoscaling_config"]["min_replicas"]
+        assert lo >= 2 and d["max_replicas_per_node"] < lo, d["name"]
+    groups = _groups(rs)
+    for name in ("ingress", "gpu", "gpu-llm"):
+        assert groups[name]["minReplicas"] >= 2 and groups[name]["replicas"] >= 2, name
+        assert kr._spreads_over_hosts(groups[name]), name
+    # The fractional packing is kept at the floor: two pods, each one SDXL + one Würstchen replica.
+    gpu_deps = [(d["name"], d["ray_actor_options"]["num_gpus"], d["max_replicas_per_node"])
+                for d in deps if d["name"].startswith("Diffusion-") for _ in range(d["autoscaling_config"]["min_replicas"])]
+    assert kr.pods_needed(gpu_deps, 1) == groups["gpu"]["minReplicas"] == 2
+    spread = groups["gpu"]["template"]["spec"]["topologySpreadConstraints"][0]
+    assert spread["matchLabelKeys"] == ["ray.io/cluster"], "blue and green clusters spread on their own"
+
+
+@pytest.mark.parametrize(("name", "old", "new", "why"), [
+    ("Diffusion-sdxl", "min_replicas: 2", "min_replicas: 1", r"'Diffusion-sdxl': min_replicas \(1\) must be >= 2"),
+    ("Diffusion-wuerstchen", "        max_replicas_per_node: 1\n", "", r"above max_replicas_per_node \(None\)"),
+    ("LLM-llama-3.1-8b-instruct", "max_replicas_per_node: 1", "max_replicas_per_node: 2", r"max_replicas_per_node \(2\)"),
+])
+def test_render_rejects_a_floor_on_one_node(name: str, old: str, new: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        _render_with(serve_edit=_edit_deployment(name, old, new))
+
+
+def test_render_rejects_gpu_group_on_one_machine() -> None:
+    no_spread = lambda t: t.replace("                minDomains: 2\n", "", 1)  # noqa: E731
+    with pytest.raises(ValueError, match="group 'gpu' hosts .*minDomains >= 2"):
+        _render_with(template_edit=no_spread)
+    one_pod = lambda t: t.replace("      - groupName: gpu-llm\n        replicas: 2\n        minReplicas: 2\n",  # noqa: E731
+                                  "      - groupName: gpu-llm\n        replicas: 1\n        minReplicas: 1\n", 1)
+    # The pod count catches it first: two LLM replicas at one per pod need two pods at the floor.
+    with pytest.raises(ValueError, match=r"minReplicas \(1 pods x 1 GPU, groups \['gpu-llm'\]\) < 2 pods"):
+        _render_with(template_edit=one_pod)
+
+
+def test_survives_a_node_needs_two_pods_per_group(rs: dict[str, Any]) -> None:
+    serve = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    deps = serve["applications"][0]["deployments"]
+    groups = copy.deepcopy([g for n, g in _groups(rs).items() if n != "head"])
+    kr.check_survives_a_node(deps, groups)
+    next(g for g in groups if g["groupName"] == "ingress")["minReplicas"] = 1
+    with pytest.raises(ValueError, match=r"group 'ingress' hosts 'Ingress': minReplicas must be >= 2"):
+        kr.check_survives_a_node(deps, groups)
+
+
+def test_model_cache_is_a_per_pod_volume_the_kubelet_reports(rs: dict[str, Any]) -> None:
+    """GenserveModelVolumeFull reads kubelet_volume_stats of `<pod>-models` PVCs: the GPU pods'
+    HF_HOME must be that generic ephemeral volume."""
+    for name in ("gpu", "gpu-llm"):
+        spec = _groups(rs)[name]["template"]["spec"]
+        (c,) = spec["containers"]
+        hf_home = next(e["value"] for e in c["env"] if e["name"] == "HF_HOME")
+        mount = next(m for m in c["volumeMounts"] if m["mountPath"] == hf_home)
+        vol = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+        assert mount["name"] == "models" and "volumeClaimTemplate" in vol["ephemeral"], name
+    rules = yaml.safe_load((REPO / "configs" / "prometheus" / "alerts.yaml").read_text())
+    (alert,) = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "GenserveModelVolumeFull"]
+    assert 'persistentvolumeclaim=~"genserve-.+-models"' in alert["expr"]
+
+
+def test_dcgm_exporter() -> None:
+    ds, pm = _docs("dcgm-exporter.yaml")
+    spec = ds["spec"]["template"]["spec"]
+    rs_gpu = yaml.safe_load((KUBERAY / "rayservice.yaml").read_text())
+    gpu_spec = _groups(rs_gpu)["gpu"]["template"]["spec"]
+    assert spec["nodeSelector"] == gpu_spec["nodeSelector"] and spec["tolerations"] == gpu_spec["tolerations"]
+    (c,) = spec["containers"]
+    assert c["image"].startswith("nvcr.io/nvidia/k8s/dcgm-exporter:") and ":latest" not in c["image"]
+    assert (pm["apiVersion"], pm["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    assert pm["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+    (ep,) = pm["spec"]["podMetricsEndpoints"]
+    assert ep["port"] in [p["name"] for p in c["ports"]] and ep["honorLabels"] is True
+    assert pm["metadata"]["labels"]["release"] == _docs("monitoring.yaml")[0]["metadata"]["labels"]["release"]
+
+
+# ---- the alerts as a PrometheusRule, and the whole kustomization ------------------------------------
+
+def test_prometheusrule_is_the_alerts_file() -> None:
+    rule = yaml.safe_load((KUBERAY / "prometheusrule.yaml").read_text())
+    alerts = yaml.safe_load((REPO / "configs" / "prometheus" / "alerts.yaml").read_text())
+    assert (rule["apiVersion"], rule["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    assert rule["spec"]["groups"] == alerts["groups"], "kuberay/prometheusrule.yaml is stale: `genserve kuberay rules`"
+    assert (KUBERAY / "prometheusrule.yaml").read_text() == kr.render_prometheus_rule(
+        (REPO / "configs" / "prometheus" / "alerts.yaml").read_text(), "configs/prometheus/alerts.yaml")
+
+
+def test_cli_rules_check(tmp_path: Path) -> None:
+    out, runner = tmp_path / "pr.yaml", CliRunner()
+    args = ["kuberay", "rules", "--out", str(out)]
+    assert runner.invoke(cli, [*args, "--check"]).exit_code == 1
+    assert runner.invoke(cli, args).exit_code == 0
+    assert runner.invoke(cli, [*args, "--check"]).exit_code == 0
+    out.write_text(out.read_text().replace("> 85", "> 95"))
+    assert runner.invoke(cli, [*args, "--check"]).exit_code == 1
+
+
+def test_kustomize_builds_offline() -> None:
+    """`kubectl kustomize` (built into kubectl) renders the whole kustomization without a cluster."""
+    import shutil
+    import subprocess
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not on PATH")
+    res = subprocess.run([kubectl, "kustomize", str(KUBERAY)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    docs = [d for d in yaml.safe_load_all(res.stdout) if d]
+    kinds = {(d["kind"], d["metadata"]["name"].rsplit("-", 1)[0] if d["kind"] == "ConfigMap" else d["metadata"]["name"])
+             for d in docs}
+    assert {("RayService", "genserve"), ("StatefulSet", "genserve-gcs-redis"), ("PrometheusRule", "genserve"),
+            ("DaemonSet", "genserve-dcgm-exporter"), ("ConfigMap", "genserve-gcs-redis-scripts")} <= kinds
+    assert not [d for d in docs if d["kind"] == "Secret"], "the kustomization must not carry Secrets"
+    # The generated ConfigMap (name + content hash) is what the StatefulSet mounts, with the files' text.
+    cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    sts = next(d for d in docs if d["kind"] == "StatefulSet")
+    assert {"name": "scripts", "configMap": {"name": cm["metadata"]["name"]}} in sts["spec"]["template"]["spec"]["volumes"]
+    assert cm["data"]["start-redis.sh"] == (KUBERAY / "gcs-redis" / "start-redis.sh").read_text()
 
 
 def test_llm_has_its_own_whole_gpu_group(rs: dict[str, Any]) -> None:
@@ -336,7 +518,7 @@ def test_llm_has_its_own_whole_gpu_group(rs: dict[str, Any]) -> None:
 
 def test_render_rejects_llm_max_above_its_group() -> None:
     """The LLM can't borrow the diffusion group's GPUs: its own group must hold its max_replicas."""
-    with pytest.raises(ValueError, match=r"maxReplicas \(4 pods x 1 GPU\) < 6 GPUs .*LLM-"):
+    with pytest.raises(ValueError, match=r"maxReplicas \(4 pods x 1 GPU, groups \['gpu-llm'\]\) < 6 pods .*LLM-"):
         _render_with(serve_edit=_edit_deployment("LLM-llama-3.1-8b-instruct", "max_replicas: 4", "max_replicas: 6"))
 
 
