@@ -26,6 +26,7 @@ from deployments.diffusion.batcher import LazyBatcher
 from deployments.diffusion.config import BatchingConfig, DiffusionModelConfig
 from deployments.diffusion.quality import REASON_LOAD, AdaptiveQuality
 from deployments.diffusion.types import ImageResult, ImageTask
+from deployments.placement import place_replica
 from telemetry import TelemetryConfig, metrics, setup_telemetry, tracing
 
 logger = logging.getLogger("genserve.diffusion")
@@ -44,14 +45,6 @@ class _Denoised:
     queue_wait_s: float
 
 
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _set_cpu_threads(device: str) -> None:
     """On CPU, use as many torch threads as the replica was given CPUs (oversubscribed intra-op
     threads made tiny models several times slower on a shared 2-core host)."""
@@ -66,19 +59,6 @@ def _set_cpu_threads(device: str) -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
 
-def _cap_gpu_memory(device: str) -> float | None:
-    """Hold a fractional-GPU replica to its share of the card (Ray only divides scheduling)."""
-    if device != "cuda":
-        return None
-    import ray
-    import torch
-
-    share = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0))
-    if 0 < share < 1:
-        torch.cuda.set_per_process_memory_fraction(share)
-    return share
-
-
 class DiffusionServer:
     """Plain logic (testable without Serve); `Diffusion` below is the thin deployment."""
 
@@ -87,8 +67,8 @@ class DiffusionServer:
 
         self.config = config
         self.name = name = config.name
-        self.device = _resolve_device(config.device)
-        self.gpu_share = _cap_gpu_memory(self.device)
+        # The GPU Ray assigned (pinned, memory capped to the share) or cpu: deployments/placement.py.
+        self.device, self.placement, self.gpu_share = place_replica(config.device)
         _set_cpu_threads(self.device)
         t0 = time.monotonic()
         self.engine = engine or DiffusionEngine.from_config(config, self.device)
@@ -206,7 +186,7 @@ class DiffusionServer:
         ctx = ray.get_runtime_context()
         return {"model": self.name, "device": self.device, "gpu_share": self.gpu_share,
                 "assigned_resources": ctx.get_assigned_resources(),
-                "gpu_ids": ctx.get_accelerator_ids().get("GPU", []),
+                "gpu_ids": ctx.get_accelerator_ids().get("GPU", []), "placement": self.placement.as_dict(),
                 "batches_run": self.batches_run, "images_done": self.images_done,
                 "images_cancelled": self.images_cancelled, "load_s": self.load_s,
                 "memory_probe": self.memory_probe}

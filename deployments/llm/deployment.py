@@ -25,6 +25,7 @@ from deployments.llm.config import LLMModelConfig
 from deployments.llm.engine import LLMEngine, build_engine, resolve_engine_kind
 from deployments.llm.server import LLMServer
 from deployments.llm.types import ChoiceDelta, GenerationRequest, GenerationResult, Started, StreamItem
+from deployments.placement import current_assignment
 from telemetry import TelemetryConfig, setup_telemetry, tracing
 
 
@@ -35,7 +36,7 @@ class LLMReplica:
                  engine: LLMEngine | None = None) -> None:
         if engine is None:
             kind = resolve_engine_kind(config.engine)
-            kwargs = dict(config.engine_kwargs)
+            kwargs = config.resolved_engine_kwargs()  # + tensor/pipeline parallel sizes
             if work_dir is not None and kind == "vllm":  # vLLM/inductor caches inside the work dir
                 kwargs.setdefault("cache_dir", str(Path(work_dir) / "cache"))
             engine = build_engine(config.model, engine=kind, max_model_len=config.max_model_len,
@@ -101,7 +102,7 @@ class LLMReplica:
         return self.server.count_tokens(text)
 
     def stats(self) -> dict[str, Any]:
-        return self.server.stats()
+        return {**self.server.stats(), "placement": current_assignment().as_dict()}
 
     async def check_health(self) -> None:
         await self.server.check_health()
