@@ -28,6 +28,7 @@ class Assignment:
     gpu_ids: list[str] = field(default_factory=list)  # Ray's ids = the node's physical GPU indices
     gpu_share: float = 0.0  # the GPU resource assigned: 0.5 = half a card, 2 = two cards
     cuda_visible_devices: str | None = None  # as this process sees it
+    actor_id: str | None = None  # tells replicas apart in stats
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -41,7 +42,7 @@ def current_assignment() -> Assignment:
     ctx = ray.get_runtime_context()
     return Assignment(node_id=ctx.get_node_id(), gpu_ids=list(ctx.get_accelerator_ids().get("GPU", [])),
                       gpu_share=float(ctx.get_assigned_resources().get("GPU", 0.0)),
-                      cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+                      cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), actor_id=ctx.get_actor_id())
 
 
 def local_cuda_index(gpu_ids: list[str], cuda_visible_devices: str | None) -> int:

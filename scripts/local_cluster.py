@@ -1,0 +1,169 @@
+"""A throwaway Ray cluster of several nodes on this machine (`ray start --head` + `ray start --address`),
+each node with fake GPUs, its own temp dir and free ports: placement and multi-node Serve on CPU.
+
+    with LocalCluster(tmp_dir) as c:          # head: 2 CPUs, no GPUs
+        c.add_node(num_cpus=2, num_gpus=1)    # a second raylet, another node id
+        subprocess.run([..., "serve", "deploy", cfg, "-a", c.dashboard_url])
+
+Every port is chosen here (a second cluster on the machine would collide on Ray's defaults, e.g.
+the client server's 10001 or the agent's 52365). Each node runs under `ray start --block` in its own
+process group; `stop()` ends those and then any process whose command line names this cluster's
+temp dir (workers, agents), by pid: never `ray stop`, which ends every Ray process on the machine.
+The env vars of MULTICAST_OFF go to every node (multi-GPU hosts must keep NVLink multicast off).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RAY = str(Path(sys.executable).with_name("ray"))
+SERVE = str(Path(sys.executable).with_name("serve"))
+# NVLink multicast off on the multi-GPU hosts (NCCL, torch symmetric memory, NVSHMEM): in every
+# environment a benchmark or cluster starts processes with.
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    def __init__(self, temp_dir: str | Path, *, head_cpus: float = 2, head_gpus: float = 0,
+                 dashboard: bool = False, env: dict[str, str] | None = None) -> None:
+        # Ray's socket paths must stay under ~107 bytes: a short dir of our own under /tmp.
+        self.temp_dir = Path(temp_dir)
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        self.gcs_port = free_port()
+        self.address = f"127.0.0.1:{self.gcs_port}"
+        self.dashboard_port = free_port() if dashboard else None
+        self.env = {**os.environ, **MULTICAST_OFF, "RAY_USAGE_STATS_ENABLED": "0",
+                    # Ray 2.60 starts clusters with token auth (~/.ray/auth_token); drivers must say so.
+                    "RAY_AUTH_MODE": "token", "RAY_TMPDIR": str(self.temp_dir),
+                    "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+                    **(env or {})}
+        self._head = dict(num_cpus=head_cpus, num_gpus=head_gpus)
+        self.nodes = 0
+        self._dashboard = dashboard
+        self._procs: list[subprocess.Popen] = []
+
+    @property
+    def dashboard_url(self) -> str:
+        assert self.dashboard_port, "started without dashboard=True"
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _ports(self) -> list[str]:
+        return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+                "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+                "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+                "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats"]
+
+    def start(self) -> LocalCluster:
+        dash = (["--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port",
+                 str(self.dashboard_port)] if self._dashboard else ["--include-dashboard=false"])
+        self._ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
+                  "--ray-client-server-port", str(free_port()),
+                  "--num-cpus", str(self._head["num_cpus"]), "--num-gpus", str(self._head["num_gpus"]),
+                  *dash, *self._ports())
+        self.nodes = 1
+        self.wait_nodes(1)
+        return self
+
+    def add_node(self, *, num_cpus: float, num_gpus: float, attempts: int = 3) -> None:
+        """Another raylet on this machine: a second node to Ray (its own node id, resources, proxy).
+        Retried: `ray start` gives a raylet 30 s (hard-coded) to register, which an overloaded host
+        misses; the failed attempt's raylet is ended by its node-manager port before the next."""
+        for attempt in range(attempts):
+            ports = self._ports()
+            try:
+                self._ray("start", "--address", self.address, "--node-ip-address", "127.0.0.1",
+                          "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus), *ports)
+                self.wait_nodes(self.nodes + 1, timeout_s=90)
+                self.nodes += 1
+                return
+            except (RuntimeError, TimeoutError):
+                if attempt == attempts - 1:
+                    raise
+                failed = self._procs.pop()
+                try:
+                    os.killpg(failed.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                manager = f"node_manager_port={ports[1]}".encode()
+                for pid in self.leftover_pids(also=manager):
+                    os.kill(pid, signal.SIGKILL)
+
+    def wait_nodes(self, n: int, timeout_s: float = 60) -> None:
+        code = (f"import ray, json; ray.init(address={self.address!r}, logging_level='ERROR'); "
+                "print(json.dumps(sum(1 for x in ray.nodes() if x['Alive'])))")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            out = subprocess.run([sys.executable, "-c", code], env=self.driver_env(), capture_output=True, text=True,
+                                 timeout=120)
+            if out.returncode == 0 and int(out.stdout.strip().splitlines()[-1]) >= n:
+                return
+            if self._procs and self._procs[-1].poll() is not None:
+                raise RuntimeError(f"the node's `ray start` exited ({self._procs[-1].returncode}); see "
+                                   f"{self.temp_dir}/ray-start-*.log")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{n} nodes not alive after {timeout_s}s: {out.stdout[-500:]} {out.stderr[-2000:]}")
+            time.sleep(1)
+
+    def driver_env(self) -> dict[str, str]:
+        """Environment for a driver process (python, `serve deploy`) of this cluster. Drivers pass
+        the address explicitly: ray.init("auto") reads a machine-wide file another cluster overwrites."""
+        return {**self.env, "RAY_ADDRESS": self.address}
+
+    def stop(self) -> None:
+        for p in self._procs:  # `ray start --block` ends its node's processes on SIGTERM
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self._procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        time.sleep(1)
+        for pid in self.leftover_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def leftover_pids(self, also: bytes = b"") -> list[int]:
+        """Processes of this cluster still alive: their command line names its temp dir (and `also`)."""
+        mark = str(self.temp_dir).encode()
+        pids = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit() and int(d.name) != os.getpid():
+                try:
+                    cmdline = (d / "cmdline").read_bytes()
+                    if mark in cmdline and also in cmdline:
+                        pids.append(int(d.name))
+                except OSError:
+                    pass
+        return pids
+
+    def _ray(self, *args: str) -> None:
+        log = open(self.temp_dir / f"ray-start-{len(self._procs)}.log", "w")
+        p = subprocess.Popen([RAY, *args, "--block", "--temp-dir", str(self.temp_dir)], env=self.env, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        self._procs.append(p)
+        time.sleep(2)
+        if p.poll() is not None:
+            raise RuntimeError(f"ray {' '.join(args[:2])} exited ({p.returncode}): "
+                               f"{(self.temp_dir / log.name).read_text()[-3000:]}")
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
