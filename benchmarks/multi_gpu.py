@@ -161,8 +161,15 @@ class Graph:
 
         from serve_app import launcher
 
-        ray.init(num_cpus=self.cpus, num_gpus=self.gpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": _env_vars()})
+        for attempt in range(3):  # a raylet gets 30 s (hard-coded) to register: an overloaded host misses it
+            try:
+                ray.init(num_cpus=self.cpus, num_gpus=self.gpus, include_dashboard=False, log_to_driver=False,
+                         runtime_env={"env_vars": _env_vars()})
+                break
+            except Exception as e:
+                ray.shutdown()
+                if attempt == 2 or "timed out during startup" not in str(e):
+                    raise
         t0 = time.perf_counter()
         try:
             launcher.deploy(self.doc)

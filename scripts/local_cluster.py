@@ -54,6 +54,7 @@ class LocalCluster:
         self.nodes = 0
         self._dashboard = dashboard
         self._procs: list[subprocess.Popen] = []
+        self._logs: list[Path] = []
 
     @property
     def dashboard_url(self) -> str:
@@ -69,24 +70,43 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         dash = (["--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port",
                  str(self.dashboard_port)] if self._dashboard else ["--include-dashboard=false"])
-        self._ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
-                  "--ray-client-server-port", str(free_port()),
-                  "--num-cpus", str(self._head["num_cpus"]), "--num-gpus", str(self._head["num_gpus"]),
-                  *dash, *self._ports())
-        self.nodes = 1
-        self.wait_nodes(1)
+        self._start_node(["--head", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
+                          "--num-cpus", str(self._head["num_cpus"]), "--num-gpus", str(self._head["num_gpus"]),
+                          *dash], head=True)
+        if self._dashboard:  # its start is a burst of processes: let it settle before nodes join
+            self._wait_dashboard()
         return self
 
-    def add_node(self, *, num_cpus: float, num_gpus: float, attempts: int = 3) -> None:
-        """Another raylet on this machine: a second node to Ray (its own node id, resources, proxy).
-        Retried: `ray start` gives a raylet 30 s (hard-coded) to register, which an overloaded host
-        misses; the failed attempt's raylet is ended by its node-manager port before the next."""
+    def _wait_dashboard(self, timeout_s: float = 300) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=10) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"dashboard {self.dashboard_url} not up after {timeout_s}s")
+            time.sleep(2)
+
+    def add_node(self, *, num_cpus: float, num_gpus: float) -> None:
+        """Another raylet on this machine: a second node to Ray (its own node id, resources, proxy)."""
+        self._start_node(["--address", self.address, "--node-ip-address", "127.0.0.1",
+                          "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus)], head=False)
+
+    def _start_node(self, args: list[str], *, head: bool, attempts: int = 3) -> None:
+        """`ray start`, retried: it gives a raylet 30 s (hard-coded) to register with the GCS, which an
+        overloaded host misses. A failed attempt's processes are ended first (a head's: all of this
+        cluster's; a worker's: those naming its node-manager port)."""
         for attempt in range(attempts):
             ports = self._ports()
+            extra = ["--ray-client-server-port", str(free_port())] if head else []
             try:
-                self._ray("start", "--address", self.address, "--node-ip-address", "127.0.0.1",
-                          "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus), *ports)
-                self.wait_nodes(self.nodes + 1, timeout_s=90)
+                self._ray("start", *args, *extra, *ports)
+                self._wait_started()
                 self.nodes += 1
                 return
             except (RuntimeError, TimeoutError):
@@ -97,24 +117,23 @@ class LocalCluster:
                     os.killpg(failed.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                manager = f"node_manager_port={ports[1]}".encode()
-                for pid in self.leftover_pids(also=manager):
-                    os.kill(pid, signal.SIGKILL)
+                for pid in self.leftover_pids(also=b"" if head else f"node_manager_port={ports[1]}".encode()):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                time.sleep(2)
 
-    def wait_nodes(self, n: int, timeout_s: float = 60) -> None:
-        code = (f"import ray, json; ray.init(address={self.address!r}, logging_level='ERROR'); "
-                "print(json.dumps(sum(1 for x in ray.nodes() if x['Alive'])))")
+    def _wait_started(self, timeout_s: float = 300) -> None:
+        """Until the node's `ray start --block` says the runtime started (after its raylet registered
+        with the GCS), or exits. Read from its log: a driver per poll costs seconds of CPU each."""
+        proc, log = self._procs[-1], self._logs[-1]
         deadline = time.monotonic() + timeout_s
-        while True:
-            out = subprocess.run([sys.executable, "-c", code], env=self.driver_env(), capture_output=True, text=True,
-                                 timeout=120)
-            if out.returncode == 0 and int(out.stdout.strip().splitlines()[-1]) >= n:
-                return
-            if self._procs and self._procs[-1].poll() is not None:
-                raise RuntimeError(f"the node's `ray start` exited ({self._procs[-1].returncode}); see "
-                                   f"{self.temp_dir}/ray-start-*.log")
+        while "Ray runtime started" not in log.read_text(errors="replace"):
+            if proc.poll() is not None:
+                raise RuntimeError(f"`ray start` exited ({proc.returncode}):\n{log.read_text()[-2000:]}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{n} nodes not alive after {timeout_s}s: {out.stdout[-500:]} {out.stderr[-2000:]}")
+                raise TimeoutError(f"`ray start` not up after {timeout_s}s: {log}")
             time.sleep(1)
 
     def driver_env(self) -> dict[str, str]:
@@ -124,13 +143,18 @@ class LocalCluster:
 
     def stop(self) -> None:
         for p in self._procs:  # `ray start --block` ends its node's processes on SIGTERM
-            if p.poll() is None:
+            try:
                 os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         for p in self._procs:
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         time.sleep(1)
         for pid in self.leftover_pids():
             try:
@@ -153,17 +177,19 @@ class LocalCluster:
         return pids
 
     def _ray(self, *args: str) -> None:
-        log = open(self.temp_dir / f"ray-start-{len(self._procs)}.log", "w")
+        path = self.temp_dir / f"ray-start-{len(self._logs)}.log"
+        self._logs.append(path)
+        log = open(path, "w")
         p = subprocess.Popen([RAY, *args, "--block", "--temp-dir", str(self.temp_dir)], env=self.env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
         self._procs.append(p)
-        time.sleep(2)
-        if p.poll() is not None:
-            raise RuntimeError(f"ray {' '.join(args[:2])} exited ({p.returncode}): "
-                               f"{(self.temp_dir / log.name).read_text()[-3000:]}")
 
     def __enter__(self) -> LocalCluster:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

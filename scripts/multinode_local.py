@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -166,6 +167,7 @@ def run(*, nodes: int = 2, requests: int = 16, keep: bool = False, timeout_s: fl
     finally:
         if not keep:
             cluster.stop()
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def checks(report: dict, *, nodes: int, requests: int) -> dict[str, bool]:

@@ -157,3 +157,10 @@ def test_70b_config_is_the_production_config_plus_a_tensor_parallel_model() -> N
     app["args"]["llm_models"] = [x for x in app["args"]["llm_models"] if x["name"] != m.name]
     app["deployments"] = [d for d in app["deployments"] if d["name"] != m.deployment_name]
     assert big == base
+
+
+def test_a_multi_gpu_engine_outside_its_placement_group_is_refused() -> None:
+    from deployments.placement import check_multi_gpu_replica
+
+    with pytest.raises(RuntimeError, match="needs the replica's placement group"):
+        check_multi_gpu_replica(2)
