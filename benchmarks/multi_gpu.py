@@ -91,12 +91,17 @@ class TierCpu:
     def _sample(self) -> None:
         import psutil
 
-        for p in psutil.process_iter(["cmdline", "cpu_times"]):
-            title = " ".join(p.info["cmdline"] or [])
-            tier = self._tier(title) if title.startswith("ray::") else None
-            if tier and p.info["cpu_times"]:
-                t = p.info["cpu_times"]
-                self._cpu[p.pid] = (tier, t.user + t.system)
+        # Only this benchmark's cluster: ray.init started its raylet as our child, the workers are the
+        # raylet's (another cluster on the machine may run the same deployment names).
+        for p in psutil.Process().children(recursive=True):
+            try:
+                title = " ".join(p.cmdline())
+                tier = self._tier(title) if title.startswith("ray::") else None
+                if tier:
+                    t = p.cpu_times()
+                    self._cpu[p.pid] = (tier, t.user + t.system)
+            except psutil.Error:
+                pass
 
     def _run(self) -> None:
         while not self._stop.wait(self.period_s):

@@ -47,7 +47,7 @@ class LocalCluster:
         self.dashboard_port = free_port() if dashboard else None
         self.env = {**os.environ, **MULTICAST_OFF, "RAY_USAGE_STATS_ENABLED": "0",
                     # Ray 2.60 starts clusters with token auth (~/.ray/auth_token); drivers must say so.
-                    "RAY_AUTH_MODE": "token", "RAY_TMPDIR": str(self.temp_dir),
+                    "RAY_AUTH_MODE": "token", "DASHBOARD_METRIC_PORT": str(free_port()), "RAY_TMPDIR": str(self.temp_dir),
                     "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
                     **(env or {})}
         self._head = dict(num_cpus=head_cpus, num_gpus=head_gpus)
@@ -78,6 +78,7 @@ class LocalCluster:
         return self
 
     def _wait_dashboard(self, timeout_s: float = 300) -> None:
+        import urllib.error
         import urllib.request
 
         deadline = time.monotonic() + timeout_s
@@ -86,6 +87,8 @@ class LocalCluster:
                 with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=10) as r:
                     if r.status == 200:
                         return
+            except urllib.error.HTTPError:
+                return  # it answers (401 without Ray's auth token): up
             except OSError:
                 pass
             if time.monotonic() > deadline:

@@ -1,7 +1,8 @@
 """benchmarks/multi_gpu.py's plumbing on CPU (fake GPUs, tiny models): the result JSON has the
 machine, gpu_count, per-GPU-count points with a scaling efficiency, the tier CPU sampling, and the
 LLM data-parallel levels with tokens/s and TTFT. No timings are asserted (speed is measured in
-benchmarks, never in tests)."""
+benchmarks, never in tests). Each test starts two local clusters (1 and 2 fake GPUs): 3-10 min on 2
+shared cores, so they run only with GENSERVE_MULTI_GPU_BENCH_TEST=1."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("GENSERVE_MULTI_GPU_BENCH_TEST") != "1",
+                                                   reason="set GENSERVE_MULTI_GPU_BENCH_TEST=1 (3-10 min each)")]
 
 
 def _run(tmp_path: Path, *args: str) -> dict:
