@@ -108,7 +108,9 @@ class LocalCluster:
             ports = self._ports()
             extra = ["--ray-client-server-port", str(free_port())] if head else []
             try:
-                self._ray("start", *args, *extra, *ports)
+                # A node's own temp dir: its logs (e.g. its proxy's) apart from the other nodes' on this machine.
+                temp = self.temp_dir if head else self.temp_dir / f"node{self.nodes}"
+                self._ray("start", *args, *extra, *ports, temp_dir=temp)
                 self._wait_started()
                 self.nodes += 1
                 return
@@ -179,11 +181,12 @@ class LocalCluster:
                     pass
         return pids
 
-    def _ray(self, *args: str) -> None:
+    def _ray(self, *args: str, temp_dir: Path) -> None:
+        temp_dir.mkdir(parents=True, exist_ok=True)
         path = self.temp_dir / f"ray-start-{len(self._logs)}.log"
         self._logs.append(path)
         log = open(path, "w")
-        p = subprocess.Popen([RAY, *args, "--block", "--temp-dir", str(self.temp_dir)], env=self.env, stdout=log,
+        p = subprocess.Popen([RAY, *args, "--block", "--temp-dir", str(temp_dir)], env=self.env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
         self._procs.append(p)
 

@@ -96,8 +96,8 @@ def _wait_running(cluster: LocalCluster, timeout_s: float) -> None:
 def _proxy_request_counts(cluster: LocalCluster) -> dict[str, int]:
     """Requests each proxy served, from its own log: {log file name: count}."""
     counts: dict[str, int] = {}
-    for log in cluster.temp_dir.glob("session_*/logs/serve/proxy_*.log"):
-        counts[log.name] = len(re.findall(r"POST /v1/(?:images/generations|chat/completions) 200", log.read_text()))
+    for log in cluster.temp_dir.glob("**/session_2*/logs/serve/proxy_*.log"):  # a temp dir per node
+        counts[str(log.relative_to(cluster.temp_dir))] = len(re.findall(r"POST /v1/(?:images/generations|chat/completions) 200", log.read_text()))
     return counts
 
 
