@@ -31,8 +31,10 @@ def _llm_apps(cfg: AppConfig, telemetry: TelemetryConfig) -> dict[str, Applicati
         return {}
     from deployments.llm.deployment import LLMDeployment
 
-    return {m.name: LLMDeployment.options(name=m.deployment_name).bind(m, work_dir=cfg.work_dir, telemetry=telemetry)
-            for m in cfg.llm_models}
+    # A model over several GPUs (tensor/pipeline parallel) gets a placement group of one GPU bundle per
+    # engine worker (`LLMModelConfig.deployment_options`); one GPU or none: the Serve config places it.
+    return {m.name: LLMDeployment.options(name=m.deployment_name, **m.deployment_options())
+            .bind(m, work_dir=cfg.work_dir, telemetry=telemetry) for m in cfg.llm_models}
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -19,13 +19,14 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from deployments.diffusion import device as placement
+from deployments.diffusion import device
 from deployments.diffusion.batcher import LazyBatcher
 from deployments.diffusion.config import BatchingConfig, DiffusionModelConfig
 from deployments.diffusion.progress import TaskProgress
 from deployments.diffusion.quality import REASON_LOAD, AdaptiveQuality
 from deployments.diffusion.runner import BatchRunner, Denoised
 from deployments.diffusion.types import ImageResult, ImageTask
+from deployments.placement import place_replica
 from telemetry import metrics, tracing
 
 logger = logging.getLogger("genserve.diffusion")
@@ -42,9 +43,9 @@ class DiffusionServer:
 
         self.config = config
         self.name = config.name
-        self.device = placement.resolve_device(config.device)
-        self.gpu_share = placement.cap_gpu_memory(self.device)
-        placement.set_cpu_threads(self.device)
+        # The GPU Ray assigned (pinned, memory capped to the share) or cpu: deployments/placement.py.
+        self.device, self.placement, self.gpu_share = place_replica(config.device)
+        device.set_cpu_threads(self.device)
         t0 = time.monotonic()
         if engine is None:
             engine = DiffusionEngine.from_config(config, self.device)
@@ -157,7 +158,7 @@ class DiffusionServer:
 
         ctx = ray.get_runtime_context()
         b = self.batching
-        return {"model": self.name, "device": self.device, "gpu_share": self.gpu_share,
+        return {"model": self.name, "device": self.device, "gpu_share": self.gpu_share, "placement": self.placement.as_dict(),
                 "assigned_resources": ctx.get_assigned_resources(),
                 "gpu_ids": ctx.get_accelerator_ids().get("GPU", []),
                 **self.runner.stats(), "load_s": self.load_s, "memory_probe": self.memory_probe,

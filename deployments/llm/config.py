@@ -32,6 +32,22 @@ class LLMModelConfig(BaseModel):
         "on the replica; fewer get every token at once (0: always coalesce). On an H100 with vLLM, one message "
         "per token kept inter-token latency at the engine's up to 8 streams but cost ~half the throughput at 64 "
         "(benchmarks/README.md).")
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=64, description="vLLM tensor parallelism: GPUs one engine shards every layer over (one "
+        "node, NVLink). Above 1 the replica holds no GPU itself; each engine worker gets a `{GPU: 1}` bundle of "
+        "the replica's placement group (docs/multi-gpu.md).")
+    pipeline_parallel_size: int = Field(
+        1, ge=1, le=64, description="vLLM pipeline parallelism: stages of layers, one per GPU group (across "
+        "nodes when one node's GPUs are not enough). GPUs per replica = tensor_parallel_size x this.")
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK", description="Placement-group strategy of a multi-GPU replica's bundles (Ray's LLM server defaults "
+        "to PACK: one node when possible). STRICT_PACK refuses to split a tensor-parallel engine over nodes.")
+    replica_cpus: float = Field(
+        1.0, gt=0, description="CPUs of a multi-GPU replica's actor, merged into its first bundle; a Serve config "
+        "that sets this deployment's ray_actor_options.num_cpus must stay within it (Serve checks).")
+    placement_label_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels every GPU bundle of a multi-GPU replica must match (e.g. "
+        "{genserve.io/pool: gpu-llm}); a one-GPU replica uses ray_actor_options.label_selector instead.")
     aliases: list[str] = Field(default_factory=list)
     description: str = ""
 
@@ -42,7 +58,44 @@ class LLMModelConfig(BaseModel):
         if "max_model_len" in self.engine_kwargs:
             raise ValueError("engine_kwargs.max_model_len: set the model's own `max_model_len` field instead "
                              "(the replica checks prompt lengths against it and passes it to the engine)")
+        parallel = {"tensor_parallel_size", "pipeline_parallel_size"} & self.engine_kwargs.keys()
+        if parallel:
+            raise ValueError(f"engine_kwargs.{sorted(parallel)[0]}: set the model's own field of that name instead "
+                             "(the graph sizes the replica's placement group from it)")
+        if self.num_gpus_per_replica > 1:
+            if self.engine != "vllm":
+                raise ValueError(f"tensor_parallel_size ({self.tensor_parallel_size}) x pipeline_parallel_size "
+                                 f"({self.pipeline_parallel_size}) > 1 needs engine: vllm (engine is {self.engine!r})")
+            backend = self.engine_kwargs.get("distributed_executor_backend", "ray")
+            if backend != "ray":
+                raise ValueError(f"engine_kwargs.distributed_executor_backend: {backend!r} can't use the GPUs of the "
+                                 "replica's placement group; a multi-GPU engine runs its workers as Ray actors "
+                                 "('ray', the default here)")
         return self
+
+    @property
+    def num_gpus_per_replica(self) -> int:
+        """GPUs one engine spans (1: the Serve config's ray_actor_options.num_gpus places it)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def resolved_engine_kwargs(self) -> dict[str, Any]:
+        """`engine_kwargs` plus the parallelism of a multi-GPU engine (vLLM's names)."""
+        kwargs = dict(self.engine_kwargs)
+        if self.num_gpus_per_replica > 1:
+            kwargs.update(tensor_parallel_size=self.tensor_parallel_size,
+                          pipeline_parallel_size=self.pipeline_parallel_size, distributed_executor_backend="ray")
+        return kwargs
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Serve options of a multi-GPU replica (placement group of one GPU bundle per engine worker, as
+        Ray's LLM server builds them); {} for one GPU or none, which the Serve config's
+        ray_actor_options place."""
+        if self.num_gpus_per_replica == 1:
+            return {}
+        from deployments.placement import multi_gpu_options
+
+        return multi_gpu_options(self.num_gpus_per_replica, replica_cpus=self.replica_cpus,
+                                 strategy=self.placement_strategy, label_selector=self.placement_label_selector)
 
     @property
     def deployment_name(self) -> str:

@@ -93,7 +93,7 @@ def build_engine(
 def engine_for(config: LLMModelConfig, *, work_dir: str | Path | None = None) -> LLMEngine:
     """Build (not start) the engine of one model's config; vLLM's caches go inside `work_dir`."""
     kind = resolve_engine_kind(config.engine)
-    kwargs = dict(config.engine_kwargs)
+    kwargs = config.resolved_engine_kwargs()  # + tensor/pipeline parallel sizes
     if work_dir is not None and kind == "vllm":  # vLLM/inductor caches inside the work dir
         kwargs.setdefault("cache_dir", str(Path(work_dir) / "cache"))
     return build_engine(config.model, engine=kind, max_model_len=config.max_model_len, dtype=config.dtype,

@@ -21,6 +21,7 @@ from deployments.llm import prompt, share_clock
 from deployments.llm.coalesce import coalesce
 from deployments.llm.config import LLMModelConfig
 from deployments.llm.engine import LLMEngine, engine_for
+from deployments.placement import current_assignment
 from deployments.llm.types import (
     Choice,
     ChoiceDelta,
@@ -201,6 +202,7 @@ class LLMServer:
         if hasattr(self.engine, "scheduler"):
             out["scheduler"] = self.engine.scheduler
             out["engine_process"] = self.engine.engine_process
+        out["placement"] = current_assignment().as_dict()
         return out
 
     async def check_health(self) -> None:

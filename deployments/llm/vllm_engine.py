@@ -78,8 +78,29 @@ class VLLMEngine:
 
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_path)
         args = AsyncEngineArgs(**self.engine_args())
+        if self.num_devices > 1:
+            self._engine = await asyncio.to_thread(self._start_multi_gpu, args)
+            return
         # from_engine_args starts the engine-core process and waits for it (blocking).
         self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+
+    @property
+    def num_devices(self) -> int:
+        kw = self._vllm_kwargs
+        return int(kw.get("tensor_parallel_size", 1)) * int(kw.get("pipeline_parallel_size", 1))
+
+    def _start_multi_gpu(self, args: Any) -> Any:
+        """Tensor/pipeline parallel: vLLM's Ray executor starts one worker actor per GPU bundle of the
+        placement group Serve made for this replica (LLMModelConfig.deployment_options). The engine core
+        is a child process, outside the replica's Ray context, so the group is handed over in the config,
+        as Ray's LLM server does (ray.llm `_start_async_llm_engine`)."""
+        from deployments.placement import check_multi_gpu_replica
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        group = check_multi_gpu_replica(self.num_devices)
+        vllm_config = args.create_engine_config()
+        vllm_config.parallel_config.placement_group = group
+        return AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=True)
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
