@@ -66,3 +66,17 @@ def test_render_stores_and_reloads_without_loss() -> None:
     tasks = ImageSpec.from_stored(stored).tasks(ids)
     assert [t.task_id for t in tasks] == ids and {t.tile for t in tasks} == {True}
     assert [t.seed for t in tasks] == [9, 10, 11]
+
+
+def test_image_gpu_seconds_are_scaled_by_the_replicas_gpu_share() -> None:
+    """Two half-GPU replicas on one card bill one GPU-second per second between them, not two."""
+    from deployments.diffusion.types import ImageResult
+    from serve_app.images.service import gpu_seconds
+
+    def result(batch: int, share: float) -> ImageResult:
+        return ImageResult(png=b"", seed=0, width=64, height=64, steps=2, guidance_scale=5.0, model="m",
+                           batch_size=batch, compute_s=4.0, gpu_share=share)
+
+    assert gpu_seconds([result(2, 1.0)]) == 2.0
+    assert gpu_seconds([result(2, 0.5), result(2, 0.5)]) == 2.0  # a batch of 2 on half a GPU
+    assert gpu_seconds([result(4, 0.25)]) == 0.25

@@ -33,8 +33,9 @@ class Denoised:
 
 
 class BatchRunner:
-    def __init__(self, engine: Any, progress: TaskProgress, *, model: str) -> None:
+    def __init__(self, engine: Any, progress: TaskProgress, *, model: str, gpu_share: float | None = None) -> None:
         self.engine = engine
+        self.gpu_share = gpu_share if gpu_share else 1.0  # None on CPU: replica-seconds
         self.progress = progress
         self.model = model
         self._png_pool = ThreadPoolExecutor(max_workers=max(2, (os.cpu_count() or 2) // 2),
@@ -70,6 +71,7 @@ class BatchRunner:
         result = await asyncio.get_running_loop().run_in_executor(self._png_pool, functools.partial(
             image_result, task, d.image, model=self.model, batch_size=d.batch_size, compute_s=d.compute_s,
             queue_wait_s=d.queue_wait_s, compress_level=PNG_COMPRESS_LEVEL))
+        result.gpu_share = self.gpu_share
         self.images_done += 1
         if task.task_id is not None:
             self.progress.finished(task.task_id)

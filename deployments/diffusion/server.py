@@ -54,7 +54,7 @@ class DiffusionServer:
         self.load_s = time.monotonic() - t0
         logger.info("model %s (%s) loaded on %s in %.1fs", self.name, config.model, self.device, self.load_s)
         self.progress = TaskProgress(self.name)
-        self.runner = BatchRunner(self.engine, self.progress, model=self.name)
+        self.runner = BatchRunner(self.engine, self.progress, model=self.name, gpu_share=self.gpu_share)
         self.quality = AdaptiveQuality(config.adaptive_quality)
         self.batching = config.batching.model_copy(update={"max_batch_megapixels": config.batch_megapixels})
         self.batcher = LazyBatcher(self._run_batch, max_batch_size=self.batching.max_batch_size,

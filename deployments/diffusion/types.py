@@ -68,6 +68,9 @@ class ImageResult:
     # Seconds this image's batch spent denoising+decoding, and waiting in the replica's queue.
     compute_s: float = 0.0
     queue_wait_s: float = 0.0
+    # The share of one GPU the replica holds (Ray's num_gpus; 1.0 on CPU): GPU-seconds = compute_s /
+    # batch_size × gpu_share, so two half-GPU replicas sharing a card don't bill it twice.
+    gpu_share: float = 1.0
     # Adaptive quality: `steps` above is what ran; `requested_steps` what the task asked for.
     degraded: bool = False
     degrade_reason: str | None = None

@@ -205,8 +205,9 @@ def map_backend_error(exc: Exception, model: str) -> APIError:
 
 
 def gpu_seconds(results: list[ImageResult]) -> float:
-    """Each image's share of its batch's compute time (what a GPU-second price bills)."""
-    return sum(r.compute_s / max(1, r.batch_size) for r in results)
+    """Each image's share of its batch's compute time × the share of the GPU its replica holds
+    (what a GPU-second price bills)."""
+    return sum(r.compute_s / max(1, r.batch_size) * r.gpu_share for r in results)
 
 
 def degradation(results: list[ImageResult]) -> tuple[bool, str | None]:

@@ -55,8 +55,7 @@ class GpuCostConfig(_Strict):
     GPU-seconds × this rate / 3600 give the GPU cost that `genserve usage`, `/v1/usage`, billing
     statements and the dashboard show per 1k tokens and per image. LLM GPU-seconds are the share
     clock's (deployments/llm/share_clock.py) × the replica's num_gpus; image GPU-seconds are each
-    image's share of its batch's compute time on its replica, not scaled by a fractional num_gpus,
-    so price an image model at the cost of the GPU share its replica holds (docs/tenancy.md#cost)."""
+    image's share of its batch's compute time × the replica's num_gpus (docs/tenancy.md#cost)."""
 
     usd_per_gpu_hour: dict[str, Annotated[float, Field(ge=0.0)]] = Field(
         default_factory=dict, description="Canonical model name (not an alias) -> USD per GPU-hour of the GPU it "
