@@ -10,13 +10,17 @@ STAMP := $(VENV)/.installed
 IMAGE ?= $(shell sed -n 's/^DEFAULT_IMAGE = "\(.*\)"$$/\1/p' serve_app/kuberay.py)
 BUILDER ?= docker
 
-.PHONY: run test install models system-deps bench clean image image-cpu
+.PHONY: run test lint install models system-deps bench clean image image-cpu
 
 run: install models
 	$(BIN)/genserve run --config configs/local.yaml
 
-test: install system-deps models
+test: install system-deps models lint
 	scripts/test.sh
+
+# ruff + mypy (strict on the deployment contracts): scripts/lint.sh.
+lint: install
+	scripts/lint.sh
 
 # docker/install.sh is the one install path (the image runs it too): torch 2.13.0 CPU build first
 # (an unpinned torch pulls a multi-GB CUDA build), genserve[dev,vllm], then the CUDA packages

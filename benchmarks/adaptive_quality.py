@@ -21,7 +21,7 @@ import argparse
 import asyncio
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -140,10 +140,10 @@ def plot(timelines: dict[str, list[dict]], target_s: float, path: Path) -> bool:
     fig, axes = plt.subplots(3, 1, sharex=True, figsize=(8, 7))
     for side, rows in timelines.items():
         t = [r["t"] for r in rows]
-        for ax, key in zip(axes, ("clients", "steps_mean", "p95_s")):
+        for ax, key in zip(axes, ("clients", "steps_mean", "p95_s"), strict=False):
             ax.plot(t, [r[key] for r in rows], marker=".", label=f"adaptive {'on' if side == 'auto' else 'off'}")
     axes[2].axhline(target_s, color="red", linestyle="--", linewidth=1, label=f"p95 target {target_s:g} s")
-    for ax, label in zip(axes, ("load (clients)", "steps used (mean)", "p95 per second (s)")):
+    for ax, label in zip(axes, ("load (clients)", "steps used (mean)", "p95 per second (s)"), strict=False):
         ax.set_ylabel(label)
     axes[0].legend(loc="upper right", fontsize=8)
     axes[2].legend(loc="upper right", fontsize=8)
@@ -184,7 +184,7 @@ def main() -> None:
             samples[side], windows[side] = asyncio.run(run_side(app, side, a, phases))
     timelines = {side: timeline(samples[side], windows[side]) for side in SIDES}
     result = {
-        "benchmark": "adaptive_quality", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "adaptive_quality", "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": local_app.machine(), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
         "p95_target_s": a.p95_target_s, "p95_target_from": "benchmark argument --p95-target-s",
         "adaptive_quality": model_entry(a)["adaptive_quality"], "wall_s": round(time.monotonic() - started, 1),

@@ -17,8 +17,9 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 PLAN = {"name": "bench", "allowed_models": "*", "requests_per_minute": 10**9, "tokens_per_minute": 10**12,

@@ -28,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -128,8 +128,8 @@ def fidelity(ref: list[np.ndarray], imgs: list[np.ndarray]) -> dict[str, float]:
         mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
         return 99.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
-    return {"psnr_db_min": round(min(psnr(a, b) for a, b in zip(ref, imgs)), 2),
-            "max_abs_diff": int(max(np.abs(a.astype(int) - b.astype(int)).max() for a, b in zip(ref, imgs)))}
+    return {"psnr_db_min": round(min(psnr(a, b) for a, b in zip(ref, imgs, strict=False)), 2),
+            "max_abs_diff": int(max(np.abs(a.astype(int) - b.astype(int)).max() for a, b in zip(ref, imgs, strict=False)))}
 
 
 def peak_gib(device: str) -> float | None:
@@ -232,7 +232,7 @@ def main() -> None:
     if not a.keep_cache:
         shutil.rmtree(a.cache_dir, ignore_errors=True)
     result: dict[str, Any] = {
-        "benchmark": "engine_speed", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "engine_speed", "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu",
                     "cpu_count": os.cpu_count(), "platform": platform.platform()},
         "versions": versions(), "model": "tiny SDXL (random)" if a.tiny else "SDXL architecture, random weights",

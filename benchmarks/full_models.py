@@ -77,10 +77,13 @@ CLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, nu
 
 
 def full_wuerstchen_pipeline(device: str = "cuda", dtype: torch.dtype = torch.float16):
-    from diffusers.pipelines.deprecated.wuerstchen import (
-        PaellaVQModel, WuerstchenCombinedPipeline, WuerstchenDiffNeXt, WuerstchenPrior,
-    )
     from diffusers import DDPMWuerstchenScheduler
+    from diffusers.pipelines.deprecated.wuerstchen import (
+        PaellaVQModel,
+        WuerstchenCombinedPipeline,
+        WuerstchenDiffNeXt,
+        WuerstchenPrior,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from deployments.diffusion.tokenizer import build_byte_clip_tokenizer

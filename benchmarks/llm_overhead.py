@@ -209,7 +209,7 @@ async def bench_interleaved(model_cfg: dict, args: argparse.Namespace) -> dict[s
                                  "direct": d, "serve": sv, "serve_vs_direct": {
                                      "tokens_per_s_ratio": round(sv["tokens_per_s"] / d["tokens_per_s"], 3),
                                      "round_ratios": [round(b["tokens_per_s"] / a["tokens_per_s"], 3)
-                                                      for a, b in zip(sides["direct"], sides["serve"])],
+                                                      for a, b in zip(sides["direct"], sides["serve"], strict=False)],
                                      "ttft_p50_added_ms": round(sv["ttft_ms_p50"] - d["ttft_ms_p50"], 1)}})
                     print(json.dumps(runs[-1]["serve_vs_direct"] | {"c": c, "ms": stream_ms}), flush=True)
             stats = await serve.get_deployment_handle(f"LLM-{model_cfg['name']}", app_name="llm-bench").stats.remote()

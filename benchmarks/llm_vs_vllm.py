@@ -240,7 +240,7 @@ def compare(levels: list[dict[str, Any]], base: str, other: str) -> list[dict[st
                      f"{base}_tok_s": ma["output_throughput"], f"{other}_tok_s": mb["output_throughput"],
                      "tok_s_ratio": ratio,
                      "round_ratios": [round(y["output_throughput"] / x["output_throughput"], 3)
-                                      for x, y in zip(a, b) if x.get("output_throughput")],
+                                      for x, y in zip(a, b, strict=False) if x.get("output_throughput")],
                      "ttft_p50_added_ms": round(mb["median_ttft_ms"] - ma["median_ttft_ms"], 2),
                      "itl_p50_added_ms": round(mb["median_itl_ms"] - ma["median_itl_ms"], 2),
                      "itl_p95_added_ms": round((mb["p95_itl_ms"] or 0) - (ma["p95_itl_ms"] or 0), 2)})

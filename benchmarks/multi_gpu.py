@@ -33,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     m = machine()
     result: dict[str, Any] = {"benchmark": f"multi_gpu-{a.phase}",
-                              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                              "date": datetime.now(UTC).isoformat(timespec="seconds"),
                               "machine": m, "gpu_count": m["gpu_count"], "tiny": a.tiny,
                               "args": {k: v for k, v in vars(a).items() if k not in ("out",)}}
     run = {"diffusion": run_diffusion, "llm-dp": run_llm_dp, "llm-tp": run_llm_tp}[a.phase]

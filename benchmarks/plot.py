@@ -51,7 +51,7 @@ def serving(result: dict, out: Path) -> Path:
     values = [raw, s["graph"]["images_per_s"], f["two_half"]["images_per_s"]]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     bars = ax.bar(labels, values, color=["#888", "#3a7", "#37a"])
-    for bar, v in zip(bars, values):
+    for bar, v in zip(bars, values, strict=False):
         ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.1f} ({v / raw:.0%})", ha="center", va="bottom")
     g = s["graph"]
     ax.set(ylabel="images/s", title=f"SDXL {g['size']}² / {g['steps']} steps, batch {g['batch']}, over HTTP")

@@ -22,7 +22,7 @@ import argparse
 import asyncio
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -107,7 +107,7 @@ def summarize(samples: list[dict], depth: list[dict], a: argparse.Namespace) -> 
     during = [d for d in depth if lo <= d["t"] <= hi]
     # Denoise+decode time of a full batch (the unit the high tenant's wait is bounded by: the batch
     # running when it arrives, then its own).
-    full = [c for s in bulk_done for b, c in zip(s["batch_sizes"], s["compute_s"]) if b == 8]
+    full = [c for s in bulk_done for b, c in zip(s["batch_sizes"], s["compute_s"], strict=False) if b == 8]
     batch_s = sum(full) / len(full) if full else float("nan")
     return {
         "vip_unloaded": vip_unloaded, "vip_saturated": vip_sat, "peer_saturated": peer_sat,
@@ -171,7 +171,7 @@ def main() -> None:
                              max_ongoing_requests=a.max_ongoing) as app:
         samples, depth = asyncio.run(measure(app, a))
     result = {
-        "benchmark": "priority", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "priority", "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": local_app.machine(), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
         "plans": {p["name"]: p["priority"] for p in PLANS}, "tenants": TENANTS, "model": model,
         "wall_s": round(time.monotonic() - started, 1), "summary": summarize(samples, depth, a),

@@ -36,7 +36,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -454,8 +454,8 @@ def phase_optimize(args: argparse.Namespace, path: Path) -> dict:
         compile_s = time.perf_counter() - t0
         timed = time_raw(pipe, args.device, batch=batch, size=size, steps=steps, reps=reps)
         imgs = [np.asarray(im) for im in raw_batch(pipe, batch=batch, size=size, steps=steps, seed0=7)]
-        fidelity = {"psnr_db_min": round(min(_psnr(a, b) for a, b in zip(ref, imgs)), 2),
-                    "max_abs_diff": int(max(np.abs(a.astype(int) - b.astype(int)).max() for a, b in zip(ref, imgs)))}
+        fidelity = {"psnr_db_min": round(min(_psnr(a, b) for a, b in zip(ref, imgs, strict=False)), 2),
+                    "max_abs_diff": int(max(np.abs(a.astype(int) - b.astype(int)).max() for a, b in zip(ref, imgs, strict=False)))}
         v = {"options": spec, "first_call_s": round(compile_s, 1), **timed, "fidelity": fidelity,
              "speedup_over_eager": round(timed["images_per_s"] / eager["images_per_s"], 3)}
         results["variants"].append(v)
@@ -513,7 +513,7 @@ def main() -> None:
     started = time.perf_counter()
     path = model_dir(a)
     result: dict[str, Any] = {
-        "benchmark": "serving_suite", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "serving_suite", "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu",
                     "cpu_count": os.cpu_count(), "platform": platform.platform()},
         "versions": _versions(), "model": "tiny SDXL (random)" if a.tiny else "SDXL architecture, random weights",

@@ -15,8 +15,8 @@ from serve_app.middleware import RequestGuard
 from serve_app.state import Services
 from serve_app.storage import files_router
 from serve_app.telemetry.middleware import TelemetryMiddleware
-from serve_app.text_guard import reject_invalid_text
 from serve_app.tenancy import admin_router, usage_router
+from serve_app.text_guard import reject_invalid_text
 from serve_app.trusted_hosts import TrustedHosts
 
 ROUTERS = (health.router, models.router, images.router, chat.router, jobs.router, library_router, files_router,

@@ -15,19 +15,16 @@ import os
 import re
 from pathlib import Path
 from typing import Any
-
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deployments.diffusion.config import (AdaptiveQualityConfig, BatchingConfig, DiffusionModelConfig,
-                                          OptimizeConfig)
+from deployments.diffusion.config import AdaptiveQualityConfig, BatchingConfig, DiffusionModelConfig, OptimizeConfig
 from deployments.llm.config import LLMModelConfig
 from serve_app.jobs.config import JobsConfig
 from serve_app.storage.config import StorageConfig
 from serve_app.tenancy.config import TenancyConfig
 from telemetry.config import TelemetryConfig
-
 
 __all__ = ["AdaptiveQualityConfig", "AppConfig", "BatchingConfig", "DiffusionModelConfig", "LLMModelConfig",
            "LimitsConfig", "OptimizeConfig", "PromptTemplateConfig", "expand_env", "load_app_config",
@@ -95,7 +92,7 @@ class AppConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _check_names(self) -> "AppConfig":
+    def _check_names(self) -> AppConfig:
         seen: dict[str, str] = {}
         for m in [*self.diffusion_models, *self.llm_models]:
             for n in [m.name, *m.aliases]:

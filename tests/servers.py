@@ -195,7 +195,11 @@ def tenancy_app(tenancy):  # type: ignore[no-untyped-def]
     from serve_app.errors import install_error_handlers
     from serve_app.state import Services
     from serve_app.tenancy import (
-        MeteredStreamingResponse, admin_router, ensure_model_allowed, metered, usage_router,
+        MeteredStreamingResponse,
+        admin_router,
+        ensure_model_allowed,
+        metered,
+        usage_router,
     )
 
     app = FastAPI()

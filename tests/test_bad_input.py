@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,8 @@ from sqlalchemy import insert, select
 from serve_app.app import create_app
 from serve_app.config import AppConfig, DiffusionModelConfig
 from serve_app.errors import APIError, bad_request, unavailable
-from serve_app.jobs.models import Job
 from serve_app.ingress import assemble_services
+from serve_app.jobs.models import Job
 from serve_app.library import Library
 from serve_app.library.models import Generation, PromptTemplateRow
 from serve_app.storage import LocalResultStore
@@ -145,7 +145,7 @@ def test_unstorable_text_in_query_and_path_is_a_400(api: Api, url: str, param: s
 def _bad_rows(api: Api) -> dict[str, str]:
     """Rows as an older version (without the edge check) could have stored them: JSON holding a
     lone surrogate, written straight into the database. Returns the ids."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     spec = {"prompt": "a cat", "negative_prompt": "", "tasks": [{"seed": 1}], "params": {"subject": "\ud800"},
             "tenant": "acme"}
     with api.tenancy.engine.begin() as conn:

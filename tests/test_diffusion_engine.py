@@ -59,7 +59,7 @@ def test_seed_gives_same_pixels_alone_and_in_batch_sdxl(sdxl: DiffusionEngine, g
         task(4, guidance_scale=guidance_scale),
     ]
     batch = [pixels(img) for img in sdxl.generate_images(tasks)]
-    for t, in_batch in zip(tasks, batch):
+    for t, in_batch in zip(tasks, batch, strict=False):
         assert np.array_equal(one(sdxl, t), in_batch), t
     assert not np.array_equal(batch[1], batch[3])  # other seed, same prompt
 

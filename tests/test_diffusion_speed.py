@@ -15,11 +15,11 @@ from pydantic import ValidationError
 
 from deployments.diffusion import unet_split
 from deployments.diffusion.buckets import SDXL_BUCKETS, parse, snap
-from deployments.diffusion.warmup import warm_up, warmup_plan
 from deployments.diffusion.config import DiffusionModelConfig, OptimizeConfig
 from deployments.diffusion.engine import DiffusionEngine
 from deployments.diffusion.optimize import configure_compile_cache, state
 from deployments.diffusion.types import ImageTask
+from deployments.diffusion.warmup import warm_up, warmup_plan
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,9 +10,9 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import httpx
 import pytest
+from conftest import WEBHOOK_SECRET, free_port
 from PIL import Image
 
-from conftest import WEBHOOK_SECRET, free_port
 from serve_app.webhooks import verify_signature
 
 pytestmark = pytest.mark.ray

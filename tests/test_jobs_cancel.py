@@ -12,14 +12,13 @@ from __future__ import annotations
 import random
 import threading
 import time
-from datetime import datetime, timezone
-from pathlib import Path
+from datetime import UTC, datetime
 
 import httpx
 import pytest
+import small_app
 from sqlalchemy import update
 
-import small_app
 from serve_app.jobs.models import Job
 from serve_app.jobs.store import JobStore
 from serve_app.tenancy.config import TenancyConfig
@@ -109,7 +108,7 @@ def _orphan(store: JobStore, tenant_id: int, model: str, *, status: str, cancel_
     with store.engine.begin() as conn:
         conn.execute(update(Job).where(Job.id == job.id).values(
             status=status, cancel_requested=cancel_requested, lease_expires_at=time.time() - 1,
-            started_at=datetime.now(timezone.utc) if status == "running" else None))
+            started_at=datetime.now(UTC) if status == "running" else None))
     return job.id
 
 

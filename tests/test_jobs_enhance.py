@@ -8,7 +8,6 @@ import uuid
 
 import httpx
 import pytest
-
 from conftest import ADMIN_TOKEN, free_port, local_config_doc
 from test_jobs import wait_job
 

@@ -3,7 +3,7 @@ upgrade with `used` NULL, the column matches the model, and the downgrade drops 
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -23,7 +23,7 @@ def _columns(engine) -> set[str]:  # type: ignore[no-untyped-def]
 
 
 def _insert_job(engine) -> None:  # type: ignore[no-untyped-def]
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with engine.begin() as conn:
         conn.execute(text("INSERT INTO tenants (name, plan, created_at) VALUES ('t', 'free', :now)"), {"now": now})
         conn.execute(text(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -112,7 +112,7 @@ def _engine(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def _tenant(engine) -> int:  # type: ignore[no-untyped-def]
     with engine.begin() as conn:
-        return conn.execute(insert(Tenant).values(name="acme", plan="pro", created_at=datetime.now(timezone.utc))
+        return conn.execute(insert(Tenant).values(name="acme", plan="pro", created_at=datetime.now(UTC))
                             ).inserted_primary_key[0]
 
 

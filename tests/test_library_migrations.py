@@ -3,7 +3,7 @@ the models, enforces uniqueness of shared template versions, and downgrades clea
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -29,7 +29,7 @@ def test_0002_matches_models_and_downgrades(db_url: str) -> None:  # noqa: F811
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
     assert [d for d in diff if any(t in repr(d) for t in MINE)] == []
     row = dict(tenant_id=None, name="n", version=1, category="c", template="t", defaults="", tags=[],
-               created_at=datetime.now(timezone.utc))
+               created_at=datetime.now(UTC))
     with engine.begin() as conn:
         conn.execute(insert(PromptTemplateRow).values(**row))
     with pytest.raises(IntegrityError), engine.begin() as conn:  # NULL tenant: the partial unique index

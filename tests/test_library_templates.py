@@ -11,9 +11,9 @@ from servers import db_url, make_tenancy, postgres_server  # noqa: F401  (fixtur
 
 from serve_app.config import AppConfig, DiffusionModelConfig, PromptTemplateConfig
 from serve_app.errors import APIError
-from serve_app.library import Library, TemplateCreate
 from serve_app.images.protocol import PromptRenderRequest
 from serve_app.images.render import render_image_request
+from serve_app.library import Library, TemplateCreate
 
 CONFIG = AppConfig(
     diffusion_models=[DiffusionModelConfig(name="tiny", family="sdxl", model="none", native_resolution=64,

@@ -64,7 +64,7 @@ class LocalHandle:
     def __init__(self, server: LLMServer, stream: bool = False) -> None:
         self.server, self.stream = server, stream
 
-    def options(self, *, stream: bool = False) -> "LocalHandle":
+    def options(self, *, stream: bool = False) -> LocalHandle:
         return LocalHandle(self.server, stream)
 
     def __getattr__(self, name: str) -> _Call:

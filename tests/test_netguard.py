@@ -16,9 +16,8 @@ import httpx
 import pytest
 from aiohttp import web
 
-from serve_app.netguard import AddressPolicy, ResponseTooLarge, URLRefused, UrlGuard, refusal_reason
+from serve_app.netguard import AddressPolicy, ResponseTooLarge, UrlGuard, URLRefused, refusal_reason
 from serve_app.webhooks import deliver, verify_signature
-
 from tests.conftest import free_port
 
 # ---- the address table -------------------------------------------------------------------------
@@ -184,7 +183,7 @@ def _tls_pair(tmp: Path, name: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from deployments.llm.config import LLMModelConfig
 from deployments.llm.vllm_engine import VLLMEngine
-from deployments.placement import (Assignment, engine_bundles, local_cuda_index, pin_device, resolve_device)
+from deployments.placement import Assignment, engine_bundles, local_cuda_index, pin_device, resolve_device
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-
 from conftest import ARTIFACTS
 
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="pip install playwright")

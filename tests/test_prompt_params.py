@@ -8,6 +8,7 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from serve_app.prompts.params import (
     SEED_MAX,
@@ -193,7 +194,7 @@ def test_error_is_value_error_and_picklable() -> None:
 
 def test_models_are_frozen_and_validate() -> None:
     p = parse_prompt("a --s 1")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         p.params.stylize = 2  # type: ignore[misc]
     with pytest.raises(ValueError):
         PromptParams(aspect_ratio=(9, 1))

@@ -12,10 +12,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import httpx
 import pytest
+from conftest import free_port
 from fastapi import FastAPI
 from PIL import Image
 
-from conftest import free_port
 from serve_app import launcher
 from serve_app.config import AppConfig
 from serve_app.images.qos import embeds_metadata

@@ -86,8 +86,8 @@ def test_explicit_q_or_steps_wins_and_plan_opt_in() -> None:
 
 def test_render_then_stamp_sets_priority_and_auto() -> None:
     from serve_app.config import AppConfig
-    from serve_app.images.qos import stamp
     from serve_app.images.protocol import PromptRenderRequest
+    from serve_app.images.qos import stamp
     from serve_app.images.render import ConfigTemplates, render_image_request
 
     cfg = AppConfig.model_validate({"diffusion_models": [

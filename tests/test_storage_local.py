@@ -8,7 +8,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -23,8 +23,14 @@ from serve_app.config import AppConfig, DiffusionModelConfig
 from serve_app.errors import install_error_handlers
 from serve_app.state import Services
 from serve_app.storage import (
-    InvalidKeyError, LocalResultStore, StorageConfig, StorageError, build_store, files_router,
-    persisted_secret, result_key,
+    InvalidKeyError,
+    LocalResultStore,
+    StorageConfig,
+    StorageError,
+    build_store,
+    files_router,
+    persisted_secret,
+    result_key,
 )
 
 
@@ -79,7 +85,7 @@ def png() -> bytes:
 
 
 def test_key_layout_and_round_trip(store: LocalResultStore) -> None:
-    key = result_key(7, "img_abc", when=datetime(2026, 3, 4, tzinfo=timezone.utc))
+    key = result_key(7, "img_abc", when=datetime(2026, 3, 4, tzinfo=UTC))
     assert key == "7/2026/03/04/img_abc.png"
     assert store.put(key, b"data") == key
     assert store.exists(key) and (store.root / key).read_bytes() == b"data"
@@ -90,7 +96,7 @@ def test_key_layout_and_round_trip(store: LocalResultStore) -> None:
     store.delete(key)  # deleting twice is fine
     assert not store.exists(key)
     generated = result_key("acme")
-    assert generated.startswith(f"acme/{datetime.now(timezone.utc):%Y/%m/%d}/img_") and generated.endswith(".png")
+    assert generated.startswith(f"acme/{datetime.now(UTC):%Y/%m/%d}/img_") and generated.endswith(".png")
 
 
 @pytest.mark.parametrize("bad", ["", "../x.png", "/abs.png", "a//b.png", "a/./b.png", "a/../b.png", "a\\b.png",

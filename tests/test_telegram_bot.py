@@ -15,12 +15,11 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
-
-from clients.telegram.bot import build_bot, build_dispatcher
-from clients.telegram.config import BotSettings
-from clients.telegram.bot import with_aspect
-from clients.telegram.ratelimit import UserRateLimiter
 from conftest import ADMIN_TOKEN, free_port
+
+from clients.telegram.bot import build_bot, build_dispatcher, with_aspect
+from clients.telegram.config import BotSettings
+from clients.telegram.ratelimit import UserRateLimiter
 
 TOKEN = "123456:TEST-fake-token"
 USER = {"id": 4242, "is_bot": False, "first_name": "Fedor", "language_code": "en"}

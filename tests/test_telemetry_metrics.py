@@ -12,10 +12,10 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+from conftest import ADMIN_TOKEN
 from prometheus_client.parser import text_string_to_metric_families
 
 from telemetry.catalog import GENSERVE_METRICS
-from conftest import ADMIN_TOKEN
 
 pytestmark = pytest.mark.ray
 

@@ -23,9 +23,9 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import httpx
 import pytest
+from conftest import free_port, local_config_doc
 from opentelemetry.trace import SpanKind
 
-from conftest import free_port, local_config_doc
 from telemetry import tracing
 from telemetry.config import TelemetryConfig
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -67,7 +67,7 @@ def test_bad_keys_get_401_without_echoing_the_key(setup, case: str) -> None:  # 
         "garbage": "not a key",
         "unknown": "gsk_" + "A" * 43,
         "revoked": good,
-        "expired": tenancy.create_key("acme", expires_at=datetime.now(timezone.utc) - timedelta(seconds=1)).key,
+        "expired": tenancy.create_key("acme", expires_at=datetime.now(UTC) - timedelta(seconds=1)).key,
         "wrong-secret": good[:12] + "B" * (len(good) - 12),
     }[case]
     if case == "revoked":

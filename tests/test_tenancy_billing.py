@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -31,7 +31,7 @@ PRICES = {"per_1k_prompt_tokens": 1.0, "per_1k_completion_tokens": 2.0, "per_ima
 def _record(tenancy, tenant: str, when: str, *, route: str, model: str,  # type: ignore[no-untyped-def]
             status: str = "ok", **usage: float) -> None:
     """One settled request started at `when` (UTC), through the real settle path."""
-    started = datetime.fromisoformat(when).replace(tzinfo=timezone.utc).timestamp()
+    started = datetime.fromisoformat(when).replace(tzinfo=UTC).timestamp()
     ctx = tenancy.authenticate_sync(tenancy._test_keys[tenant])
     grant = Grant(window_start=window_start(started, 60), window_s=60)
     adm = Admission(tenancy, ctx, route, model, grant, None, started)

@@ -7,7 +7,12 @@ from pydantic import ValidationError
 
 from serve_app.errors import APIError
 from serve_app.tenancy import (
-    PlanConfig, TenancyConfig, TenantContext, ensure_model_allowed, ensure_within_plan, visible_models,
+    PlanConfig,
+    TenancyConfig,
+    TenantContext,
+    ensure_model_allowed,
+    ensure_within_plan,
+    visible_models,
 )
 
 

@@ -107,7 +107,7 @@ def test_disconnects_leak_no_slot_hold_or_budget(genserve_url: str, app_work_dir
         async with httpx.AsyncClient(base_url=genserve_url, headers={"Authorization": f"Bearer {key}"},
                                      timeout=60, limits=limits) as client:
             for i in range(0, len(jobs), 2):  # two at a time: what the plan allows
-                for attempt in range(50):
+                for _attempt in range(50):
                     outcomes = await asyncio.gather(*(_abandoned(client, b, h, rng) for b, h in jobs[i:i + 2]))
                     if "429" not in outcomes:  # a previous request's settle may still be landing
                         break

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
 from servers import db_url, postgres_server  # noqa: F401  (fixtures)
+from sqlalchemy import inspect
 
 from serve_app.tenancy.db import downgrade, make_engine, upgrade
 from serve_app.tenancy.models import Base

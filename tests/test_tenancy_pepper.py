@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.tenancy import Tenancy, TenancyConfig
+from serve_app.tenancy import Tenancy, TenancyConfig, store
 from serve_app.tenancy import keys as keylib
-from serve_app.tenancy import store
 from serve_app.tenancy.db import make_engine, upgrade
 
 

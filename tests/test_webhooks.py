@@ -17,8 +17,16 @@ from servers import db_url, free_port, postgres_server  # noqa: F401  (fixtures)
 from serve_app.errors import APIError
 from serve_app.tenancy.db import make_engine, upgrade
 from serve_app.webhooks import (
-    SIGNATURE_HEADER, DeliveryAttempt, DeliveryLog, WebhookConfig, WebhookSender, deliver, sign, signature_header,
-    validate_webhook_url, verify_signature,
+    SIGNATURE_HEADER,
+    DeliveryAttempt,
+    DeliveryLog,
+    WebhookConfig,
+    WebhookSender,
+    deliver,
+    sign,
+    signature_header,
+    validate_webhook_url,
+    verify_signature,
 )
 
 SECRET = b"whsec-test"

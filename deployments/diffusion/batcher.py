@@ -120,7 +120,7 @@ class LazyBatcher(Generic[T, R]):
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return
 
     async def _work(self) -> None:
@@ -147,7 +147,7 @@ class LazyBatcher(Generic[T, R]):
                 continue
             finally:
                 self.running = 0
-            for (_, fut), res in zip(batch, results):
+            for (_, fut), res in zip(batch, results, strict=False):
                 if not fut.done():
                     fut.set_result(res)
 

@@ -10,6 +10,7 @@ compile (or the load from the compile cache) happens before the replica takes tr
 from __future__ import annotations
 
 import math
+
 Bucket = tuple[int, int]  # (width, height)
 
 # SDXL's training aspect-ratio buckets around one megapixel (the sizes it draws best).

@@ -24,7 +24,7 @@ class TaskProgress:
         self._progress: dict[str, tuple[int, int]] = {}
         self._cancelled: set[str] = set()
         # task_id -> (event loop, queue) of a streaming caller waiting for step events.
-        self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[tuple[int, int]]]] = {}
         # Last denoising step each recent task reached (bounded), to show where a cancel stopped it.
         self.last_step: dict[str, int] = {}
         # (step, total) of the last step callback and when it came: step time = gap between steps.
@@ -73,12 +73,12 @@ class TaskProgress:
     def finished(self, task_id: str) -> None:
         self._progress.pop(task_id, None)
 
-    async def stream_steps(self, task_id: str, run: Awaitable[R]) -> AsyncIterator[dict | R]:
+    async def stream_steps(self, task_id: str, run: Awaitable[R]) -> AsyncIterator[dict[str, int] | R]:
         """Step events `{"step", "total"}` of `task_id` while `run` (its generation) is awaited,
         then `run`'s result. Cancelling this generator (the caller went away) marks the task
         cancelled, so its batch group stops at the next step once no one in it still wants the
         image; the orphaned run's outcome is consumed and discarded."""
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
         self._listeners[task_id] = (asyncio.get_running_loop(), queue)
         result = asyncio.ensure_future(run)
         try:

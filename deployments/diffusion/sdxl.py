@@ -19,7 +19,6 @@ from deployments.diffusion.buckets import snap
 from deployments.diffusion.hooks import LiveRows, StopDenoising, take_rows, weighted_sum
 from deployments.diffusion.types import ImageTask
 
-
 # The loop's per-row tensors the step callback may replace (diffusers' `_callback_tensor_inputs`).
 SHRINKABLE = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids")
 

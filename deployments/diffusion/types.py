@@ -8,6 +8,7 @@ Plain dataclasses: they cross process boundaries through Ray's serializer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class ImageTask:
         """What this image costs the replica's batch memory budget."""
         return self.width * self.height / 1e6
 
-    def group_key(self) -> tuple:
+    def group_key(self) -> tuple[Any, ...]:
         """Tasks with equal keys can share one denoising call."""
         return (self.width, self.height, self.steps, float(self.guidance_scale), self.tile)
 
@@ -75,4 +76,4 @@ class ImageResult:
     degraded: bool = False
     degrade_reason: str | None = None
     requested_steps: int | None = None
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -9,7 +9,8 @@ sent the moment it exists (TTFT is what users feel), and only the rest is batche
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Callable, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -56,7 +57,7 @@ async def coalesce(stream: AsyncIterator[T], interval_s: float | Callable[[], fl
                 continue
             try:
                 await asyncio.wait_for(done.wait(), timeout=wait)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
     finally:
         if not reader.done():

@@ -23,7 +23,8 @@ import logging
 import queue
 import threading
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from deployments.llm.sequence import Sequence
 

@@ -32,8 +32,9 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any, Callable
+from typing import Any
 
 logger = logging.getLogger("genserve.llm.core")
 

@@ -17,9 +17,10 @@ replica; the CancelledError closes the engine stream, which aborts the sequence 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from ray import serve
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from deployments.llm.config import LLMModelConfig
 from deployments.llm.types import SamplingParams, TokenDelta
@@ -28,7 +29,7 @@ class LLMEngine(Protocol):
     max_model_len: int
 
     @property
-    def tokenizer(self) -> "PreTrainedTokenizerBase": ...
+    def tokenizer(self) -> PreTrainedTokenizerBase: ...
 
     async def start(self) -> None:
         """Load the model; called once before any generate()."""

@@ -9,8 +9,9 @@ other (tests/test_architecture.py keeps deployments/ free of import cycles).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from deployments.llm.detok import IncrementalDetokenizer
 from deployments.llm.types import FinishReason, SamplingParams, TokenDelta

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from deployments.llm import prompt, share_clock
 from deployments.llm.coalesce import coalesce
 from deployments.llm.config import LLMModelConfig
 from deployments.llm.engine import LLMEngine, engine_for
-from deployments.placement import current_assignment
 from deployments.llm.types import (
     Choice,
     ChoiceDelta,
@@ -31,6 +31,7 @@ from deployments.llm.types import (
     Started,
     StreamItem,
 )
+from deployments.placement import current_assignment
 from telemetry import tracing
 
 

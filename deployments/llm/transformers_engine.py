@@ -29,8 +29,9 @@ import asyncio
 import logging
 import sys
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from deployments.llm.continuous import ContinuousBatcher
 from deployments.llm.core_process import EngineCoreClient, UnsupportedModel
@@ -318,7 +319,7 @@ class TransformersEngine:
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return
 
     def _run_batch(self, batch: list[Sequence]) -> None:
@@ -368,7 +369,7 @@ class _Rows:
         if not self._prompt_seen:  # generate() first puts the prompt
             self._prompt_seen = True
             return
-        for s, tid in zip(self.batch, value.reshape(-1).tolist()):
+        for s, tid in zip(self.batch, value.reshape(-1).tolist(), strict=False):
             s.accept(tid, self.eos_id)
 
     def end(self) -> None:

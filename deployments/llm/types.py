@@ -7,7 +7,7 @@ the ingress imports them without loading any model code.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -133,7 +133,7 @@ class LLMRequestError(ValueError):
         self.param = param
         self.code = code
 
-    def __reduce__(self):  # keyword-only args: pickle through a plain tuple
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:  # keyword-only args: pickle through a plain tuple
         return (_rebuild_error, (self.status, self.message, self.param, self.code))
 
 

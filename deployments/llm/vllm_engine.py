@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from deployments.llm.types import SamplingParams, TokenDelta
 
@@ -94,8 +95,9 @@ class VLLMEngine:
         placement group Serve made for this replica (LLMModelConfig.deployment_options). The engine core
         is a child process, outside the replica's Ray context, so the group is handed over in the config,
         as Ray's LLM server does (ray.llm `_start_async_llm_engine`)."""
-        from deployments.placement import check_multi_gpu_replica
         from vllm.v1.engine.async_llm import AsyncLLM
+
+        from deployments.placement import check_multi_gpu_replica
 
         group = check_multi_gpu_replica(self.num_devices)
         vllm_config = args.create_engine_config()

@@ -121,7 +121,7 @@ class Usage(BaseModel):
     total_tokens: int
 
     @classmethod
-    def of(cls, prompt: int, completion: int) -> "Usage":
+    def of(cls, prompt: int, completion: int) -> Usage:
         return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 

@@ -19,11 +19,16 @@ from serve_app.chat.protocol import (
 )
 from serve_app.errors import is_server_fault
 from serve_app.state import ServicesDep
-from telemetry import metrics
 from serve_app.tenancy import (
-    Admission, CurrentTenant, MeteredStreamingResponse, TenancyDep, TenantContext, ensure_model_allowed,
+    Admission,
+    CurrentTenant,
+    MeteredStreamingResponse,
+    TenancyDep,
+    TenantContext,
+    ensure_model_allowed,
 )
 from serve_app.tenancy.service import settle_when_admitted, status_of
+from telemetry import metrics
 
 router = APIRouter(tags=["chat"])
 

@@ -28,8 +28,13 @@ from serve_app.chat.enhance import SYSTEM_PROMPT, expand_with
 from serve_app.chat.service import LLMTarget
 from serve_app.errors import APIError, bad_request, is_backend_at_capacity, unavailable
 from serve_app.images import qos
-from serve_app.images.protocol import (GenerationInfo, ImageData, ImageGenerationRequest,
-                                       ImageGenerationResponse, PromptRenderRequest)
+from serve_app.images.protocol import (
+    GenerationInfo,
+    ImageData,
+    ImageGenerationRequest,
+    ImageGenerationResponse,
+    PromptRenderRequest,
+)
 from serve_app.images.render import render_image_request
 from serve_app.images.spec import ImageSpec
 from serve_app.storage import StorageError, result_key
@@ -219,7 +224,7 @@ def degradation(results: list[ImageResult]) -> tuple[bool, str | None]:
 def to_response(spec: ImageSpec, results: list[ImageResult], urls: list[str] | None,
                 generation_id: str | None) -> ImageGenerationResponse:
     if urls is not None:
-        data = [ImageData(url=u, revised_prompt=spec.prompt, seed=r.seed) for u, r in zip(urls, results)]
+        data = [ImageData(url=u, revised_prompt=spec.prompt, seed=r.seed) for u, r in zip(urls, results, strict=False)]
     else:
         data = [ImageData(b64_json=base64.b64encode(r.png).decode("ascii"), revised_prompt=spec.prompt,
                           seed=r.seed) for r in results]

@@ -6,15 +6,14 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, and_, func, insert, or_, select, update
 
 from serve_app.jobs.models import ACTIVE, TERMINAL, Job
-from telemetry.metrics import record_job_transition
 from serve_app.tenancy.db import read_tx, write_tx
-
+from telemetry.metrics import record_job_transition
 
 CANCELLED_REASON = "cancelled by the client"
 
@@ -24,7 +23,7 @@ def new_job_id() -> str:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,12 @@ from fastapi import APIRouter, Depends, Query
 
 from serve_app.library.generations import UrlMaker
 from serve_app.library.protocol import (
-    GenerationList, GenerationOut, RatingIn, TemplateCreate, TemplateList, TemplateOut,
+    GenerationList,
+    GenerationOut,
+    RatingIn,
+    TemplateCreate,
+    TemplateList,
+    TemplateOut,
 )
 from serve_app.library.service import Library
 from serve_app.library.templates import MAX_PAGE

@@ -3,7 +3,14 @@ resolve once, refuse non-public addresses (incl. IPv6 forms embedding one), conn
 checked addresses, cap size and time. See guard.py."""
 
 from serve_app.netguard.guard import (
-    GuardedResponse, Resolver, ResponseTooLarge, Target, URLRefused, UrlGuard, parse_url, system_resolver,
+    GuardedResponse,
+    Resolver,
+    ResponseTooLarge,
+    Target,
+    UrlGuard,
+    URLRefused,
+    parse_url,
+    system_resolver,
 )
 from serve_app.netguard.policy import IP, AddressPolicy, refusal_reason
 from serve_app.netguard.transport import PinnedBackend, PinnedTransport

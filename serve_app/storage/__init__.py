@@ -11,7 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from serve_app.storage.base import (
-    InvalidKeyError, ResultStore, StorageError, new_result_id, result_key, validate_key,
+    InvalidKeyError,
+    ResultStore,
+    StorageError,
+    new_result_id,
+    result_key,
+    validate_key,
 )
 from serve_app.storage.config import LocalStorageConfig, S3StorageConfig, StorageConfig
 from serve_app.storage.local import LocalResultStore

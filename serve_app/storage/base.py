@@ -8,7 +8,7 @@ import secrets
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import anyio
@@ -59,7 +59,7 @@ def new_result_id() -> str:
 def result_key(tenant: str | int, result_id: str | None = None, *, when: datetime | None = None,
                ext: str = "png") -> str:
     """`{tenant}/{yyyy}/{mm}/{dd}/{id}.{ext}` (UTC date), validated."""
-    when = when or datetime.now(timezone.utc)
+    when = when or datetime.now(UTC)
     rid = result_id or new_result_id()
     return validate_key(f"{tenant}/{when:%Y}/{when:%m}/{when:%d}/{rid}.{ext}")
 

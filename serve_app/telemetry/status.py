@@ -110,7 +110,7 @@ def render(report: AppReport) -> str:
              num(d.ongoing), num(d.queued), "ok" if d.healthy else "UNHEALTHY") for d in report.deployments]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [f"application {report.app}: {report.status} ({'healthy' if report.healthy else 'UNHEALTHY'})", ""]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in [header, *rows]]
     for d in report.deployments:
         if not d.healthy and d.message:
             lines.append(f"  {d.name}: {d.message}")

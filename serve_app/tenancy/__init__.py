@@ -5,8 +5,15 @@ The ingress builds one `Tenancy` per replica (`services.tenancy`), protects rout
 """
 
 from serve_app.tenancy.auth import (
-    CurrentTenant, TenancyDep, api_key_from, authenticate, ensure_model_allowed,
-    ensure_within_plan, get_tenancy, require_admin, visible_models,
+    CurrentTenant,
+    TenancyDep,
+    api_key_from,
+    authenticate,
+    ensure_model_allowed,
+    ensure_within_plan,
+    get_tenancy,
+    require_admin,
+    visible_models,
 )
 from serve_app.tenancy.bootstrap import ensure_local_tenant
 from serve_app.tenancy.config import LocalTenantConfig, PlanConfig, PricesConfig, TenancyConfig

@@ -11,9 +11,10 @@ from fastapi import Depends, Request
 
 from serve_app.errors import APIError, bad_request
 from serve_app.state import ServicesDep
+from serve_app.tenancy.service import Tenancy, TenantContext
 from telemetry import metrics
 from telemetry.context import annotate, phase
-from serve_app.tenancy.service import Tenancy, TenantContext
+
 
 async def get_tenancy(services: ServicesDep) -> Tenancy:
     if services.tenancy is None:

@@ -16,7 +16,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
@@ -93,7 +93,7 @@ def build(engine: Engine, gpu_cost: GpuCostConfig, tenant: str, month: str, *, t
             "images": int(images or 0), "gpu_seconds": str((Decimal(gpu_us) / 1_000_000).quantize(MICRO)),
             "amount_usd": str(_usd(int(micros or 0))), "gpu_cost_usd": str(_gpu_cost(gpu_us, rate)),
         })
-    today = today or datetime.now(timezone.utc).date()
+    today = today or datetime.now(UTC).date()
     doc = {
         "object": "billing.statement",
         "tenant": t.name,

@@ -9,7 +9,7 @@ makes a double settle (or a settle racing the stale-hold sweeper) harmless.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import Connection, delete, select, update
 
@@ -24,7 +24,7 @@ class OverBudget(Exception):
 
 
 def period_of(now: float) -> str:
-    return datetime.fromtimestamp(now, tz=timezone.utc).strftime("%Y-%m")
+    return datetime.fromtimestamp(now, tz=UTC).strftime("%Y-%m")
 
 
 def reserve(conn: Connection, tenant_id: int, amount_micros: int, budget_micros: int, *,

@@ -10,7 +10,7 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +114,7 @@ def keys() -> None: ...
 @_common
 def keys_create(tenant: str, label: str | None, expires_in_days: float | None, config_path: str | None,
                 database_url: str | None, app_name: str | None) -> None:
-    expires = datetime.now(timezone.utc) + timedelta(days=expires_in_days) if expires_in_days else None
+    expires = datetime.now(UTC) + timedelta(days=expires_in_days) if expires_in_days else None
     with _tenancy(config_path, database_url, app_name) as t:
         created = t.create_key(tenant, label=label, expires_at=expires)
     click.echo(f"created key {created.prefix}... for tenant {created.tenant} (expires: {_dt(created.expires_at)})")

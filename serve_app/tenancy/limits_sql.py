@@ -13,9 +13,9 @@ from collections import Counter
 
 from sqlalchemy import Connection, case, delete, select, update
 
-from serve_app.tenancy.statements import statement
 from serve_app.tenancy.limits import Grant, Need, Rejected, window_start
 from serve_app.tenancy.models import InFlight, InFlightLease, RateCounter
+from serve_app.tenancy.statements import statement
 
 
 def acquire(conn: Connection, tenant_id: int, needs: list[Need], concurrency: int | None, *,

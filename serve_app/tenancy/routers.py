@@ -3,7 +3,7 @@ Thin: each route validates, calls the Tenancy facade in a worker thread, returns
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 from anyio import to_thread
 from fastapi import APIRouter, Query
@@ -11,7 +11,14 @@ from fastapi import APIRouter, Query
 from serve_app.errors import APIError, not_found
 from serve_app.tenancy.auth import AdminDep, CurrentTenant, TenancyDep
 from serve_app.tenancy.protocol import (
-    CreatedKey, KeyCreate, KeyInfo, TenantCreate, TenantInfo, TenantUpdate, UsageReport, UsageSummary,
+    CreatedKey,
+    KeyCreate,
+    KeyInfo,
+    TenantCreate,
+    TenantInfo,
+    TenantUpdate,
+    UsageReport,
+    UsageSummary,
 )
 
 admin_router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
@@ -45,7 +52,7 @@ async def create_key(name: str, body: KeyCreate, tenancy: TenancyDep) -> Created
                        code="invalid_value")
     expires = body.expires_at
     if body.expires_in_days is not None:
-        expires = datetime.now(timezone.utc) + timedelta(days=body.expires_in_days)
+        expires = datetime.now(UTC) + timedelta(days=body.expires_in_days)
     return await to_thread.run_sync(lambda: tenancy.create_key(name, label=body.label, expires_at=expires))
 
 

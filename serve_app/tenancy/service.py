@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn, TypeVar
@@ -32,11 +32,9 @@ import anyio
 from sqlalchemy import select
 
 from serve_app.errors import APIError, is_server_fault
-from telemetry import metrics as telemetry_metrics
-from telemetry.context import annotate, phase
 from serve_app.tenancy import budget as budgetlib
-from serve_app.tenancy import keys as keylib
 from serve_app.tenancy import costing, limits_sql, store
+from serve_app.tenancy import keys as keylib
 from serve_app.tenancy.config import PlanConfig, TenancyConfig
 from serve_app.tenancy.db import make_engine, read_tx, upgrade, write_tx
 from serve_app.tenancy.leases import LeaseKeeper
@@ -45,11 +43,19 @@ from serve_app.tenancy.limits_redis import RedisLimiter
 from serve_app.tenancy.models import ApiKey, Tenant
 from serve_app.tenancy.overlap import OverlapGuard
 from serve_app.tenancy.pepper import resolve_pepper
-from serve_app.tenancy.statements import statement
 from serve_app.tenancy.pricing import cost_micros, estimate_micros, usd
 from serve_app.tenancy.protocol import (
-    BudgetStatus, CreatedKey, KeyInfo, TenantInfo, UsageReport, UsageSummary, UsageTotals,
+    BudgetStatus,
+    CreatedKey,
+    KeyInfo,
+    TenantInfo,
+    UsageReport,
+    UsageSummary,
+    UsageTotals,
 )
+from serve_app.tenancy.statements import statement
+from telemetry import metrics as telemetry_metrics
+from telemetry.context import annotate, phase
 
 logger = logging.getLogger("genserve.tenancy")
 
@@ -297,7 +303,7 @@ class Tenancy:
         if not keylib.verify(key, stored, self._pepper) or row is None or row.revoked_at is not None:
             raise _unauthorized(INVALID_KEY)  # same answer for unknown and revoked: nothing leaks
         expires = store._aware(row.expires_at)
-        if expires is not None and expires <= datetime.now(timezone.utc):
+        if expires is not None and expires <= datetime.now(UTC):
             raise _unauthorized("API key expired.", code="api_key_expired")
         plan = self.config.plan(row.plan)
         if plan is None:
@@ -362,7 +368,6 @@ class Tenancy:
             needs.append(Need("tokens", est_tokens, plan.tokens_per_minute))
         if images > 0 and plan.images_per_minute is not None:
             needs.append(Need("images", images, plan.images_per_minute))
-        budget = plan.monthly_budget_usd
         est = estimate_micros(self.config.prices, tokens=est_tokens, images=images, gpu_seconds=est_gpu_seconds)
         try:
             grant, hold = self._acquire(ctx, needs, est, now, concurrency)
@@ -474,7 +479,7 @@ class Tenancy:
             completion_tokens=adm.completion_tokens, gpu_seconds=adm.gpu_seconds, billed_usd=usd(cost),
             gpu_cost_usd=costing.gpu_cost_usd(self.config.gpu_cost, adm.model, adm.gpu_seconds))
         now = time.time()
-        day = datetime.fromtimestamp(adm.started, tz=timezone.utc).date()
+        day = datetime.fromtimestamp(adm.started, tz=UTC).date()
         for attempt in range(3):
             try:
                 with write_tx(self.engine) as conn:
@@ -499,7 +504,7 @@ class Tenancy:
         values = dict(prompt_tokens=adm.prompt_tokens, completion_tokens=adm.completion_tokens, images=adm.images,
                       gpu_seconds=adm.gpu_seconds, cost_micros=cost)
         conn.execute(statement(conn, "usage_event"), {
-            "tenant_id": adm.ctx.tenant_id, "day": day, "created_at": datetime.now(timezone.utc), "route": adm.route,
+            "tenant_id": adm.ctx.tenant_id, "day": day, "created_at": datetime.now(UTC), "route": adm.route,
             "model": adm.model, "status": adm.status, **values})
         conn.execute(statement(conn, "usage_daily"),
                      {"t": adm.ctx.tenant_id, "u_day": day, **{f"u_{k}": v for k, v in values.items()}})
@@ -547,12 +552,12 @@ class Tenancy:
 
     # ---- usage ------------------------------------------------------------------------------
     def usage(self, tenant: str, since: date | None = None, until: date | None = None) -> UsageReport:
-        today = datetime.now(timezone.utc).date()
+        today = datetime.now(UTC).date()
         return store.usage_report(self.engine, tenant, since or store.month_start(today), until or today,
                                   self.config.gpu_cost)
 
     def usage_summary(self, ctx: TenantContext) -> UsageSummary:
-        today = datetime.now(timezone.utc).date()
+        today = datetime.now(UTC).date()
         report = self.usage(ctx.tenant, store.month_start(today), today)
         day = next((d for d in report.days if d.day == today), None)
         period = budgetlib.period_of(time.time())

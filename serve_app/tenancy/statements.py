@@ -16,7 +16,13 @@ from sqlalchemy import Connection, bindparam, case, delete, insert, update
 
 from serve_app.tenancy.db import insert_for
 from serve_app.tenancy.models import (
-    BudgetHold, BudgetPeriod, InFlight, InFlightLease, RateCounter, UsageDaily, UsageEvent,
+    BudgetHold,
+    BudgetPeriod,
+    InFlight,
+    InFlightLease,
+    RateCounter,
+    UsageDaily,
+    UsageEvent,
 )
 
 _USAGE = ("prompt_tokens", "completion_tokens", "images", "gpu_seconds", "cost_micros")

@@ -2,28 +2,34 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any, overload
 
 from sqlalchemy import Connection, Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from serve_app.errors import APIError, bad_request, not_found
-from serve_app.tenancy import keys as keylib
 from serve_app.tenancy import costing
+from serve_app.tenancy import keys as keylib
 from serve_app.tenancy.config import GpuCostConfig, TenancyConfig
 from serve_app.tenancy.db import read_tx, write_tx
 from serve_app.tenancy.models import ApiKey, BudgetPeriod, Tenant, UsageDaily, UsageEvent
 from serve_app.tenancy.pricing import usd
 from serve_app.tenancy.protocol import (
-    CreatedKey, KeyInfo, ModelUsage, TenantInfo, UsageDay, UsageReport, UsageTotals,
+    CreatedKey,
+    KeyInfo,
+    ModelUsage,
+    TenantInfo,
+    UsageDay,
+    UsageReport,
+    UsageTotals,
 )
 
 T, K = Tenant.__table__, ApiKey.__table__  # Core tables: rows, not ORM objects
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 @overload
@@ -36,7 +42,7 @@ def _aware(dt: None) -> None: ...
 
 def _aware(dt: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes; everything stored is UTC.
-    return dt.replace(tzinfo=timezone.utc) if dt is not None and dt.tzinfo is None else dt
+    return dt.replace(tzinfo=UTC) if dt is not None and dt.tzinfo is None else dt
 
 
 def _tenant_info(t: Any) -> TenantInfo:
@@ -97,7 +103,7 @@ def set_plan(engine: Engine, config: TenancyConfig, name: str, plan: str) -> Ten
 def create_key(engine: Engine, pepper: str, tenant: str, *, label: str | None = None,
                expires_at: datetime | None = None) -> CreatedKey:
     if expires_at is not None and expires_at.tzinfo is None:
-        expires_at = expires_at.replace(tzinfo=timezone.utc)
+        expires_at = expires_at.replace(tzinfo=UTC)
     for _ in range(5):  # a prefix collision (48 random bits) is retried with a fresh key
         key = keylib.new_key()
         try:

@@ -19,13 +19,13 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
 import httpx
 
-from serve_app.netguard import URLRefused, UrlGuard
+from serve_app.netguard import UrlGuard, URLRefused
 from serve_app.webhooks.signing import SIGNATURE_HEADER, signature_header
 from serve_app.webhooks.urls import webhook_guard
 
@@ -83,7 +83,7 @@ async def deliver(url: str, payload: dict[str, Any], *, secret: bytes | str, att
     guard = guard or webhook_guard(allow_private=allow_private, allow_hosts=allow_hosts)
     for n in range(1, attempts + 1):
         t0, status, error, final = time.monotonic(), None, None, False
-        created = datetime.now(timezone.utc)
+        created = datetime.now(UTC)
         try:
             headers = {"Content-Type": "application/json", "User-Agent": "genserve-webhooks/1",
                        SIGNATURE_HEADER: signature_header(body, key), "X-Genserve-Delivery": did,

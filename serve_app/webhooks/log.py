@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import anyio
 from sqlalchemy import Engine, insert, select
@@ -39,4 +39,4 @@ class DeliveryLog:
 
 
 def _aware(dt: datetime) -> datetime:
-    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt  # SQLite returns naive UTC
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt  # SQLite returns naive UTC

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from serve_app.errors import APIError, bad_request
-from serve_app.netguard import AddressPolicy, Resolver, URLRefused, UrlGuard
+from serve_app.netguard import AddressPolicy, Resolver, UrlGuard, URLRefused
 
 
 def webhook_guard(*, allow_private: bool = False, allow_hosts: Sequence[str] = (),

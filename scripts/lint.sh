@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Lint gate of `make test` (settings in pyproject.toml): ruff on every Python file, mypy --strict on
+# the model-side contracts (the typed configs, request/result types, rules and the small shared
+# modules the ingress and the replicas both rely on). Add a module to STRICT once it passes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+STRICT=(
+  deployments/placement.py
+  deployments/diffusion/config.py deployments/diffusion/rules.py deployments/diffusion/types.py
+  deployments/diffusion/buckets.py deployments/diffusion/progress.py
+  deployments/llm/config.py deployments/llm/types.py deployments/llm/sequence.py
+  deployments/llm/share_clock.py deployments/llm/coalesce.py
+)
+"$PY" -m ruff check .
+# follow-imports=silent: judge these files strictly, not everything they import.
+"$PY" -m mypy --strict --follow-imports=silent "${STRICT[@]}"
