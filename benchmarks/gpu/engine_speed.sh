@@ -3,12 +3,15 @@
 # benchmarks/engine_speed.py. .gpuwhl/ is never committed (untracked files travel with a device
 # call; if you git-ignore it, pass carry: [".gpuwhl"]); make it with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 -d .gpuwhl diffusers==0.42.1 importlib_metadata torchao==0.18.0
+#     --platform manylinux_2_28_x86_64 -d .gpuwhl diffusers==0.42.1 importlib_metadata torchao==0.18.0 \
+#     pydantic==2.13.5 pydantic_core==2.46.5 annotated_types typing_inspection typing_extensions
 #   usage: bash benchmarks/gpu/engine_speed.sh NAME [engine_speed args...]   (writes $OUT/NAME.json)
 set -uo pipefail
 name=$1; shift
 echo "host torchao: $(python3 -c 'import torchao; print(torchao.__version__)' 2>&1 | tail -1)"
-whl=(.gpuwhl/diffusers-*.whl .gpuwhl/importlib_metadata-*.whl)
+# pydantic (+ its core and helpers) for the typed configs: the host has none.
+whl=(.gpuwhl/diffusers-*.whl .gpuwhl/importlib_metadata-*.whl .gpuwhl/pydantic-*.whl .gpuwhl/pydantic_core-*.whl
+     .gpuwhl/annotated_types-*.whl .gpuwhl/typing_inspection-*.whl .gpuwhl/typing_extensions-*.whl)
 python3 -c 'import torchao' 2>/dev/null || whl+=(.gpuwhl/torchao-*.whl)
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${whl[@]}" 2>&1 | tail -2
 export PYTHONPATH=/tmp/site:$PWD GENSERVE_WORK=/tmp/gw
