@@ -10,7 +10,7 @@ with that model's `DiffusionModelConfig` (deployments/diffusion/config.py) and i
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
@@ -46,7 +46,7 @@ class DiffusionDeployment:
     async def generate(self, task: ImageTask) -> ImageResult:
         return await self.server.generate(task)
 
-    async def generate_stream(self, task: ImageTask) -> AsyncIterator[dict | ImageResult]:
+    async def generate_stream(self, task: ImageTask) -> AsyncGenerator[dict | ImageResult, None]:
         """Called with `handle.options(stream=True)`; Serve cancels it when the caller goes away."""
         async with aclosing(self.server.generate_stream(task)) as events:
             async for event in events:

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
@@ -135,7 +135,7 @@ class DiffusionServer:
                 result.degraded, result.degrade_reason = True, REASON_LOAD
             return result
 
-    async def generate_stream(self, task: ImageTask) -> AsyncIterator[dict | ImageResult]:
+    async def generate_stream(self, task: ImageTask) -> AsyncGenerator[dict | ImageResult, None]:
         """Step events `{"step", "total"}` while the image denoises, then the `ImageResult`. If the
         caller goes away (a cancelled job, a dead ingress), the task is cancelled (progress.py)."""
         if task.task_id is None:
