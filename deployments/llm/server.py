@@ -86,7 +86,7 @@ class LLMServer:
                             share.leave()  # the last delta carries the final figure
                         yield ChoiceDelta(0, d.text, len(d.token_ids), d.finish_reason, share.gpu_seconds())
                 return
-            queue: asyncio.Queue = asyncio.Queue()
+            queue: asyncio.Queue[ChoiceDelta | BaseException] = asyncio.Queue()
 
             async def pump(i: int, sp: SamplingParams) -> None:
                 try:
