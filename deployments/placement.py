@@ -41,7 +41,7 @@ def current_assignment() -> Assignment:
         return Assignment(cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
     ctx = ray.get_runtime_context()
     return Assignment(node_id=ctx.get_node_id(), gpu_ids=list(ctx.get_accelerator_ids().get("GPU", [])),
-                      gpu_share=float(ctx.get_assigned_resources().get("GPU", 0.0)),  # type: ignore[no-untyped-call]
+                      gpu_share=float(ctx.get_assigned_resources().get("GPU", 0.0)),  # type: ignore[no-untyped-call, unused-ignore]  # Ray is untyped; used under --strict only
                       cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), actor_id=ctx.get_actor_id())
 
 

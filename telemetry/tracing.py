@@ -75,6 +75,7 @@ def configure_tracing(config: TelemetryConfig | None, *, component: str, exporte
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
+            assert cfg.otlp_endpoint is not None  # no exporter and no endpoint returned above
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=traces_url(cfg.otlp_endpoint))))
         old = _state.provider
         _state.provider, _state.tracer = provider, provider.get_tracer("genserve")

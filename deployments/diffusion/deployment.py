@@ -10,7 +10,7 @@ with that model's `DiffusionModelConfig` (deployments/diffusion/config.py) and i
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
@@ -46,7 +46,7 @@ class DiffusionDeployment:
     async def generate(self, task: ImageTask) -> ImageResult:
         return await self.server.generate(task)
 
-    async def generate_stream(self, task: ImageTask) -> AsyncIterator[dict | ImageResult]:
+    async def generate_stream(self, task: ImageTask) -> AsyncGenerator[dict[str, int] | ImageResult, None]:
         """Called with `handle.options(stream=True)`; Serve cancels it when the caller goes away."""
         async with aclosing(self.server.generate_stream(task)) as events:
             async for event in events:
@@ -61,7 +61,7 @@ class DiffusionDeployment:
     async def cancel(self, task_id: str) -> None:
         self.server.cancel(task_id)
 
-    async def stats(self) -> dict:
+    async def stats(self) -> dict[str, Any]:
         return self.server.stats()
 
     def check_health(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from diffusers.utils import BaseOutput
@@ -75,11 +75,12 @@ def weighted_sum(parts: Sequence[tuple[float, tuple[torch.Tensor, ...]]]) -> tup
 @contextmanager
 def circular_padding(modules: Sequence[torch.nn.Module], enabled: bool) -> Iterator[None]:
     """Seamless tiling: padded convs wrap around the image edges, restored on exit."""
-    saved: list[tuple[torch.nn.Conv2d, str]] = []
+    saved: list[tuple[torch.nn.Conv2d, Literal["zeros", "reflect", "replicate", "circular"]]] = []
     if enabled:
         for module in modules:
             for conv in module.modules():
-                if isinstance(conv, torch.nn.Conv2d) and any(p > 0 for p in conv.padding):
+                if isinstance(conv, torch.nn.Conv2d) and not isinstance(conv.padding, str) \
+                        and any(p > 0 for p in conv.padding):  # str: "same"/"valid", pads nothing to wrap
                     saved.append((conv, conv.padding_mode))
                     conv.padding_mode = "circular"
     try:
@@ -137,6 +138,7 @@ def per_task_calls(module: torch.nn.Module, method: str, n_tasks: int | Callable
         groups = [[i] if n == n_tasks else [i, n_tasks + i] for i in range(n_tasks)]
         outs = [original(*_take(args, g, n), **_take(kwargs, g, n)) for g in groups]
         order = torch.argsort(torch.tensor([i for g in groups for i in g]))
+        assert first is not None  # n matched n_tasks (>= 1 task) or twice it, so a batch tensor was passed
         return _merge(outs, order.to(first.device))
 
     setattr(module, method, per_task)  # instance attribute shadows the class's method

@@ -23,7 +23,8 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 DEVICES = ("cpu", "cuda")
-_PIPELINE_CLASSES: dict[str, type] = {
+# type[Any]: mypy resolves diffusers' lazy exports to its dummy placeholder classes (no from_pretrained).
+_PIPELINE_CLASSES: dict[str, type[Any]] = {
     "sdxl": StableDiffusionXLPipeline,
     "wuerstchen": wuerstchen.WuerstchenCombinedPipeline,
 }

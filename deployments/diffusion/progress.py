@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from typing import TypeVar
 
 from telemetry import metrics
@@ -73,7 +73,7 @@ class TaskProgress:
     def finished(self, task_id: str) -> None:
         self._progress.pop(task_id, None)
 
-    async def stream_steps(self, task_id: str, run: Awaitable[R]) -> AsyncIterator[dict[str, int] | R]:
+    async def stream_steps(self, task_id: str, run: Awaitable[R]) -> AsyncGenerator[dict[str, int] | R, None]:
         """Step events `{"step", "total"}` of `task_id` while `run` (its generation) is awaited,
         then `run`'s result. Cancelling this generator (the caller went away) marks the task
         cancelled, so its batch group stops at the next step once no one in it still wants the

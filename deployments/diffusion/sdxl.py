@@ -118,6 +118,7 @@ def run(
             pipe._interrupt = True
             raise_after[0] = True
         elif shrinkable:
+            assert rows is not None  # shrinkable implies it
             n = len(rows)
             keep = rows.leaving()
             if keep is not None:

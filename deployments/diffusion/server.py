@@ -15,7 +15,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
@@ -62,7 +62,7 @@ class DiffusionServer:
                                    priority_of=lambda item: item[0].priority, aging_s=self.batching.priority_aging_s,
                                    cost_of=lambda item: item[0].megapixels)
         self.batcher.set_max_batch_cost(self.batching.max_batch_megapixels)
-        self.memory_probe: dict | None = None
+        self.memory_probe: dict[str, Any] | None = None
         self._probed: tuple[int, float] | None = None  # (max_batch_size, megapixels) proven to fit
 
     # -- batching ---------------------------------------------------------------------------
@@ -135,7 +135,7 @@ class DiffusionServer:
                 result.degraded, result.degrade_reason = True, REASON_LOAD
             return result
 
-    async def generate_stream(self, task: ImageTask) -> AsyncIterator[dict | ImageResult]:
+    async def generate_stream(self, task: ImageTask) -> AsyncGenerator[dict[str, int] | ImageResult, None]:
         """Step events `{"step", "total"}` while the image denoises, then the `ImageResult`. If the
         caller goes away (a cancelled job, a dead ingress), the task is cancelled (progress.py)."""
         if task.task_id is None:
@@ -153,13 +153,13 @@ class DiffusionServer:
         """Raises once the engine is unusable (a CUDA OOM or other CUDA failure broke it)."""
         self.engine.health()
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         import ray
 
         ctx = ray.get_runtime_context()
         b = self.batching
         return {"model": self.name, "device": self.device, "gpu_share": self.gpu_share, "placement": self.placement.as_dict(),
-                "assigned_resources": ctx.get_assigned_resources(),
+                "assigned_resources": ctx.get_assigned_resources(),  # type: ignore[no-untyped-call, unused-ignore]
                 "gpu_ids": ctx.get_accelerator_ids().get("GPU", []),
                 **self.runner.stats(), "load_s": self.load_s, "memory_probe": self.memory_probe,
                 "max_batch_size": b.max_batch_size, "batch_wait_timeout_s": b.batch_wait_timeout_s,

@@ -13,6 +13,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -44,13 +45,15 @@ WUERSTCHEN_NATIVE_PX = 128
 TEXT_HIDDEN = 32
 
 
-def _text_config(**overrides: object) -> CLIPTextConfig:
+def _text_config(**overrides: Any) -> CLIPTextConfig:
     ids = build_byte_clip_tokenizer()
+    bos, eos = ids.convert_tokens_to_ids(BOS), ids.convert_tokens_to_ids(EOS)
+    assert isinstance(bos, int) and isinstance(eos, int)  # one token in, one id out
     return CLIPTextConfig(
         vocab_size=VOCAB_SIZE,
-        bos_token_id=ids.convert_tokens_to_ids(BOS),
-        eos_token_id=ids.convert_tokens_to_ids(EOS),
-        pad_token_id=ids.convert_tokens_to_ids(EOS),
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
         hidden_size=TEXT_HIDDEN,
         intermediate_size=37,
         num_attention_heads=4,
@@ -108,12 +111,13 @@ def tiny_sdxl_pipeline() -> StableDiffusionXLPipeline:
     torch.manual_seed(0)
     text_encoder_2 = CLIPTextModelWithProjection(_text_config()).eval()
     return StableDiffusionXLPipeline(
-        vae=vae.eval(),
+        # mypy sees diffusers' dummy placeholder classes (its lazy __init__), not the nn.Module ones.
+        vae=vae.eval(),  # type: ignore[attr-defined]
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
         tokenizer=build_byte_clip_tokenizer(),
         tokenizer_2=build_byte_clip_tokenizer(pad_token="!"),  # SDXL's second tokenizer pads with "!"
-        unet=unet.eval(),
+        unet=unet.eval(),  # type: ignore[attr-defined]
         scheduler=scheduler,
     )
 

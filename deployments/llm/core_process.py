@@ -113,6 +113,7 @@ class EngineCoreClient:
     async def stop(self, timeout_s: float = 30.0) -> None:
         if self._proc is None:
             return
+        assert self._conn is not None  # start() opens it right after the process
         if self.exited is None:
             try:
                 self._conn.send(("stop",))
@@ -199,9 +200,9 @@ def _serve(conn: Connection) -> None:
                 live[rid] = seq
                 batcher.submit(seq)
             elif msg[0] == "abort":
-                seq = live.get(msg[1])
-                if seq is not None:
-                    seq.aborted = True  # the model thread ends it at its next step
+                aborting = live.get(msg[1])
+                if aborting is not None:
+                    aborting.aborted = True  # the model thread ends it at its next step
             elif msg[0] == "stop":
                 break
     except EOFError:  # the replica is gone

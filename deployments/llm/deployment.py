@@ -17,7 +17,7 @@ replica; the CancelledError closes the engine stream, which aborts the sequence 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -34,13 +34,15 @@ from telemetry import TelemetryConfig, setup_telemetry
 class LLMDeployment:
     """`LLMDeployment.options(name=cfg.deployment_name).bind(cfg, work_dir=..., telemetry=...)`."""
 
-    async def __init__(self, config: LLMModelConfig, *, work_dir: str | Path | None = None,
+    # Ray Serve awaits an async __init__ (the model loads before the replica takes traffic);
+    # mypy only knows plain constructors.
+    async def __init__(self, config: LLMModelConfig, *, work_dir: str | Path | None = None,  # type: ignore[misc]
                        telemetry: TelemetryConfig | None = None) -> None:
         setup_telemetry(telemetry, component=config.deployment_name)
         self.server = LLMServer(config, work_dir=work_dir)
         await self.server.start()
 
-    async def generate_stream(self, req: GenerationRequest) -> AsyncIterator[list[StreamItem]]:
+    async def generate_stream(self, req: GenerationRequest) -> AsyncGenerator[list[StreamItem], None]:
         async with aclosing(self.server.generate_stream(req)) as messages:
             async for message in messages:
                 yield message

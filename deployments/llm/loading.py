@@ -21,4 +21,5 @@ def load_model(path: str, *, dtype: str, device: str, max_model_len: int) -> tup
     if limit and max_model_len > limit:
         raise ValueError(f"max_model_len ({max_model_len}) exceeds the model's "
                          f"max_position_embeddings ({limit}) for {path!r}")
-    return model.to(device).eval(), tokenizer
+    # transformers types `to` through a decorator that loses `self`: mypy takes `device` for the model.
+    return model.to(device).eval(), tokenizer  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,7 @@ class LLMServer:
 
     # -- generation -----------------------------------------------------------------------
 
-    async def stream(self, req: GenerationRequest) -> AsyncIterator[StreamItem]:
+    async def stream(self, req: GenerationRequest) -> AsyncGenerator[StreamItem, None]:
         """Started, then ChoiceDeltas of all n choices as they come (each ends with a finish_reason).
         Each delta carries the request's GPU-seconds so far (share_clock.py); the last one the total."""
         ids = self.prompt_token_ids(req)
@@ -86,7 +86,7 @@ class LLMServer:
                             share.leave()  # the last delta carries the final figure
                         yield ChoiceDelta(0, d.text, len(d.token_ids), d.finish_reason, share.gpu_seconds())
                 return
-            queue: asyncio.Queue = asyncio.Queue()
+            queue: asyncio.Queue[ChoiceDelta | BaseException] = asyncio.Queue()
 
             async def pump(i: int, sp: SamplingParams) -> None:
                 try:
@@ -141,7 +141,7 @@ class LLMServer:
 
     # -- what the deployment's handle calls run -------------------------------------------
 
-    async def generate_stream(self, req: GenerationRequest) -> AsyncIterator[list[StreamItem]]:
+    async def generate_stream(self, req: GenerationRequest) -> AsyncGenerator[list[StreamItem], None]:
         """`stream` as Serve stream messages (lists of items), traced. When the caller's request
         is cancelled (client disconnect), the CancelledError closes `stream`, which aborts the
         sequences in the engine."""
@@ -202,7 +202,7 @@ class LLMServer:
             out["recent_batch_sizes"] = list(self.engine.batch_sizes)[-32:]
         if hasattr(self.engine, "scheduler"):
             out["scheduler"] = self.engine.scheduler
-            out["engine_process"] = self.engine.engine_process
+            out["engine_process"] = getattr(self.engine, "engine_process", None)  # the transformers engine's
         out["placement"] = current_assignment().as_dict()
         return out
 

@@ -96,7 +96,7 @@ def replica_gpus() -> float:
         import ray
 
         if ray.is_initialized():
-            gpus = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))  # type: ignore[no-untyped-call]
+            gpus = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))  # type: ignore[no-untyped-call, unused-ignore]  # Ray is untyped; used under --strict only
             if gpus > 0:
                 return gpus
     except Exception:  # noqa: BLE001 - the driver or an old Ray: fall back to the CPU figure

@@ -29,7 +29,7 @@ import asyncio
 import logging
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -45,7 +45,11 @@ logger = logging.getLogger("genserve.llm.transformers")
 
 def queue_sink(loop: asyncio.AbstractEventLoop, q: asyncio.Queue) -> Callable[[Any], None]:
     """A sink the model thread can call: the item lands in `q` on `loop`'s thread."""
-    return lambda item: loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def sink(item: Any) -> None:
+        loop.call_soon_threadsafe(q.put_nowait, item)
+
+    return sink
 
 
 class TransformersEngine:
@@ -163,7 +167,7 @@ class TransformersEngine:
             q.put_nowait(RuntimeError(why))
 
     async def _generate_in_core(self, request_id: str, prompt_token_ids: list[int],
-                                sampling: SamplingParams) -> AsyncIterator[TokenDelta]:
+                                sampling: SamplingParams) -> AsyncGenerator[TokenDelta, None]:
         assert self._core is not None
         deltas: asyncio.Queue = asyncio.Queue()
         self._remote[request_id] = deltas
@@ -190,7 +194,7 @@ class TransformersEngine:
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
-    ) -> AsyncIterator[TokenDelta]:
+    ) -> AsyncGenerator[TokenDelta, None]:
         if self._core is not None:
             if self._failure is not None:
                 raise RuntimeError(f"transformers engine failed: {self._failure!r}")
@@ -204,10 +208,10 @@ class TransformersEngine:
         failure = self._failure or (self._continuous.failure if self._continuous is not None else None)
         if failure is not None:
             raise RuntimeError(f"transformers engine failed: {failure!r}")
-        deltas: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue = asyncio.Queue()
         seq = Sequence(request_id, list(prompt_token_ids), sampling,
                    IncrementalDetokenizer(self._tokenizer, sampling.stop),
-                   queue_sink(asyncio.get_running_loop(), deltas),
+                   queue_sink(asyncio.get_running_loop(), queue),
                    generator=new_generator(self._model.device, sampling.seed))
         self._live[request_id] = seq
         if self._continuous is not None:
@@ -217,7 +221,7 @@ class TransformersEngine:
             self._wake.set()
         try:
             while True:
-                delta = await deltas.get()
+                delta = await queue.get()
                 if isinstance(delta, BaseException):
                     raise RuntimeError(f"generation failed for {request_id!r}") from delta
                 yield delta

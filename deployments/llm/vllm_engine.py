@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from deployments.llm.types import SamplingParams, TokenDelta
+from deployments.llm.types import FinishReason, SamplingParams, TokenDelta
 
 logger = logging.getLogger("genserve.llm.vllm")
 
@@ -106,7 +106,7 @@ class VLLMEngine:
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
-    ) -> AsyncIterator[TokenDelta]:
+    ) -> AsyncGenerator[TokenDelta, None]:
         if self._engine is None:
             raise RuntimeError("engine not started: call start() first")
         from vllm import SamplingParams as VSampling
@@ -132,7 +132,8 @@ class VLLMEngine:
             async for out in stream:
                 c = out.outputs[0]
                 finished = c.finish_reason is not None
-                reason = c.finish_reason if c.finish_reason in ("stop", "length", "abort") else (
+                # cast: the membership test just made it one of FinishReason's values
+                reason = cast(FinishReason, c.finish_reason) if c.finish_reason in ("stop", "length", "abort") else (
                     "stop" if finished else None)
                 yield TokenDelta(c.text, tuple(c.token_ids), reason)
                 if finished:
