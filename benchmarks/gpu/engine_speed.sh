@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install diffusers (+ torchao if the host lacks it) from .gpuwhl/, then
-# benchmarks/engine_speed.py. .gpuwhl/ is never committed (untracked files travel with a device
-# call; if you git-ignore it, pass carry: [".gpuwhl"]); make it with
+# benchmarks/engine_speed.py. .gpuwhl/ is git-ignored (not committed): the device call must name it,
+# carry: [".gpuwhl"]. Make it with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 -d .gpuwhl diffusers==0.42.1 importlib_metadata torchao==0.18.0 \
 #     pydantic==2.13.5 pydantic_core==2.46.5 annotated_types typing_inspection typing_extensions
