@@ -3,7 +3,7 @@
     .venv/bin/python scripts/fake_gpu_placement.py --gpus 2 --replicas 5 --share 0.5
 
 Starts its own Ray head (`ray start --head --num-gpus N`, own temp dir and ports: scripts/local_cluster.py),
-deploys `Diffusion` of the tiny SDXL model with `num_gpus: share` and `replicas` replicas, waits until
+deploys `DiffusionDeployment` of the tiny SDXL model with `num_gpus: share` and `replicas` replicas, waits until
 as many as fit are RUNNING, and prints JSON: each running replica's reported assignment (node id,
 GPU ids, share, CUDA_VISIBLE_DEVICES, device: `stats()["placement"]`) and how many replicas are
 still waiting for a GPU. The cluster is ended before it returns. On CPU torch has no CUDA: the
@@ -34,11 +34,11 @@ import ray._private.state
 address, model, replicas, share, timeout_s = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
 ray.init(address=address, logging_level="ERROR", log_to_driver=False)
 from deployments.diffusion.config import DiffusionModelConfig
-from deployments.diffusion.deployment import Diffusion
+from deployments.diffusion.deployment import DiffusionDeployment
 
 cfg = DiffusionModelConfig(name="tiny", family="sdxl", model=model, native_resolution=64, size_multiple=8,
                            min_side=32, max_side=128, default_steps=2, max_steps=8)
-app = Diffusion.options(name="Diffusion-tiny", num_replicas=replicas,
+app = DiffusionDeployment.options(name="Diffusion-tiny", num_replicas=replicas,
                         ray_actor_options={"num_cpus": 0.1, "num_gpus": share}).bind(cfg)
 serve.start(proxy_location="Disabled")  # handles only: no HTTP port to collide on
 serve._run(app, name="placement", route_prefix=None, _blocking=False)   # a replica that can't be placed never runs
