@@ -160,7 +160,10 @@ def test_ray_gcs_through_sentinel_and_failover(gcs_redis: GcsRedisSet, tmp_path:
     new_primary = rs.primary()
     assert new_primary is not None and new_primary[1] in (p1, p2)
     assert _role(new_primary[1]) == "master"
-    assert all(rs.primary(s) == new_primary for s in range(3))
+    # The other sentinels learn the new primary from the leader's hello messages (every 2 s), so
+    # agreement comes a moment after the promotion: wait for it, don't sample it once.
+    _wait("all sentinels to agree on the new primary",
+          lambda: all(rs.primary(s) == new_primary for s in range(3)), 30)
     # The old pod comes back (its container restarts the script): it asks the sentinels and joins
     # the new primary as a replica instead of starting as a second primary.
     rs.start("redis", 0)
