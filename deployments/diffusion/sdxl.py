@@ -40,9 +40,8 @@ def heavy_calls(pipeline: Any) -> list[tuple[torch.nn.Module, str]]:
 
 
 def is_draft(task: ImageTask) -> bool:
-    """Draft quality asked for. `ImageTask` has no `quality` field yet (the request plumbing adds
-    it, with `quality` in `group_key()`); until then nothing reaches the draft tier by request."""
-    return getattr(task, "quality", "default") == "draft"
+    """Draft quality asked for (the request's `quality: "draft"`; part of `group_key()`)."""
+    return task.quality == "draft"
 
 
 def plan(p: Any, task: ImageTask) -> tuple[int, int, int, int]:

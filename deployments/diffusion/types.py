@@ -8,7 +8,7 @@ Plain dataclasses: they cross process boundaries through Ray's serializer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -16,6 +16,35 @@ class WeightedPrompt:
     """One part of a multi-prompt (`a::2 b::-0.5`); weights are used as given (see engine)."""
 
     text: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """An image a task starts from or refers to, already fetched, checked and re-encoded by the
+    ingress (serve_app/images): replicas never fetch URLs. `sha256` is of `png`: the cache key
+    for anything derived from it (IP-Adapter embeddings) and what `group_key()` compares."""
+
+    png: bytes = field(repr=False)
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A style (`--sref`/`--sw`) or character/omni (`--cref`, `--oref`/`--ow`) reference, drawn
+    through IP-Adapter at `scale` (0 = as if absent)."""
+
+    kind: Literal["style", "character"]
+    image: InputImage
+    scale: float
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """One adapter applied to a task: the registry's id (unique, content-addressed by sha256) and
+    its weight. The adapter set of a task is its Serve multiplexed model id (issue 21)."""
+
+    adapter_id: str
     weight: float = 1.0
 
 
@@ -43,6 +72,16 @@ class ImageTask:
     # Write prompt, negative prompt, seed and settings into the PNG as text chunks. Off by default:
     # anyone holding a result URL could read the prompt (the plan/request `metadata` option).
     embed_metadata: bool = False
+    # Images from images (issue 20): img2img from `init_image` at `strength` (0 < s <= 1; from
+    # `--iw`), inpainting when a `mask` is given too (white = repaint), IP-Adapter `references`.
+    init_image: InputImage | None = None
+    mask: InputImage | None = None
+    strength: float = 1.0
+    references: tuple[Reference, ...] = ()
+    # LoRA adapters (issue 21), in the order given.
+    loras: tuple[LoraUse, ...] = ()
+    # "draft": the engine's draft tier (optimize.draft: fewer steps + DeepCache), issue 23.
+    quality: Literal["default", "draft"] = "default"
 
     @property
     def megapixels(self) -> float:
@@ -51,7 +90,12 @@ class ImageTask:
 
     def group_key(self) -> tuple[Any, ...]:
         """Tasks with equal keys can share one denoising call."""
-        return (self.width, self.height, self.steps, float(self.guidance_scale), self.tile)
+        return (self.width, self.height, self.steps, float(self.guidance_scale), self.tile, self.quality,
+                # img2img/inpainting run another pipeline; strength sets the steps that run.
+                self.init_image is not None, self.mask is not None, float(self.strength) if self.init_image else 1.0,
+                # One IP-Adapter image set and one adapter set per pipeline call.
+                tuple((r.kind, r.image.sha256, float(r.scale)) for r in self.references),
+                tuple((lora.adapter_id, float(lora.weight)) for lora in self.loras))
 
 
 @dataclass
