@@ -24,7 +24,7 @@ from deployments.diffusion.warmup import warm_up, warmup_plan
 
 @dataclasses.dataclass(frozen=True)
 class DraftTask(ImageTask):
-    quality: str = "draft"  # what the request plumbing will add to ImageTask
+    quality: str = "draft"  # what `quality: "draft"` on a request sets (tests/test_draft_tier.py)
 
 
 def _task(cls: type = ImageTask, *, seed: int = 3, width: int = 64, height: int = 64, steps: int = 4,

@@ -46,6 +46,9 @@ class AdaptiveQualityConfig(_Strict):
     hold_s: float = Field(5.0, ge=0.0, le=600.0)
     min_steps_fraction: float = Field(0.5, gt=0.0, le=1.0, description="Degraded steps = ceil(steps x this).")
     min_steps: int = Field(1, ge=1, le=200, description="Never fewer steps than this.")
+    fallback: Literal["steps", "draft"] = Field("steps", description="What degraded work gets: fewer steps "
+                                                "(min_steps_fraction), or the model's draft tier (optimize.draft; "
+                                                "needs it enabled).")
 
     @model_validator(mode="after")
     def _check_marks(self) -> AdaptiveQualityConfig:
@@ -154,6 +157,9 @@ class DiffusionModelConfig(_Strict):
             raise ValueError(f"batching.max_batch_megapixels ({self.batch_megapixels:g}) is smaller than one image at "
                              f"the native resolution ({self.native_resolution}px): every default request would be refused")
         self._check_buckets_fit()
+        if self.adaptive_quality.fallback == "draft" and not self.has_draft_tier:
+            raise ValueError("adaptive_quality.fallback is 'draft' but the model has no draft tier "
+                             "(SDXL family with optimize.draft.cache_interval > 1 or steps_fraction < 1)")
         if self.default_steps > self.max_steps:
             raise ValueError(f"default_steps ({self.default_steps}) must be <= max_steps ({self.max_steps})")
         return self
@@ -171,6 +177,11 @@ class DiffusionModelConfig(_Strict):
             if w * h / 1e6 > self.batch_megapixels:
                 raise ValueError(f"optimize.buckets: {spec} is larger than batching.max_batch_megapixels "
                                  f"({self.batch_megapixels:g})")
+
+    @property
+    def has_draft_tier(self) -> bool:
+        """Whether `quality: "draft"` means anything here (the draft tier is SDXL's split UNet)."""
+        return self.family == "sdxl" and self.optimize.draft.enabled
 
     @property
     def deployment_name(self) -> str:

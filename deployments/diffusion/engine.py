@@ -162,7 +162,10 @@ class DiffusionEngine:
         check_task(task, self.size_rules, model=self.name)
 
     def total_steps(self, task: ImageTask) -> int:
-        return task.steps + (self.decoder_steps if self.family == "wuerstchen" else 0)
+        """Steps this task's progress counts to: what actually runs (a draft task may run fewer)."""
+        if self.family == "sdxl":
+            return sdxl.plan(self.pipeline, task)[2]
+        return task.steps + self.decoder_steps
 
     def health(self) -> None:
         if self._broken is not None:

@@ -49,6 +49,8 @@ def png_params(task: ImageTask, model: str) -> dict[str, Any]:
     }
     if task.tile:
         params["tile"] = True
+    if task.quality != "default":
+        params["quality"] = task.quality
     if task.weighted_prompts:
         params["weighted_prompts"] = format_weighted(task.weighted_prompts)
     return params
@@ -60,4 +62,4 @@ def image_result(task: ImageTask, image: Image.Image, *, model: str, batch_size:
     return ImageResult(png=encode_png(image, png_params(task, model), compress_level=compress_level),
                        seed=task.seed, width=image.width, height=image.height, steps=task.steps,
                        guidance_scale=task.guidance_scale, model=model, batch_size=batch_size,
-                       compute_s=compute_s, queue_wait_s=queue_wait_s)
+                       compute_s=compute_s, queue_wait_s=queue_wait_s, quality=task.quality)

@@ -1,11 +1,12 @@
-"""Adaptive quality: fewer denoising steps while this replica is overloaded.
+"""Adaptive quality: fewer denoising steps (or the draft tier) while this replica is overloaded.
 
 Load is the replica's own view: (images queued + images in the running batch) / max_batch_size,
 so 1.0 means "a full batch is waiting or running". Hysteresis keeps it from flapping: degrade
 once load exceeds `high_water`; restore only after load has stayed at or below `low_water` for
 `hold_s` seconds. Only tasks that allow it (`ImageTask.quality_auto`, never an explicit `--q` or
 `steps`) are changed, and only within bounds: steps = max(min_steps, ceil(steps · fraction)),
-never more than asked for. Settings: `AdaptiveQualityConfig` (deployments/diffusion/config.py).
+never more than asked for; or, with `fallback: draft`, they run as the model's draft tier
+(`quality: "draft"`: DeepCache-style reuse and/or fewer steps, optimize.draft). Settings: `AdaptiveQualityConfig` (deployments/diffusion/config.py).
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ class AdaptiveQuality:
         degraded = self.observe(load)
         if not (degraded and task.quality_auto):
             return task, False
+        if self.settings.fallback == "draft":
+            if task.quality == "draft":
+                return task, False
+            return dataclasses.replace(task, quality="draft"), True
         steps = self.steps_for(task.steps)
         if steps == task.steps:
             return task, False

@@ -120,4 +120,6 @@ class ImageResult:
     degraded: bool = False
     degrade_reason: str | None = None
     requested_steps: int | None = None
+    # "draft" when the image ran on the draft tier (asked for, or adaptive quality's fallback).
+    quality: str = "default"
     extra: dict[str, Any] = field(default_factory=dict)

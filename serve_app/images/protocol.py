@@ -27,7 +27,8 @@ class ImageGenerationRequest(BaseModel):
     size: str | None = Field(None, description="`WxH`, e.g. `1024x1024`; `auto` = model native.")
     response_format: Literal["b64_json", "url"] = "b64_json"
     user: str | None = Field(None, max_length=256)
-    # OpenAI fields accepted for client compatibility; `quality` is used by adaptive quality.
+    # OpenAI's field: `draft` runs the model's draft tier, `auto` opts in to adaptive quality; other
+    # values (OpenAI's `standard`, `hd`, `low`...) are accepted for client compatibility and mean the default.
     quality: str | None = Field(None, max_length=32)
     style: Style | None = Field(None, description=STYLE_DOC)
     # genserve extensions
@@ -85,6 +86,7 @@ class GenerationInfo(BaseModel):
     steps_used: list[int] = Field(default_factory=list, description="Per image: steps actually run.")
     degraded: bool = Field(False, description="Some image ran with fewer steps than asked (adaptive quality).")
     reason: str | None = Field(None, description="Why it was degraded, e.g. `load`.")
+    quality: list[str] = Field(default_factory=list, description="Per image: `default` or `draft` (the tier it ran on).")
 
 
 class ImageGenerationResponse(BaseModel):

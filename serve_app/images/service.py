@@ -88,7 +88,9 @@ class ImagesService:
     async def prepare(self, body: ImageGenerationRequest, ctx: TenantContext) -> PreparedImages:
         spec = await self.render(body, ctx)
         target = self._enhance_target(ctx) if spec.enhance else None
-        spec = qos.stamp(spec, ctx.plan, body.quality, explicit_steps=body.steps is not None, metadata=body.metadata)
+        model = self.config.find_diffusion(spec.model)
+        spec = qos.stamp(spec, ctx.plan, body.quality, explicit_steps=body.steps is not None, metadata=body.metadata,
+                         has_draft_tier=model is not None and model.has_draft_tier)
         return PreparedImages(spec, ctx, target)
 
     def _enhance_target(self, ctx: TenantContext) -> LLMTarget:
@@ -236,5 +238,5 @@ def to_response(spec: ImageSpec, results: list[ImageResult], urls: list[str] | N
                           queue_wait_s=[round(r.queue_wait_s, 4) for r in results],
                           compute_s=[round(r.compute_s, 4) for r in results],
                           generation_id=generation_id, steps_used=[r.steps for r in results],
-                          degraded=degraded, reason=reason)
+                          degraded=degraded, reason=reason, quality=[r.quality for r in results])
     return ImageGenerationResponse(created=int(time.time()), data=data, genserve=info)

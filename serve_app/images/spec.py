@@ -37,6 +37,7 @@ class ImageSpec(ImageSettings):
     priority: int = 0
     quality_auto: bool = False
     embed_metadata: bool = False
+    quality: Literal["default", "draft"] = "default"  # "draft": the model's draft tier (optimize.draft)
 
     def tasks(self, task_ids: list[str] | None = None,
               trace_context: dict[str, str] | None = None) -> tuple[ImageTask, ...]:
@@ -46,7 +47,7 @@ class ImageSpec(ImageSettings):
             prompt=self.prompt, negative_prompt=self.negative_prompt, seed=seed, width=self.width,
             height=self.height, steps=self.steps, guidance_scale=guidance, tile=self.tile, weighted_prompts=weighted,
             task_id=task_ids[i] if task_ids else None, trace_context=trace_context, priority=self.priority,
-            quality_auto=self.quality_auto, embed_metadata=self.embed_metadata)
+            quality_auto=self.quality_auto, embed_metadata=self.embed_metadata, quality=self.quality)
             for i, (seed, guidance) in enumerate(zip(self.seeds, self.guidance_scales, strict=True)))
 
     def describe(self) -> dict[str, Any]:
@@ -57,7 +58,7 @@ class ImageSpec(ImageSettings):
             "guidance_scale": list(self.guidance_scales), "seeds": list(self.seeds), "tile": self.tile,
             "weighted_prompts": [{"text": w.text, "weight": w.weight} for w in self.weighted_prompts],
             "params": self.params.model_dump(mode="json"),
-        }
+        } | ({"quality": self.quality} if self.quality != "default" else {})
 
     @classmethod
     def from_stored(cls, data: dict[str, Any]) -> ImageSpec:

@@ -33,6 +33,9 @@ class PlanConfig(_Strict):
     adaptive_quality: bool = Field(False, description="Requests without `quality` may get fewer steps under "
                                    "load (`quality: \"auto\"` opts in on any plan; --q/steps never degrade).")
 
+    image_quality: Literal["default", "draft"] = Field(
+        "default", description="What image requests without `quality` get: `draft` runs the model's draft tier "
+        "(fewer steps / DeepCache; models without one run at default quality). `quality` on a request wins.")
     png_metadata: bool = Field(False, description="Default of a request's `metadata`: write prompt, negative "
                                "prompt, seed and settings into result PNGs as text chunks (readable by anyone "
                                "holding a result URL, hence off by default).")
