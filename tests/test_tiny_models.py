@@ -52,7 +52,8 @@ def test_builds_are_reproducible(tmp_path: Path) -> None:
 
 def test_build_all_tiny_writes_manifest_and_skips_built(tmp_path: Path) -> None:
     paths = tiny.build_all_tiny(tmp_path)
-    assert paths == {"sdxl": tmp_path / "sdxl-tiny", "wuerstchen": tmp_path / "wuerstchen-tiny"}
+    assert paths == {"sdxl": tmp_path / "sdxl-tiny", "wuerstchen": tmp_path / "wuerstchen-tiny",
+                     "taesd": tmp_path / "taesd-tiny"}  # sdxl-tiny's preview decoder
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["sdxl-tiny"]["native_px"] == 64
     assert manifest["wuerstchen-tiny"]["native_px"] == 128
