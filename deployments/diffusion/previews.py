@@ -55,11 +55,13 @@ def preview_steps(total: int, count: int) -> tuple[int, ...]:
 def _denoised(out: Any) -> torch.Tensor:
     """The scheduler step's estimate of the clean latents, else its next latents."""
     if isinstance(out, tuple):
-        if len(out) > 1 and isinstance(out[1], torch.Tensor) and out[1].shape == out[0].shape:
+        first: torch.Tensor = out[0]
+        if len(out) > 1 and isinstance(out[1], torch.Tensor) and out[1].shape == first.shape:
             return out[1]
-        return out[0]  # type: ignore[no-any-return]
+        return first
     pred = getattr(out, "pred_original_sample", None)
-    return pred if isinstance(pred, torch.Tensor) else out.prev_sample  # type: ignore[no-any-return]
+    nxt: torch.Tensor = out.prev_sample
+    return pred if isinstance(pred, torch.Tensor) else nxt
 
 
 class PreviewDecoder:
@@ -69,7 +71,7 @@ class PreviewDecoder:
         self.vae = vae
         self.max_side = max_side
         self.device = torch.device(vae.device)
-        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # type: ignore[no-untyped-call, unused-ignore]
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preview")
         self._pending: dict[str, list[Future[None]]] = {}
         self._lock = threading.Lock()
@@ -86,7 +88,7 @@ class PreviewDecoder:
             if not (local / "config.json").is_file():
                 raise ValueError(f"previews.vae {source!r} is not an AutoencoderTiny directory (no config.json)")
             source = str(local)
-        vae = AutoencoderTiny.from_pretrained(source, dtype=DTYPES[dtype], use_safetensors=True)
+        vae = AutoencoderTiny.from_pretrained(source, dtype=DTYPES[dtype], use_safetensors=True)  # type: ignore[no-untyped-call, unused-ignore]
         return cls(vae.to(device).eval(), max_side=config.max_side)
 
     # -- the denoising thread ---------------------------------------------------------------------
@@ -132,19 +134,18 @@ class PreviewDecoder:
         rows = latents[[pos for pos, _, _ in due]].detach().clone()  # queued on the loop's stream; no wait
         ready = None
         if self._side is not None:
-            ready = torch.cuda.Event()
+            ready = torch.cuda.Event()  # type: ignore[no-untyped-call, unused-ignore]
             ready.record()
-        targets = [(t.task_id, index) for _, t, index in due]
+        targets = [(t.task_id or "", index) for _, t, index in due]  # only tasks with an id are captured
         future = self._pool.submit(self._decode, rows, ready, targets, step, total, emit)
         with self._lock:
             for task_id, _ in targets:
-                assert task_id is not None  # only tasks with an id are captured
                 self._pending.setdefault(task_id, []).append(future)
 
     # -- the worker thread ------------------------------------------------------------------------
 
     def _pixels(self, latents: torch.Tensor) -> torch.Tensor:
-        out = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]  # in [-1, 1]
+        out: torch.Tensor = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]  # in [-1, 1]
         return (out.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
     def _decode(self, latents: torch.Tensor, ready: Any, targets: list[tuple[str, int]], step: int, total: int,

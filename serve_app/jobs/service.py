@@ -9,11 +9,10 @@ from typing import Any
 
 import anyio
 
-from deployments.diffusion.types import ImageResult
+from deployments.diffusion.types import ImageResult, PartialImage
 from serve_app.errors import bad_request, unavailable
 from serve_app.images.service import ImagesService, degradation, gpu_seconds
 from serve_app.images.spec import SPEC_VERSION, ImageSpec
-from deployments.diffusion.types import PartialImage
 from serve_app.jobs.config import JobsConfig
 from serve_app.jobs.previews import PreviewStore
 from serve_app.jobs.protocol import Job, JobCreateRequest, JobResult, JobUsed
