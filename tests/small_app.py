@@ -39,9 +39,11 @@ class SmallApp:
 
 
 def deploy(name: str, *, base_url: str, work_dir: Path, models_dir: Path, plans: list[dict],
-           tenants: dict[str, str], model: dict | None = None, max_ongoing_requests: int = 32) -> SmallApp:
+           tenants: dict[str, str], model: dict | None = None, max_ongoing_requests: int = 32,
+           replica: dict | None = None) -> SmallApp:
     """Deploys app `name` at `{base_url}/{name}`; `tenants` maps tenant name -> plan name; `model`
-    overrides fields of the diffusion model entry (steps, batching, adaptive_quality)."""
+    overrides fields of the diffusion model entry (steps, batching, adaptive_quality); `replica`
+    overrides fields of the replica's copy only (an ingress and a replica that disagree)."""
     from deployments.diffusion.deployment import DiffusionDeployment
     from serve_app.config import load_app_config
     from serve_app.ingress import Ingress
@@ -64,7 +66,7 @@ def deploy(name: str, *, base_url: str, work_dir: Path, models_dir: Path, plans:
     m = cfg.diffusion_models[0]
     diffusion = DiffusionDeployment.options(name=m.deployment_name, num_replicas=1, ray_actor_options={"num_cpus": 0.1},
                                   max_ongoing_requests=max_ongoing_requests).bind(
-        m.model_copy(update={"device": "cpu"}))
+        m.model_validate({**m.model_dump(), "device": "cpu", **(replica or {})}))
     app = Ingress.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1}).bind(cfg, {m.name: diffusion}, {})
     serve._run(app, name=name, route_prefix=f"/{name}", _blocking=True)
     return SmallApp(name=name, url=f"{base_url}/{name}", model=m.name, keys=keys)

@@ -180,3 +180,18 @@ def test_img2img_speed_smoke(tmp_path: Path) -> None:
     (row,) = result["rows"]
     assert row["batch"] == 2 and all(row[m]["images_per_s"] > 0 for m in ("txt2img", "img2img", "inpaint"))
     assert row["img2img_vs_txt2img"] > 0 and row["inpaint_vs_txt2img"] > 0
+
+
+def test_partial_images_benchmark_smoke(tmp_path: Path) -> None:
+    """benchmarks/partial_images.py on the tiny model (the GPU run is the lead's): both modes timed in one
+    run, the previews decoded, the images the same with and without them."""
+    out = tmp_path / "pi.json"
+    cmd = [sys.executable, "-m", "benchmarks.partial_images", "--tiny", "--device", "cpu", "--steps", "4",
+           "--batch", "2", "--reps", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["none"]["images_per_s"] > 0 and result["partial"]["images_per_s"] > 0
+    assert result["none"]["previews"] == [0] and result["partial"]["previews"] == [2 * 3]  # steps 1, 2, 3 of 4
+    assert result["images_max_abs_diff"] == 0 and result["preview_failures"] == 0
+    assert isinstance(result["loss_percent"], float)

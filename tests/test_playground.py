@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import small_app
 from conftest import ARTIFACTS
 
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
@@ -57,7 +58,9 @@ def test_playground_generate_rate_and_chat(genserve_url: str, api_key: str, auth
     page.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
 
     def on_console(m) -> None:  # the 422 of the bad `--s 5000` preview is provoked below
-        if m.type == "error" and "status of 422" not in m.text:
+        # A job's preview is 404 until its first partial image: the page polls through that.
+        preview_404 = "status of 404" in m.text and "/preview" in (m.location or {}).get("url", "")
+        if m.type == "error" and "status of 422" not in m.text and not preview_404:
             problems.append(f"console.{m.type}: {m.text}")
 
     page.on("console", on_console)
@@ -151,3 +154,43 @@ def test_playground_generate_rate_and_chat(genserve_url: str, api_key: str, auth
 
     assert not problems, problems
     context.close()
+
+
+def test_playground_shows_the_live_preview_while_a_job_runs(genserve_url: str, tiny_models_dir, tmp_path_factory,
+                                                            browser) -> None:
+    """A long job on an app of its own (the playground under a route prefix, 400 steps): the page polls
+    the job's preview and shows it while the job runs, step by step, then the image in the gallery."""
+    expect = playwright_sync.expect
+    app = small_app.deploy("pgpreview", base_url=genserve_url, work_dir=tmp_path_factory.mktemp("pgpreview"),
+                           models_dir=tiny_models_dir, plans=[{"name": "open", **small_app.UNLIMITED}],
+                           tenants={"alice": "open"},
+                           model={"max_steps": 500, "previews": {"vae": str(tiny_models_dir / "taesd-tiny")}})
+    try:
+        context = browser.new_context(viewport={"width": 1100, "height": 900})
+        page = context.new_page()
+        page.goto(app.url + "/")
+        page.get_by_label("API key").fill(app.keys["alice"])
+        page.get_by_role("button", name="Save key").click()
+        expect(page.locator("#key-status")).to_contain_text("accepted")
+        expect(page.get_by_label("Live preview")).to_be_checked()
+        page.get_by_label("Prompt").fill("a lighthouse at dawn --seed 3")
+        page.get_by_label("Size").fill("48x48")
+        page.get_by_label("Steps").fill("400")
+        # Every preview step the page showed (a MutationObserver on the image's data-step).
+        page.evaluate("""() => { window.__steps = [];
+            new MutationObserver(() => window.__steps.push(document.getElementById('live-preview-img').dataset.step))
+              .observe(document.getElementById('live-preview-img'), {attributes: true, attributeFilter: ['data-step']}); }""")
+        page.get_by_role("button", name="Generate").click()
+        figure = page.locator("#live-preview")
+        expect(figure).to_be_visible(timeout=90_000)
+        page.wait_for_function("() => { const i = document.getElementById('live-preview-img');"
+                               " return i.complete && i.naturalWidth === 48; }")
+        expect(page.locator("#live-preview-caption")).to_contain_text("of 400")
+        assert page.locator("#gallery li").count() == 0  # shown while the job still ran
+        page.screenshot(path=str(ARTIFACTS / "playground-live-preview.png"), full_page=True)
+        expect(page.locator("#gallery li").first).to_be_visible(timeout=120_000)
+        steps = [int(s) for s in page.evaluate("window.__steps")]
+        assert steps and steps == sorted(steps) and set(steps) <= {100, 200, 300}, steps
+        context.close()
+    finally:
+        app.delete()

@@ -132,6 +132,17 @@ class IPAdapterConfig(_Strict):
                                  "keeps (LRU by the image's sha256).")
 
 
+class PreviewsConfig(_Strict):
+    """Streamed partial images (`partial_images`): a tiny VAE (`AutoencoderTiny`, TAESD-style) decodes
+    the latents at a few steps beside the denoising loop (deployments/diffusion/previews.py)."""
+
+    vae: str = Field(description="Hub id or local directory of an `AutoencoderTiny` matching the model's "
+                     "latents, e.g. `madebyollin/taesdxl` for SDXL (loaded with from_pretrained).")
+    max_side: int | None = Field(512, ge=16, le=4096, description="Previews are downscaled to at most this "
+                                 "longest side (PNG bytes on the wire and in the job store stay small); None: "
+                                 "the full size the tiny VAE decodes.")
+
+
 class DiffusionModelConfig(_Strict):
     name: str = Field(description="Public model name (the `model` field of requests).")
     family: Literal["sdxl", "wuerstchen"]
@@ -162,10 +173,16 @@ class DiffusionModelConfig(_Strict):
     probe_memory: bool = Field(
         True, description="On CUDA, run the largest batch the limits allow (1 step) when the replica starts, "
         "so a budget that does not fit the replica's GPU share fails the deploy instead of a request later.")
+    previews: PreviewsConfig | None = Field(
+        None, description="The preview decoder behind `partial_images` (streamed partial images, job "
+        "previews). None: requests asking for partial images are refused with 422. SDXL family only.")
     description: str = ""
 
     @model_validator(mode="after")
     def _check_sizes(self) -> DiffusionModelConfig:
+        if self.previews is not None and self.family != "sdxl":
+            raise ValueError(f"previews: model {self.name!r} is {self.family}, whose latents no tiny VAE decodes; "
+                             "previews are for the sdxl family only")
         if self.min_side > self.max_side:
             raise ValueError(f"min_side ({self.min_side}) must be <= max_side ({self.max_side})")
         if self.native_resolution % self.size_multiple:

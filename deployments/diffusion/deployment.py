@@ -18,7 +18,7 @@ from ray import serve
 
 from deployments.diffusion.config import DiffusionModelConfig
 from deployments.diffusion.server import DiffusionServer
-from deployments.diffusion.types import ImageResult, ImageTask
+from deployments.diffusion.types import ImageResult, ImageTask, PartialImage
 from telemetry import TelemetryConfig, setup_telemetry
 
 
@@ -46,7 +46,8 @@ class DiffusionDeployment:
     async def generate(self, task: ImageTask) -> ImageResult:
         return await self.server.generate(task)
 
-    async def generate_stream(self, task: ImageTask) -> AsyncGenerator[dict[str, int] | ImageResult, None]:
+    async def generate_stream(self, task: ImageTask
+                              ) -> AsyncGenerator[dict[str, int] | PartialImage | ImageResult, None]:
         """Called with `handle.options(stream=True)`; Serve cancels it when the caller goes away."""
         async with aclosing(self.server.generate_stream(task)) as events:
             async for event in events:

@@ -28,6 +28,7 @@ from deployments.diffusion.config import DiffusionModelConfig, IPAdapterConfig, 
 from deployments.diffusion.hooks import LiveRows, StopDenoising, circular_padding, generators, per_task_calls
 from deployments.diffusion.loading import FAMILIES, load_pipeline
 from deployments.diffusion.optimize import apply as apply_optimizations
+from deployments.diffusion.previews import OnPreview, PreviewDecoder
 from deployments.diffusion.rules import SizeRules, check_task
 from deployments.diffusion.types import ImageTask
 
@@ -106,6 +107,8 @@ class DiffusionEngine:
         self._broken: str | None = None
         # Style/character references (ip_adapter.py): None until `load_ip_adapter`.
         self.references: ip_adapter.ReferenceAdapter | None = None
+        # Decodes `partial_images` beside the loop (previews.py); set by from_config when configured.
+        self.previews: PreviewDecoder | None = None
 
     @classmethod
     def from_pretrained(
@@ -140,12 +143,15 @@ class DiffusionEngine:
     def from_config(cls, config: DiffusionModelConfig, device: str) -> DiffusionEngine:
         """Load the model of one deployment's config on `device` (resolved: "cpu" or "cuda"). With
         compile on, the caller warms its size buckets next (warmup.warm_up)."""
-        return cls.from_pretrained(
+        engine = cls.from_pretrained(
             config.name, config.model, config.family, dtype=config.dtype, device=device, variant=config.variant,
             decoder_steps=config.decoder_steps, batch_invariant=config.batch_invariant, optimize=config.optimize,
             vae_slicing=config.vae_slicing,
             size_rules=SizeRules(config.size_multiple, config.min_side, config.max_side),
             ip_adapter=config.ip_adapter)
+        if config.previews is not None:
+            engine.previews = PreviewDecoder.load(config.previews, dtype=config.dtype, device=device)
+        return engine
 
     def load_ip_adapter(self, config: IPAdapterConfig) -> None:
         """Load the IP-Adapter that draws `task.references` (SDXL family; ip_adapter.py)."""
@@ -207,6 +213,7 @@ class DiffusionEngine:
         *,
         on_step: OnStep | None = None,
         should_cancel: ShouldCancel | None = None,
+        on_preview: OnPreview | None = None,
     ) -> list[Image.Image | Exception]:
         """Denoise and decode: one image or exception per task, in input order.
 
@@ -217,7 +224,8 @@ class DiffusionEngine:
         `should_cancel(task_id)` is polled after each step: a cancelled task leaves its batch at
         that step (SDXL drops its rows, the others continue bit-identically; Würstchen keeps
         computing it to the end), and when every task of a group is cancelled the group stops.
-        Tasks whose job was cancelled get `GenerationCancelled`.
+        Tasks whose job was cancelled get `GenerationCancelled`. `on_preview(task_id, PartialImage)`
+        receives the previews of tasks asking for `partial_images` (from the preview thread).
         """
         results: list[Image.Image | Exception | None] = [None] * len(tasks)
         groups: dict[tuple, list[int]] = {}
@@ -231,13 +239,14 @@ class DiffusionEngine:
             groups.setdefault(task.group_key(), []).append(i)
         for indices in groups.values():
             group = [tasks[i] for i in indices]
-            for i, out in zip(indices, self._run_group(group, on_step, should_cancel), strict=True):
+            for i, out in zip(indices, self._run_group(group, on_step, should_cancel, on_preview), strict=True):
                 results[i] = out
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
     def _run_group(
-        self, tasks: list[ImageTask], on_step: OnStep | None, should_cancel: ShouldCancel | None
+        self, tasks: list[ImageTask], on_step: OnStep | None, should_cancel: ShouldCancel | None,
+        on_preview: OnPreview | None = None,
     ) -> list[Image.Image | Exception]:
         cancelled: dict[int, str] = {}
 
@@ -267,6 +276,8 @@ class DiffusionEngine:
                     stack.enter_context(
                         circular_padding(self._family.tiling_modules(self.pipeline), tasks[0].tile)
                     )
+                    if self.previews is not None and on_preview is not None and self.family == "sdxl":
+                        stack.enter_context(self.previews.capture(self.pipeline.scheduler, tasks, rows, on_preview))
                     if self.batch_invariant:
                         for module, method in self._family.heavy_calls(self.pipeline):
                             stack.enter_context(per_task_calls(module, method, rows.__len__))

@@ -1,8 +1,9 @@
 """Per-task progress, cancellation and step events of one diffusion replica.
 
 The engine reports each denoising step from its thread (`on_step`, cheap bookkeeping only) and
-asks between steps whether a task was cancelled (`should_cancel`). Callers read a task's progress,
-cancel it, or stream its steps (`stream_steps`) on the event loop.
+asks between steps whether a task was cancelled (`should_cancel`); its preview thread hands over
+partial images (`on_preview`). Callers read a task's progress, cancel it, or stream its steps and
+previews (`stream_steps`) on the event loop.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable
 from typing import TypeVar
 
+from deployments.diffusion.types import PartialImage
 from telemetry import metrics
 
 R = TypeVar("R")
@@ -23,8 +25,8 @@ class TaskProgress:
         self.model = model
         self._progress: dict[str, tuple[int, int]] = {}
         self._cancelled: set[str] = set()
-        # task_id -> (event loop, queue) of a streaming caller waiting for step events.
-        self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[tuple[int, int]]]] = {}
+        # task_id -> (event loop, queue) of a streaming caller waiting for step events and previews.
+        self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[tuple[int, int] | PartialImage]]] = {}
         # Last denoising step each recent task reached (bounded), to show where a cancel stopped it.
         self.last_step: dict[str, int] = {}
         # (step, total) of the last step callback and when it came: step time = gap between steps.
@@ -55,6 +57,13 @@ class TaskProgress:
             loop, queue = listener
             loop.call_soon_threadsafe(queue.put_nowait, (step, total))
 
+    def on_preview(self, task_id: str, partial: PartialImage) -> None:
+        """A preview of `task_id`'s image (from the preview thread): to its streaming caller, if any."""
+        listener = self._listeners.get(task_id)
+        if listener is not None:
+            loop, queue = listener
+            loop.call_soon_threadsafe(queue.put_nowait, partial)
+
     def should_cancel(self, task_id: str) -> bool:
         return task_id in self._cancelled
 
@@ -73,12 +82,14 @@ class TaskProgress:
     def finished(self, task_id: str) -> None:
         self._progress.pop(task_id, None)
 
-    async def stream_steps(self, task_id: str, run: Awaitable[R]) -> AsyncGenerator[dict[str, int] | R, None]:
-        """Step events `{"step", "total"}` of `task_id` while `run` (its generation) is awaited,
-        then `run`'s result. Cancelling this generator (the caller went away) marks the task
-        cancelled, so its batch group stops at the next step once no one in it still wants the
-        image; the orphaned run's outcome is consumed and discarded."""
-        queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+    async def stream_steps(self, task_id: str, run: Awaitable[R]
+                           ) -> AsyncGenerator[dict[str, int] | PartialImage | R, None]:
+        """Step events `{"step", "total"}` and `PartialImage`s of `task_id` while `run` (its
+        generation) is awaited, then `run`'s result (after every event that arrived before it).
+        Cancelling this generator (the caller went away) marks the task cancelled, so its batch
+        group stops at the next step once no one in it still wants the image; the orphaned run's
+        outcome is consumed and discarded."""
+        queue: asyncio.Queue[tuple[int, int] | PartialImage] = asyncio.Queue()
         self._listeners[task_id] = (asyncio.get_running_loop(), queue)
         result = asyncio.ensure_future(run)
         try:
@@ -86,10 +97,11 @@ class TaskProgress:
                 getter = asyncio.ensure_future(queue.get())
                 done, _ = await asyncio.wait({getter, result}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
-                    step, total = getter.result()
-                    yield {"step": step, "total": total}
+                    yield _event(getter.result())
                 else:
                     getter.cancel()
+            while not queue.empty():  # what the run's thread handed over before it ended
+                yield _event(queue.get_nowait())
             yield result.result()
         except asyncio.CancelledError:
             self.cancel(task_id)
@@ -98,3 +110,9 @@ class TaskProgress:
         finally:
             self._listeners.pop(task_id, None)
             self._progress.pop(task_id, None)
+
+
+def _event(item: tuple[int, int] | PartialImage) -> dict[str, int] | PartialImage:
+    if isinstance(item, PartialImage):
+        return item
+    return {"step": item[0], "total": item[1]}

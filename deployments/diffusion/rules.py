@@ -103,7 +103,16 @@ def check_task(task: ImageTask, size: SizeRules, *, model: str | None = None) ->
     check_seed(task.seed)
     if task.weighted_prompts:
         check_weights([p.weight for p in task.weighted_prompts])
+    check_partial_images(task.partial_images)
 
 
-__all__ = ["MAX_ASPECT_RATIO", "MAX_ASPECT_SIDE", "SEED_MAX", "SizeRules", "check_aspect_ratio", "check_guidance",
-           "check_seed", "check_steps", "check_task", "check_weights", "seed_for_image"]
+MAX_PARTIAL_IMAGES = 3  # OpenAI's `partial_images` range is 0..3
+
+
+def check_partial_images(n: int) -> None:
+    if not 0 <= n <= MAX_PARTIAL_IMAGES:
+        raise ValueError(f"`partial_images` must be between 0 and {MAX_PARTIAL_IMAGES}, got {n}")
+
+
+__all__ = ["MAX_ASPECT_RATIO", "MAX_ASPECT_SIDE", "MAX_PARTIAL_IMAGES", "SEED_MAX", "SizeRules", "check_aspect_ratio",
+           "check_guidance", "check_partial_images", "check_seed", "check_steps", "check_task", "check_weights", "seed_for_image"]

@@ -49,8 +49,9 @@ class BatchRunner:
         started = time.monotonic()
         tasks = [t for t, _ in items]
         self.progress.batch_started()
+        previews = {"on_preview": self.progress.on_preview} if getattr(self.engine, "previews", None) else {}
         images = self.engine.generate_images(tasks, on_step=self.progress.on_step,
-                                             should_cancel=self.progress.should_cancel)
+                                             should_cancel=self.progress.should_cancel, **previews)
         compute_s = time.monotonic() - started
         self.batches_run += 1
         groups: dict[tuple, int] = {}
@@ -64,10 +65,15 @@ class BatchRunner:
         from deployments.diffusion.engine import GenerationCancelled
         from deployments.diffusion.png import image_result
 
+        previews = getattr(self.engine, "previews", None)
         if isinstance(d.image, BaseException):
+            if previews is not None and task.task_id is not None:
+                previews.forget(task.task_id)
             if isinstance(d.image, GenerationCancelled):
                 self.images_cancelled += 1
             raise d.image
+        if previews is not None and task.task_id is not None:
+            await previews.flush(task.task_id)  # its previews reach the caller before the image
         result = await asyncio.get_running_loop().run_in_executor(self._png_pool, functools.partial(
             image_result, task, d.image, model=self.model, batch_size=d.batch_size, compute_s=d.compute_s,
             queue_wait_s=d.queue_wait_s, compress_level=PNG_COMPRESS_LEVEL))

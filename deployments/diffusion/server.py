@@ -25,7 +25,7 @@ from deployments.diffusion.config import BatchingConfig, DiffusionModelConfig
 from deployments.diffusion.progress import TaskProgress
 from deployments.diffusion.quality import REASON_LOAD, AdaptiveQuality
 from deployments.diffusion.runner import BatchRunner, Denoised
-from deployments.diffusion.types import ImageResult, ImageTask
+from deployments.diffusion.types import ImageResult, ImageTask, PartialImage
 from deployments.placement import place_replica
 from telemetry import metrics, tracing
 
@@ -135,9 +135,11 @@ class DiffusionServer:
                 result.degraded, result.degrade_reason = True, REASON_LOAD
             return result
 
-    async def generate_stream(self, task: ImageTask) -> AsyncGenerator[dict[str, int] | ImageResult, None]:
-        """Step events `{"step", "total"}` while the image denoises, then the `ImageResult`. If the
-        caller goes away (a cancelled job, a dead ingress), the task is cancelled (progress.py)."""
+    async def generate_stream(self, task: ImageTask
+                              ) -> AsyncGenerator[dict[str, int] | PartialImage | ImageResult, None]:
+        """Step events `{"step", "total"}` and the `PartialImage`s the task asked for while the image
+        denoises, then the `ImageResult`. If the caller goes away (a cancelled job, a dead ingress,
+        a client that closed its stream), the task is cancelled (progress.py)."""
         if task.task_id is None:
             raise ValueError("generate_stream needs task.task_id")
         async with aclosing(self.progress.stream_steps(task.task_id, self.generate(task))) as events:
@@ -161,7 +163,8 @@ class DiffusionServer:
         return {"model": self.name, "device": self.device, "gpu_share": self.gpu_share, "placement": self.placement.as_dict(),
                 "assigned_resources": ctx.get_assigned_resources(),  # type: ignore[no-untyped-call, unused-ignore]
                 "gpu_ids": ctx.get_accelerator_ids().get("GPU", []),
-                **self.runner.stats(), "load_s": self.load_s, "memory_probe": self.memory_probe,
+                **self.runner.stats(), **(self.engine.previews.stats() if getattr(self.engine, "previews", None) else {}),
+                "load_s": self.load_s, "memory_probe": self.memory_probe,
                 "max_batch_size": b.max_batch_size, "batch_wait_timeout_s": b.batch_wait_timeout_s,
                 "max_batch_megapixels": b.max_batch_megapixels, "queued": self.batcher.queued,
                 "running": self.batcher.running, "load": round(self.load(), 3), "degraded": self.quality.degraded}

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderTiny,
     DDPMWuerstchenScheduler,
     EulerDiscreteScheduler,
     StableDiffusionXLPipeline,
@@ -51,6 +52,7 @@ IP_ADAPTER_SUBFOLDER = "sdxl_models"
 IP_ADAPTER_WEIGHTS = "ip-adapter_sdxl_tiny.safetensors"
 IP_ADAPTER_ENCODER = "image_encoder"
 IP_IMAGE_PX = 32  # the tiny CLIP image encoder's input size
+TAESD_DIR = "taesd-tiny"  # the preview decoder of sdxl-tiny (`previews.vae`), TAESD-XL's shape scaled down
 # Native sizes: tiny SDXL's unet sample_size is 8 latents x vae factor 8; tiny Würstchen's
 # prior/decoder/VQGAN chain only reproduces sizes that are multiples of 128 px.
 SDXL_NATIVE_PX = 64
@@ -229,6 +231,17 @@ def tiny_wuerstchen_pipeline() -> WuerstchenCombinedPipeline:
     )
 
 
+def tiny_taesd() -> AutoencoderTiny:
+    """A tiny `AutoencoderTiny` for sdxl-tiny's latents (4 channels, x8): previews in tests and locally."""
+    torch.manual_seed(0)
+    vae: Any = AutoencoderTiny(  # Any: mypy sees diffusers' dummy placeholder class
+        in_channels=3, out_channels=3, latent_channels=4,
+        encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1),
+    )
+    return vae.eval()  # type: ignore[no-any-return, unused-ignore]
+
+
 def _save(pipeline: object, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     pipeline.save_pretrained(out_dir)  # type: ignore[attr-defined]
@@ -243,6 +256,10 @@ def build_tiny_wuerstchen(out_dir: Path) -> Path:
     return _save(tiny_wuerstchen_pipeline(), Path(out_dir))
 
 
+def build_tiny_taesd(out_dir: Path) -> Path:
+    return _save(tiny_taesd(), Path(out_dir))
+
+
 def _is_built(path: Path, marker: dict[str, object]) -> bool:
     try:
         return json.loads((path / MARKER).read_text()) == marker
@@ -251,13 +268,14 @@ def _is_built(path: Path, marker: dict[str, object]) -> bool:
 
 
 def build_all_tiny(out_dir: Path) -> dict[str, Path]:
-    """Build the tiny models (SDXL, Würstchen, the IP-Adapter for the SDXL one) under `out_dir`
-    (skipping any already saved) and write manifest.json."""
+    """Build the tiny models (SDXL, Würstchen, the IP-Adapter and the preview decoder for the SDXL
+    one) under `out_dir` (skipping any already saved) and write manifest.json."""
     out_dir = Path(out_dir)
     builds = {
         "sdxl": (SDXL_DIR, build_tiny_sdxl, SDXL_NATIVE_PX),
         "wuerstchen": (WUERSTCHEN_DIR, build_tiny_wuerstchen, WUERSTCHEN_NATIVE_PX),
         "ip_adapter": (IP_ADAPTER_DIR, build_tiny_ip_adapter, IP_IMAGE_PX),
+        "taesd": (TAESD_DIR, build_tiny_taesd, SDXL_NATIVE_PX),
     }
     paths: dict[str, Path] = {}
     manifest: dict[str, dict[str, object]] = {}

@@ -82,6 +82,10 @@ class ImageTask:
     loras: tuple[LoraUse, ...] = ()
     # "draft": the engine's draft tier (optimize.draft: fewer steps + DeepCache), issue 23.
     quality: Literal["default", "draft"] = "default"
+    # Streamed partial images: previews of this image decoded at evenly spaced steps (0-3; needs the
+    # model's preview decoder, deployments/diffusion/previews.py). Not in `group_key()`: previews
+    # read the batch's latents and change nothing in it.
+    partial_images: int = 0
 
     @property
     def megapixels(self) -> float:
@@ -123,3 +127,16 @@ class ImageResult:
     # "draft" when the image ran on the draft tier (asked for, or adaptive quality's fallback).
     quality: str = "default"
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PartialImage:
+    """A preview of a task's image during denoising (the `partial_images` it asked for), as a small
+    PNG; yielded by `generate_stream` between its step events."""
+
+    index: int  # 0-based, in order
+    step: int  # the denoising step it shows
+    total: int  # the steps the loop runs
+    png: bytes = field(repr=False)
+    width: int = 0
+    height: int = 0

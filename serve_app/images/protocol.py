@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from deployments.diffusion.rules import SEED_MAX
+from deployments.diffusion.rules import MAX_PARTIAL_IMAGES, SEED_MAX
 
 _SIZE = re.compile(r"^\s*(\d{1,7})\s*[xX×]\s*(\d{1,7})\s*$")
 
@@ -31,6 +31,11 @@ class ImageGenerationRequest(BaseModel):
     # values (OpenAI's `standard`, `hd`, `low`...) are accepted for client compatibility and mean the default.
     quality: str | None = Field(None, max_length=32)
     style: Style | None = Field(None, description=STYLE_DOC)
+    stream: bool = Field(False, description="Server-sent events: `image_generation.partial_image` previews, then "
+                         "`image_generation.completed` per image (docs/streaming-images.md).")
+    partial_images: int = Field(0, ge=0, le=MAX_PARTIAL_IMAGES, description="Previews per image while it "
+                                "denoises (0-3; may be fewer on short step counts): streamed with `stream`, and "
+                                "the latest one at `GET /v1/jobs/{id}/preview` for jobs.")
     # genserve extensions
     negative_prompt: str | None = None
     seed: int | None = Field(None, ge=0, le=SEED_MAX)

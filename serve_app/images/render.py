@@ -155,8 +155,25 @@ def render_image_request(config: AppConfig, templates: TemplateSource, req: Imag
                           param=param, code="too_many_steps")
     weighted = parsed.segments if len(parsed.segments) > 1 else ()
     enhance = getattr(req, "enhance", False) or p.enhance
+    partial_images = getattr(req, "partial_images", 0)
+    if partial_images:
+        _check_previews(mdl)
     return ImageSpec(**dict(settings), model=mdl.name, prompt=parsed.text, weighted_prompts=weighted, params=p,
-                     enhance=enhance, template=template, tenant=tenant)
+                     enhance=enhance, template=template, tenant=tenant, partial_images=partial_images)
+
+
+def _check_previews(model: DiffusionModelConfig) -> None:
+    """422 when the model can't draw partial images: Würstchen's latents (its prior's image
+    embeddings, then Paella VQ latents) are not SD latents, so no tiny VAE previews them; an SDXL
+    model needs `previews.vae` in its config."""
+    if model.family == "wuerstchen":
+        why = "its Würstchen latents have no preview decoder"
+    elif model.previews is None:
+        why = "its config names no preview decoder (`previews.vae`)"
+    else:
+        return
+    raise unprocessable(f"Model {model.name!r} can't stream partial images: {why}. Ask with partial_images 0 "
+                        "or another model.", param="partial_images", code="partial_images_unsupported")
 
 
 __all__ = ["APIError", "ConfigTemplates", "ImageRequest", "TemplateSource", "render_image_request"]

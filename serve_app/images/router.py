@@ -6,9 +6,11 @@ import dataclasses
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Response
+from fastapi.responses import StreamingResponse
 
 from serve_app.images.protocol import ImageGenerationRequest, ImageGenerationResponse, PromptRenderRequest
 from serve_app.images.service import ImagesService
+from serve_app.images.streaming import check_request, stream_images
 from serve_app.state import ServicesDep
 from serve_app.tenancy import CurrentTenant, TenancyDep
 
@@ -26,9 +28,12 @@ ImagesDep = Annotated[ImagesService, Depends(get_images)]
 
 @router.post("/v1/images/generations", response_model=ImageGenerationResponse, response_model_exclude_none=True)
 async def create_image(body: ImageGenerationRequest, images: ImagesDep, ctx: CurrentTenant, tenancy: TenancyDep,
-                       response: Response) -> ImageGenerationResponse:
+                       response: Response) -> ImageGenerationResponse | StreamingResponse:
+    check_request(body)
     prepared = await images.prepare(body, ctx)  # everything that can refuse it runs before quota is taken
     admission = await tenancy.admit(ctx, route="images", model=prepared.spec.model, images=prepared.spec.n)
+    if body.stream:  # SSE: partial images, then each image (images/streaming.py)
+        return await stream_images(images, prepared, admission, quality=body.quality)
     async with admission:
         answer = await images.generate(prepared, admission, urls=body.response_format == "url")
     response.headers.update(admission.headers())

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from deployments.diffusion.types import ImageResult, ImageTask
+from deployments.diffusion.types import ImageResult, ImageTask, PartialImage
 from serve_app.chat.enhance import SYSTEM_PROMPT, expand_with
 from serve_app.chat.service import LLMTarget
 from serve_app.errors import APIError, bad_request, is_backend_at_capacity, unavailable
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 ENHANCE_ROUTE = "enhance"
 ENHANCE_MAX_TOKENS = 77  # CLIP's window: more expanded prompt than this is cut off by the text encoder
 OnProgress = Callable[[float], Awaitable[None]]  # fraction of the request's denoising steps done
+OnPreview = Callable[[int, PartialImage], Awaitable[None]]  # (image index, its latest partial image)
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ class ImagesService:
     # -- the steps a job runs too -----------------------------------------------------------------
 
     async def run(self, spec: ImageSpec, *, task_ids: list[str] | None = None,
-                  on_progress: OnProgress | None = None) -> list[ImageResult]:
+                  on_progress: OnProgress | None = None, on_preview: OnPreview | None = None) -> list[ImageResult]:
         """All images of `spec`, in order; each its own Serve request, so batches mix users. With
         `on_progress`, each image streams its steps (a job's progress) and leaving cancels its call.
         Errors are raised as the handle raised them (a job decides from them: retry or fail)."""
@@ -154,7 +155,7 @@ class ImagesService:
             tasks = spec.tasks(task_ids, trace_context=tracing.outgoing())
             if on_progress is None:
                 return list(await asyncio.gather(*(handle.generate.remote(t) for t in tasks)))
-            return await _streamed(handle, tasks, on_progress)
+            return await _streamed(handle, tasks, on_progress, on_preview)
 
     async def deliver(self, spec: ImageSpec, results: list[ImageResult], *, tenant_id: int, store: bool = True,
                       latency_s: float | None = None, job_id: str | None = None) -> tuple[list[str], str]:
@@ -166,7 +167,8 @@ class ImagesService:
         return keys, generation_id
 
 
-async def _streamed(handle: Any, tasks: tuple[ImageTask, ...], on_progress: OnProgress) -> list[ImageResult]:
+async def _streamed(handle: Any, tasks: tuple[ImageTask, ...], on_progress: OnProgress,
+                    on_preview: OnPreview | None = None) -> list[ImageResult]:
     steps = [0.0] * len(tasks)
 
     async def one(i: int, task: ImageTask) -> ImageResult:
@@ -177,6 +179,9 @@ async def _streamed(handle: Any, tasks: tuple[ImageTask, ...], on_progress: OnPr
                 if isinstance(event, dict):
                     steps[i] = event["step"] / max(1, event["total"])
                     await on_progress(sum(steps) / len(steps))
+                elif isinstance(event, PartialImage):
+                    if on_preview is not None:
+                        await on_preview(i, event)
                 else:
                     result = event
         except asyncio.CancelledError:

@@ -38,6 +38,7 @@ class ImageSpec(ImageSettings):
     quality_auto: bool = False
     embed_metadata: bool = False
     quality: Literal["default", "draft"] = "default"  # "draft": the model's draft tier (optimize.draft)
+    partial_images: int = 0  # previews per image (streamed, or a job's preview); needs the model's decoder
 
     def tasks(self, task_ids: list[str] | None = None,
               trace_context: dict[str, str] | None = None) -> tuple[ImageTask, ...]:
@@ -47,7 +48,8 @@ class ImageSpec(ImageSettings):
             prompt=self.prompt, negative_prompt=self.negative_prompt, seed=seed, width=self.width,
             height=self.height, steps=self.steps, guidance_scale=guidance, tile=self.tile, weighted_prompts=weighted,
             task_id=task_ids[i] if task_ids else None, trace_context=trace_context, priority=self.priority,
-            quality_auto=self.quality_auto, embed_metadata=self.embed_metadata, quality=self.quality)
+            quality_auto=self.quality_auto, embed_metadata=self.embed_metadata, quality=self.quality,
+            partial_images=self.partial_images)
             for i, (seed, guidance) in enumerate(zip(self.seeds, self.guidance_scales, strict=True)))
 
     def describe(self) -> dict[str, Any]:

@@ -18,4 +18,7 @@ class JobsConfig(BaseModel):
     retry_backoff_s: float = Field(1.0, ge=0.0)
     max_backlog: int = Field(1000, ge=1, description="Queued+running jobs above which POST /v1/jobs gets 503.")
     default_seconds_per_image: float = Field(5.0, gt=0.0, description="ETA before any job has finished.")
+    preview_max_bytes: int = Field(1 << 20, ge=1024, le=16 << 20, description=(
+        "Largest partial image (PNG bytes) stored as a running job's preview (GET /v1/jobs/{id}/preview); "
+        "a larger one is skipped. The replica downscales previews first (the model's previews.max_side)."))
     webhooks: WebhookConfig = Field(default_factory=WebhookConfig)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from serve_app.tenancy.models import Base
@@ -47,3 +47,17 @@ class Job(Base):
         Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
     )
+
+
+class JobPreview(Base):
+    """The latest partial image of each image of a running job (`partial_images`), beside its
+    progress: one row per (job, image), overwritten at each preview, removed when the job ends
+    (jobs/previews.py). Size-capped by `jobs.preview_max_bytes`."""
+
+    __tablename__ = "job_previews"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    image_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    png: Mapped[bytes] = mapped_column(LargeBinary)
+    step: Mapped[int] = mapped_column(Integer)
+    total: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

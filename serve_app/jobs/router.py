@@ -6,7 +6,7 @@ import logging
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from serve_app.errors import not_found
 from serve_app.jobs.protocol import Job, JobCreateRequest, JobList
@@ -72,6 +72,25 @@ def _listable(jobs: Jobs, record: JobRecord) -> Job | None:
             _unlisted.add(record.id)
             logger.exception("job %s can't be shown; left out of the list", record.id)
         return None
+
+
+@router.get("/v1/jobs/{job_id}/preview", response_class=Response,
+            responses={200: {"content": {"image/png": {}}, "description": "The latest partial image (PNG)."}})
+async def get_job_preview(job_id: str, jobs: JobsDep, ctx: CurrentTenant,
+                          image: Annotated[int | None, Query(ge=0, le=1000)] = None) -> Response:
+    """The latest partial image of a running job that asked for `partial_images` (of image `image`,
+    else of whichever image sent one last); 404 before the first one and after the job ended."""
+    job = await anyio.to_thread.run_sync(jobs.store.get, job_id, ctx.tenant_id)
+    if job is None:  # another tenant's job is as absent as a missing one
+        raise not_found(f"No job {job_id!r}.", param="job_id", code="job_not_found")
+    preview = await anyio.to_thread.run_sync(jobs.previews.latest, job_id, image)
+    if preview is None:
+        why = "it has ended (see its results)" if job.status not in ("queued", "running") else (
+            "none yet" if job.spec.get("partial_images") else "it asked for no partial_images")
+        raise not_found(f"No preview of job {job_id!r}: {why}.", param="job_id", code="preview_not_available")
+    return Response(preview.png, media_type="image/png", headers={
+        "Cache-Control": "no-store", "X-Genserve-Preview-Image": str(preview.image_index),
+        "X-Genserve-Preview-Step": str(preview.step), "X-Genserve-Preview-Total": str(preview.total)})
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=Job, response_model_exclude_none=True)

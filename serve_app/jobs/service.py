@@ -9,11 +9,12 @@ from typing import Any
 
 import anyio
 
-from deployments.diffusion.types import ImageResult
-from serve_app.errors import unavailable
+from deployments.diffusion.types import ImageResult, PartialImage
+from serve_app.errors import bad_request, unavailable
 from serve_app.images.service import ImagesService, degradation, gpu_seconds
 from serve_app.images.spec import SPEC_VERSION, ImageSpec
 from serve_app.jobs.config import JobsConfig
+from serve_app.jobs.previews import PreviewStore
 from serve_app.jobs.protocol import Job, JobCreateRequest, JobResult, JobUsed
 from serve_app.jobs.runner import JobRunner
 from serve_app.jobs.store import JobRecord, JobStore
@@ -46,12 +47,16 @@ class Jobs:
         self.images = images
         self.webhooks = webhooks
         self.store = JobStore(tenancy.engine)
+        self.previews = PreviewStore(tenancy.engine, max_bytes=config.preview_max_bytes)
         self.runner = JobRunner(self.store, execute=self._execute, config=config, finish_hook=self._deliver,
                                 terminal_hook=self._on_terminal, orphan_usage=self._orphan_usage)
 
     async def create(self, body: JobCreateRequest, ctx: TenantContext) -> tuple[JobRecord, Admission]:
         """`POST /v1/jobs`: the checks of an image request, then the job's admission (settled when the
         job ends), then the job, durable once this returns."""
+        if body.stream:
+            raise bad_request("A job is not streamed: poll GET /v1/jobs/{id}, and GET /v1/jobs/{id}/preview for its "
+                              "partial images (`partial_images`).", param="stream", code="unsupported_for_jobs")
         prepared = await self.images.prepare(body, ctx)
         if body.webhook_url is not None and self.webhooks is not None:
             await self.webhooks.avalidate(body.webhook_url)
@@ -96,7 +101,13 @@ class Jobs:
         spec = ImageSpec.from_stored(job.spec)
         # A fresh task id per attempt: a cancel mark of a dead attempt must not stop this one.
         ids = [f"{job.id}:{job.attempts}:{i}" for i in range(spec.n)]
-        return await self.images.run(spec, task_ids=ids, on_progress=progress)
+
+        async def preview(i: int, partial: PartialImage) -> None:  # the latest one, beside the progress
+            await anyio.to_thread.run_sync(lambda: self.previews.put(
+                job.id, self.runner.owner, i, partial.png, step=partial.step, total=partial.total))
+
+        return await self.images.run(spec, task_ids=ids, on_progress=progress,
+                                     on_preview=preview if spec.partial_images else None)
 
     async def _deliver(self, job: JobRecord, results: list[ImageResult]) -> dict[str, Any]:
         """Upload every image (retried inside the store; a failure fails the attempt, so the job is
@@ -114,6 +125,8 @@ class Jobs:
             ctx, route="jobs", model=job.model, images=len(results), gpu_seconds=gpu_seconds(results)))
 
     async def _on_terminal(self, job: JobRecord) -> None:
+        if job.spec.get("partial_images"):  # the results replace the previews
+            await anyio.to_thread.run_sync(self.previews.clear, job.id)
         if job.webhook_url and self.webhooks is not None:
             # URLs from config: a job's spec may still carry a `base_url` taken from an old request's Host.
             payload = self.public(job).model_dump(mode="json")

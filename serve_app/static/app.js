@@ -40,7 +40,8 @@ async function api(method, path, body, { raw = false, signal } = {}) {
   if (body !== undefined) headers["Content-Type"] = "application/json";
   let r;
   try {
-    r = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal });
+    // Relative to the page: the playground also works under a route prefix (`/app/`).
+    r = await fetch(path.replace(/^\//, ""), { method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal });
   } catch (e) {
     if (e.name === "AbortError") throw e;
     throw new ApiError(0, String(e));
@@ -208,17 +209,52 @@ function jobText(job) {
   return `Failed: ${job.error || "no reason given"}`;
 }
 
+// The job's latest partial image (GET /v1/jobs/{id}/preview, 404 until the first one), shown
+// while it runs; `state.previewUrl` is the object URL on screen (revoked when replaced).
+async function showLivePreview(jobId) {
+  let r;
+  try {
+    r = await api("GET", `/v1/jobs/${jobId}/preview`, undefined, { raw: true });
+  } catch (e) {
+    if (e.status === 404) return;  // none yet, or the job just ended
+    throw e;
+  }
+  const step = r.headers.get("X-Genserve-Preview-Step"), total = r.headers.get("X-Genserve-Preview-Total");
+  const url = URL.createObjectURL(await r.blob());
+  if (state.previewUrl) URL.revokeObjectURL(state.previewUrl);
+  state.previewUrl = url;
+  $("live-preview-img").src = url;
+  $("live-preview-img").dataset.step = step;
+  $("live-preview-caption").textContent = `Preview at step ${step} of ${total}`;
+  $("live-preview").hidden = false;
+}
+
+async function submitJob(body) {
+  // Partial images need the model's preview decoder: without one (422 naming partial_images) the
+  // job is submitted again without them.
+  if (!$("live-preview-on").checked) return api("POST", "/v1/jobs", body);
+  try {
+    return await api("POST", "/v1/jobs", { ...body, partial_images: 3 });
+  } catch (e) {
+    if (e.status !== 422 || e.param !== "partial_images") throw e;
+    $("live-preview-caption").textContent = "This model has no live preview.";
+    return api("POST", "/v1/jobs", body);
+  }
+}
+
 async function generate(ev) {
   ev.preventDefault();
   const button = $("generate");
   const body = requestBody();
   if (!body.prompt) { setStatus($("progress-text"), "Write a prompt first.", "error"); $("prompt").focus(); return; }
   button.disabled = true;
+  $("live-preview").hidden = true;
   try {
     showProgress(0, "Submitting…");
-    let job = await api("POST", "/v1/jobs", body);
+    let job = await submitJob(body);
     while (job.status === "queued" || job.status === "running") {
       showProgress(job.progress, jobText(job));
+      if (job.status === "running" && $("live-preview-on").checked) await showLivePreview(job.id);
       await sleep(300);
       job = await api("GET", `/v1/jobs/${job.id}`);
     }
