@@ -137,13 +137,13 @@ def tiny_sdxl_pipeline() -> StableDiffusionXLPipeline:
     )
 
 
-def _ip_adapter_state_dict(unet: UNet2DConditionModel, image_embed_dim: int) -> dict[str, torch.Tensor]:
+def _ip_adapter_state_dict(unet: Any, image_embed_dim: int) -> dict[str, torch.Tensor]:
     """Random weights in the original IP-Adapter file layout (what `load_ip_adapter` converts), built
     the way diffusers' own tests do (`create_ip_adapter_state_dict`): an `image_proj` (CLIP image
     embedding -> 4 tokens of the UNet's cross-attention width) and, for every cross-attention
     processor in `attn_processors` order, `to_k_ip`/`to_v_ip`, numbered 1, 3, 5, ... (the
     original checkpoints' numbering, which diffusers' converter follows)."""
-    cross = int(unet.config.cross_attention_dim)  # type: ignore[attr-defined]
+    cross = int(unet.config.cross_attention_dim)
     tokens = 4  # "proj.weight" in the file means the plain IP-Adapter: 4 image tokens
     torch.manual_seed(0)
     out: dict[str, torch.Tensor] = {
@@ -153,7 +153,7 @@ def _ip_adapter_state_dict(unet: UNet2DConditionModel, image_embed_dim: int) -> 
         "image_proj.norm.bias": torch.zeros(cross),
     }
     key_id = 1
-    for name in unet.attn_processors:  # type: ignore[attr-defined]
+    for name in unet.attn_processors:
         if not name.endswith("attn1.processor"):
             module = unet.get_submodule(name.removesuffix(".processor"))
             hidden = module.to_k.out_features
@@ -168,7 +168,8 @@ def build_tiny_ip_adapter(out_dir: Path) -> Path:
     """A random IP-Adapter for the tiny SDXL and a tiny CLIP image encoder, in h94/IP-Adapter's
     layout: `<subfolder>/<weights>.safetensors` and `<subfolder>/image_encoder/`."""
     out_dir = Path(out_dir)
-    unet = tiny_sdxl_pipeline().unet
+    sdxl: Any = tiny_sdxl_pipeline()  # Any: mypy sees diffusers' dummy classes
+    unet = sdxl.unet
     torch.manual_seed(0)
     encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=32, projection_dim=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
