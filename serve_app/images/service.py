@@ -23,11 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from deployments.diffusion.types import ImageResult, ImageTask
+from deployments.diffusion.types import ImageResult, ImageTask, InputImage
 from serve_app.chat.enhance import SYSTEM_PROMPT, expand_with
 from serve_app.chat.service import LLMTarget
 from serve_app.errors import APIError, bad_request, is_backend_at_capacity, unavailable
 from serve_app.images import qos
+from serve_app.images.conditioning import Conditioning, SentImages
+from serve_app.images.inputs import InputRefused
 from serve_app.images.protocol import (
     GenerationInfo,
     ImageData,
@@ -61,35 +63,61 @@ class PreparedImages:
     tenant: TenantContext
     enhance_with: LLMTarget | None = None
     started: float = field(default_factory=time.monotonic)
+    images: dict[str, InputImage] = field(default_factory=dict, repr=False)  # input images by sha256
 
 
 class ImagesService:
     def __init__(self, *, config: AppConfig, diffusion: Mapping[str, Any], tenancy: Tenancy, library: Library,
-                 storage: ResultStore, resolve_llm: Callable[[str | None], LLMTarget]) -> None:
+                 storage: ResultStore, resolve_llm: Callable[[str | None], LLMTarget],
+                 conditioning: Conditioning | None = None) -> None:
         self.config = config
         self.diffusion = diffusion  # Serve DeploymentHandles by model name
         self.tenancy = tenancy
         self.library = library
         self.storage = storage
         self.resolve_llm = resolve_llm  # chat.service.resolve_llm over this replica's LLM handles
+        self.conditioning = conditioning  # input images (image prompts, references, edits); None: refused
 
     # -- before quota -----------------------------------------------------------------------------
 
-    async def render(self, body: ImageGenerationRequest | PromptRenderRequest, ctx: TenantContext) -> ImageSpec:
+    async def render(self, body: ImageGenerationRequest | PromptRenderRequest, ctx: TenantContext, *,
+                     image_param: str | None = None) -> ImageSpec:
         """The request's spec within the tenant's plan. The tenant's templates are in the database,
-        so rendering runs in a worker thread."""
+        so rendering runs in a worker thread. `image_param`: the request sends an image (edits)."""
         templates = self.library.for_tenant(ctx.tenant_id)
         spec = await anyio.to_thread.run_sync(
-            lambda: render_image_request(self.config, templates, body, tenant=ctx.tenant))
+            lambda: render_image_request(self.config, templates, body, tenant=ctx.tenant, image_param=image_param))
         ensure_model_allowed(ctx, spec.model, self.config.find_diffusion(spec.model).aliases)  # type: ignore[union-attr]
         ensure_within_plan(ctx, width=spec.width, height=spec.height, steps=spec.steps)
         return spec
 
-    async def prepare(self, body: ImageGenerationRequest, ctx: TenantContext) -> PreparedImages:
-        spec = await self.render(body, ctx)
+    async def prepare(self, body: ImageGenerationRequest, ctx: TenantContext,
+                      sent: SentImages | None = None) -> PreparedImages:
+        """`sent`: the images of an edit or a variation. Input images are fetched and checked
+        here, after the plan checks and before any quota is taken."""
+        spec = await self.render(body, ctx, image_param=sent.images[0].param if sent else None)
         target = self._enhance_target(ctx) if spec.enhance else None
+        spec, images = await self.attach_images(spec, ctx.tenant_id, sent)
         spec = qos.stamp(spec, ctx.plan, body.quality, explicit_steps=body.steps is not None, metadata=body.metadata)
-        return PreparedImages(spec, ctx, target)
+        return PreparedImages(spec, ctx, target, images=images)
+
+    async def attach_images(self, spec: ImageSpec, tenant_id: int,
+                            sent: SentImages | None) -> tuple[ImageSpec, dict[str, InputImage]]:
+        if sent is None and not spec.params.image_sources:
+            return spec, {}
+        if self.conditioning is None:
+            raise bad_request("This server takes no input images.", param=sent.images[0].param if sent else "prompt",
+                              code="input_images_disabled")
+        return await self.conditioning.attach(spec, tenant_id=tenant_id, sent=sent)  # InputRefused: 4xx
+
+    async def load_images(self, spec: ImageSpec, tenant_id: int) -> dict[str, InputImage]:
+        """A stored spec's input images again (a job's attempt); InputRefused (a ValueError: the job
+        fails with the reason, no retry) when one is gone or changed."""
+        if not spec.image_refs:
+            return {}
+        if self.conditioning is None:
+            raise InputRefused(422, "This server takes no input images.", param="prompt", code="input_images_disabled")
+        return await self.conditioning.load(spec, tenant_id=tenant_id)
 
     def _enhance_target(self, ctx: TenantContext) -> LLMTarget:
         """404/503 when no chat model is configured or deployed, 403 when the plan excludes it."""
@@ -125,7 +153,7 @@ class ImagesService:
         prepared = await self.enhance(prepared)
         spec = prepared.spec
         try:
-            results = await self.run(spec)
+            results = await self.run(spec, images=prepared.images)
         except APIError:
             raise
         except Exception as e:  # noqa: BLE001 - mapped to the client-facing error
@@ -141,7 +169,8 @@ class ImagesService:
     # -- the steps a job runs too -----------------------------------------------------------------
 
     async def run(self, spec: ImageSpec, *, task_ids: list[str] | None = None,
-                  on_progress: OnProgress | None = None) -> list[ImageResult]:
+                  on_progress: OnProgress | None = None,
+                  images: dict[str, InputImage] | None = None) -> list[ImageResult]:
         """All images of `spec`, in order; each its own Serve request, so batches mix users. With
         `on_progress`, each image streams its steps (a job's progress) and leaving cancels its call.
         Errors are raised as the handle raised them (a job decides from them: retry or fail)."""
@@ -149,7 +178,7 @@ class ImagesService:
         if handle is None:
             raise unavailable(f"Model {spec.model!r} has no running deployment.")
         with tracing.span("diffusion.call", kind=tracing.SpanKind.CLIENT, model=spec.model, images=spec.n):
-            tasks = spec.tasks(task_ids, trace_context=tracing.outgoing())
+            tasks = spec.tasks(task_ids, trace_context=tracing.outgoing(), images=images)
             if on_progress is None:
                 return list(await asyncio.gather(*(handle.generate.remote(t) for t in tasks)))
             return await _streamed(handle, tasks, on_progress)

@@ -96,7 +96,9 @@ class Jobs:
         spec = ImageSpec.from_stored(job.spec)
         # A fresh task id per attempt: a cancel mark of a dead attempt must not stop this one.
         ids = [f"{job.id}:{job.attempts}:{i}" for i in range(spec.n)]
-        return await self.images.run(spec, task_ids=ids, on_progress=progress)
+        # Input images are stored as references: loaded again (and checked) for every attempt.
+        images = await self.images.load_images(spec, job.tenant_id)
+        return await self.images.run(spec, task_ids=ids, on_progress=progress, images=images)
 
     async def _deliver(self, job: JobRecord, results: list[ImageResult]) -> dict[str, Any]:
         """Upload every image (retried inside the store; a failure fails the attempt, so the job is
