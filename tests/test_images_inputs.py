@@ -220,7 +220,7 @@ async def test_uploads_are_per_tenant_and_deleted_uploads_fail_jobs(tmp_path: Pa
     obj = await files.upload(1, gradient_png((20, 10)), filename="cat.png", purpose="vision")
     assert obj.id.startswith("file-") and (obj.width, obj.height) == (20, 10) and obj.filename == "cat.png"
     assert await files.get(2, obj.id) is None and await files.read(2, obj.id) is None  # another tenant
-    assert [f.id for f in await files.list(1)] == [obj.id] and await files.list(2) == []
+    assert [f.id for f in await files.list_files(1)] == [obj.id] and await files.list_files(2) == []
     cond = Conditioning(ImageInputs(OPEN, uploads=files))
     spec, images = await cond.attach(_spec(f"{obj.id} a cat"), tenant_id=1)
     assert spec.init_image is not None and spec.init_image.sha256 == obj.sha256

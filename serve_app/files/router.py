@@ -47,7 +47,7 @@ async def upload_file(request: Request, files: FilesDep, ctx: CurrentTenant) -> 
 @router.get("/v1/files", response_model=FileList)
 async def list_files(files: FilesDep, ctx: CurrentTenant, purpose: str | None = Query(None, max_length=32),
                      limit: int = Query(100, ge=1, le=10_000), order: Literal["asc", "desc"] = "desc") -> FileList:
-    return FileList(data=await files.list(ctx.tenant_id, purpose=purpose, limit=limit, order=order))
+    return FileList(data=await files.list_files(ctx.tenant_id, purpose=purpose, limit=limit, order=order))
 
 
 @router.get("/v1/files/{file_id}", response_model=FileObject)

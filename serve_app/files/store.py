@@ -53,14 +53,14 @@ class TenantFiles:
             raise bad_request(f"purpose must be one of {list(PURPOSES)} (genserve stores images), got {purpose!r}.",
                               param="purpose")
         image = await anyio.to_thread.run_sync(lambda: decode_image(data, self.cfg, param="file"))
-        count = sum(1 for k in await self.storage.alist(self._folder(tenant_id)) if k.endswith(".json"))
+        count = sum(1 for k in await self.storage.alist_keys(self._folder(tenant_id)) if k.endswith(".json"))
         if count >= self.cfg.max_files_per_tenant:
             raise APIError(409, f"You have {count} files; the limit is {self.cfg.max_files_per_tenant}. Delete some "
                            "first.", param="file", code="too_many_files")
         with Image.open(BytesIO(image.png)) as im:
             width, height = im.size
         obj = FileObject(id=new_file_id(), bytes=len(image.png), created_at=int(time.time()),
-                         filename=_clean_filename(filename), purpose=purpose,  # type: ignore[arg-type]
+                         filename=_clean_filename(filename), purpose=purpose,
                          sha256=image.sha256, width=width, height=height)
         await self.storage.aput(self._key(tenant_id, obj.id, "png"), image.png, "image/png")
         await self.storage.aput(self._key(tenant_id, obj.id, "json"), obj.model_dump_json().encode(),
@@ -79,9 +79,9 @@ class TenantFiles:
             return None
         return await self.storage.aget(self._key(tenant_id, file_id, "png"))
 
-    async def list(self, tenant_id: int, *, purpose: str | None = None, limit: int = 100,
+    async def list_files(self, tenant_id: int, *, purpose: str | None = None, limit: int = 100,
                    order: str = "desc") -> list[FileObject]:
-        keys = [k for k in await self.storage.alist(self._folder(tenant_id)) if k.endswith(".json")]
+        keys = [k for k in await self.storage.alist_keys(self._folder(tenant_id)) if k.endswith(".json")]
         files = []
         for key in keys:
             raw = await self.storage.aget(key)

@@ -36,6 +36,7 @@ from serve_app.errors import APIError
 from serve_app.images.config import ImageInputsConfig
 from serve_app.netguard import AddressPolicy, Resolver, ResponseTooLarge, UrlGuard, URLRefused
 from serve_app.prompts.params import FILE_ID, is_image_source
+
 _DATA_URL = re.compile(r"data:image/(png|jpeg|jpg|webp);base64,", re.IGNORECASE)
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"))
 
@@ -106,7 +107,7 @@ def decode_image(data: bytes, cfg: ImageInputsConfig, *, param: str, mask: bool 
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise _too_many_pixels(param, 0, 0, cfg) from None
-    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError, EOFError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise InputRefused(422, f"{param}: the {kind} image could not be decoded ({type(e).__name__}).",
                            param=param, code="invalid_image") from None
     buf = io.BytesIO()

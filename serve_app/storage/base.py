@@ -108,7 +108,7 @@ class ResultStore(ABC):
         """The stored bytes of `key`, None if there is none (uploads read back: serve_app/files)."""
 
     @abstractmethod
-    def list(self, prefix: str) -> list[str]:
+    def list_keys(self, prefix: str) -> list[str]:
         """Keys under the folder `prefix` (a valid key without the trailing `/`), sorted."""
 
     async def aput(self, key: str, data: bytes, content_type: str = "image/png") -> str:
@@ -124,5 +124,5 @@ class ResultStore(ABC):
     async def aget(self, key: str) -> bytes | None:
         return await anyio.to_thread.run_sync(self.get, key)
 
-    async def alist(self, prefix: str) -> list[str]:
-        return await anyio.to_thread.run_sync(self.list, prefix)
+    async def alist_keys(self, prefix: str) -> list[str]:
+        return await anyio.to_thread.run_sync(self.list_keys, prefix)

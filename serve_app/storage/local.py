@@ -90,7 +90,7 @@ class LocalResultStore(ResultStore):
         except FileNotFoundError:
             return None
 
-    def list(self, prefix: str) -> list[str]:
+    def list_keys(self, prefix: str) -> list[str]:
         folder = self.path_of(prefix)
         if not folder.is_dir():
             return []

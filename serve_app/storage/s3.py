@@ -80,7 +80,7 @@ class S3ResultStore(ResultStore):
             raise
         return bytes(obj["Body"].read())
 
-    def list(self, prefix: str) -> list[str]:
+    def list_keys(self, prefix: str) -> list[str]:
         folder = self.object_key(prefix) + "/"
         keys: list[str] = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.cfg.bucket, Prefix=folder,
