@@ -181,7 +181,9 @@ def load_app_config(args: dict[str, Any] | AppConfig) -> AppConfig:
     cfg = AppConfig.model_validate(_expand_tree(dict(args or {})))
     return cfg.model_copy(update={
         "work_dir": cfg.work_dir.expanduser().resolve(),
-        "diffusion_models": [m.model_copy(update={"model": _absolutize(m.model)}) for m in cfg.diffusion_models],
+        "diffusion_models": [m.model_copy(update={"model": _absolutize(m.model), "ip_adapter": m.ip_adapter and
+                                                  m.ip_adapter.model_copy(update={"repo": _absolutize(m.ip_adapter.repo)})})
+                             for m in cfg.diffusion_models],
         "llm_models": [m.model_copy(update={"model": _absolutize(m.model)}) for m in cfg.llm_models],
     })
 

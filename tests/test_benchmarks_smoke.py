@@ -165,3 +165,18 @@ def test_engine_speed_smoke(tmp_path: Path) -> None:
     (draft,) = result["draft"]["rows"]
     assert draft["unet_calls"]["reused"] > 0 and draft["fidelity_vs_default"]["max_abs_diff"] > 0
     assert "error" not in result["warm_start"] and result["warm_start"]["start_to_first_image_s"] > 0
+
+
+def test_img2img_speed_smoke(tmp_path: Path) -> None:
+    """benchmarks/img2img_speed.py end to end on the tiny model: every mode timed in one run,
+    the img2img step count from strength, and the ratios against txt2img."""
+    out = tmp_path / "i2i.json"
+    cmd = [sys.executable, "-m", "benchmarks.img2img_speed", "--tiny", "--device", "cpu", "--steps", "2",
+           "--strength", "0.5", "--batches", "2", "--reps", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["steps_run"] == {"txt2img": 2, "img2img": 1, "inpaint": 1}
+    (row,) = result["rows"]
+    assert row["batch"] == 2 and all(row[m]["images_per_s"] > 0 for m in ("txt2img", "img2img", "inpaint"))
+    assert row["img2img_vs_txt2img"] > 0 and row["inpaint_vs_txt2img"] > 0

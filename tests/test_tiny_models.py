@@ -52,7 +52,10 @@ def test_builds_are_reproducible(tmp_path: Path) -> None:
 
 def test_build_all_tiny_writes_manifest_and_skips_built(tmp_path: Path) -> None:
     paths = tiny.build_all_tiny(tmp_path)
-    assert paths == {"sdxl": tmp_path / "sdxl-tiny", "wuerstchen": tmp_path / "wuerstchen-tiny"}
+    assert paths == {"sdxl": tmp_path / "sdxl-tiny", "wuerstchen": tmp_path / "wuerstchen-tiny",
+                     "ip_adapter": tmp_path / "ip-adapter-tiny"}
+    adapter = tmp_path / "ip-adapter-tiny" / tiny.IP_ADAPTER_SUBFOLDER
+    assert (adapter / tiny.IP_ADAPTER_WEIGHTS).is_file() and (adapter / "image_encoder" / "config.json").is_file()
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["sdxl-tiny"]["native_px"] == 64
     assert manifest["wuerstchen-tiny"]["native_px"] == 128

@@ -7,7 +7,7 @@ Defined here, beside the code that reads it, and composed by `serve_app/config.p
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -111,6 +111,24 @@ class OptimizeConfig(_Strict):
         return self.compile != "none"
 
 
+class IPAdapterConfig(_Strict):
+    """Style/character references through IP-Adapter (deployments/diffusion/ip_adapter.py), loaded
+    with diffusers' `load_ip_adapter(repo, subfolder=, weight_name=, image_encoder_folder=)`. SDXL
+    family only. Without this section, tasks with references are refused (422 at the ingress)."""
+
+    repo: str = Field(description="Hub id or local directory holding the adapter weights.")
+    subfolder: str = Field("", description="Folder of `weight_name` inside `repo` (h94/IP-Adapter: sdxl_models).")
+    weight_name: str = Field(description="The adapter's safetensors file, e.g. ip-adapter-plus_sdxl_vit-h.safetensors.")
+    image_encoder: str = Field("image_encoder", description="CLIP vision encoder folder: a bare name is taken "
+                               "inside `subfolder`, a path with '/' from the repo root (models/image_encoder: ViT-H).")
+    style_blocks: dict[str, Any] | None = Field(
+        None, description="UNet blocks a style reference acts on, as diffusers' set_ip_adapter_scale takes them "
+        "(InstantStyle on SDXL: {up: {block_0: [0.0, 1.0, 0.0]}}); each entry is multiplied by the reference's "
+        "scale. None: every block (a style reference then also carries layout, like a character one).")
+    embedding_cache: int = Field(256, ge=1, le=100_000, description="Reference images whose CLIP embeddings a replica "
+                                 "keeps (LRU by the image's sha256).")
+
+
 class DiffusionModelConfig(_Strict):
     name: str = Field(description="Public model name (the `model` field of requests).")
     family: Literal["sdxl", "wuerstchen"]
@@ -136,6 +154,8 @@ class DiffusionModelConfig(_Strict):
     vae_slicing: bool = Field(
         True, description="SDXL: decode a batch's latents one image at a time. The VAE decode of a whole "
         "batch is the memory peak at large sizes; slicing cuts it at a small cost (benchmarks/README.md).")
+    ip_adapter: IPAdapterConfig | None = Field(None, description="IP-Adapter weights for `--sref`/`--cref` "
+                                               "references (SDXL family). None: references are refused.")
     probe_memory: bool = Field(
         True, description="On CUDA, run the largest batch the limits allow (1 step) when the replica starts, "
         "so a budget that does not fit the replica's GPU share fails the deploy instead of a request later.")
@@ -154,6 +174,8 @@ class DiffusionModelConfig(_Strict):
             raise ValueError(f"batching.max_batch_megapixels ({self.batch_megapixels:g}) is smaller than one image at "
                              f"the native resolution ({self.native_resolution}px): every default request would be refused")
         self._check_buckets_fit()
+        if self.ip_adapter is not None and self.family != "sdxl":
+            raise ValueError(f"ip_adapter: the {self.family} family has no IP-Adapter support in diffusers (SDXL only)")
         if self.default_steps > self.max_steps:
             raise ValueError(f"default_steps ({self.default_steps}) must be <= max_steps ({self.max_steps})")
         return self

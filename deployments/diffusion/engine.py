@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from deployments.diffusion import sdxl, wuerstchen
-from deployments.diffusion.config import DiffusionModelConfig, OptimizeConfig
+from deployments.diffusion import img2img, ip_adapter, sdxl, wuerstchen
+from deployments.diffusion.config import DiffusionModelConfig, IPAdapterConfig, OptimizeConfig
 from deployments.diffusion.hooks import LiveRows, StopDenoising, circular_padding, generators, per_task_calls
 from deployments.diffusion.loading import FAMILIES, load_pipeline
 from deployments.diffusion.optimize import apply as apply_optimizations
@@ -104,6 +104,8 @@ class DiffusionEngine:
         # One pipeline call at a time: calls mutate the pipeline (scheduler state, tiling, flags).
         self._lock = threading.Lock()
         self._broken: str | None = None
+        # Style/character references (ip_adapter.py): None until `load_ip_adapter`.
+        self.references: ip_adapter.ReferenceAdapter | None = None
 
     @classmethod
     def from_pretrained(
@@ -120,15 +122,19 @@ class DiffusionEngine:
         optimize: OptimizeConfig | None = None,
         vae_slicing: bool = False,
         size_rules: SizeRules | None = None,
+        ip_adapter: IPAdapterConfig | None = None,
     ) -> DiffusionEngine:
         pipeline = load_pipeline(
             model_id_or_path, family, dtype=dtype, device=device, variant=variant  # type: ignore[arg-type]
         )
         pipeline = apply_optimizations(pipeline, family, optimize or OptimizeConfig())
-        return cls(
+        engine = cls(
             name, pipeline, family, decoder_steps=decoder_steps, batch_invariant=batch_invariant,
             vae_slicing=vae_slicing, size_rules=size_rules,
         )
+        if ip_adapter is not None:
+            engine.load_ip_adapter(ip_adapter)
+        return engine
 
     @classmethod
     def from_config(cls, config: DiffusionModelConfig, device: str) -> DiffusionEngine:
@@ -138,7 +144,15 @@ class DiffusionEngine:
             config.name, config.model, config.family, dtype=config.dtype, device=device, variant=config.variant,
             decoder_steps=config.decoder_steps, batch_invariant=config.batch_invariant, optimize=config.optimize,
             vae_slicing=config.vae_slicing,
-            size_rules=SizeRules(config.size_multiple, config.min_side, config.max_side))
+            size_rules=SizeRules(config.size_multiple, config.min_side, config.max_side),
+            ip_adapter=config.ip_adapter)
+
+    def load_ip_adapter(self, config: IPAdapterConfig) -> None:
+        """Load the IP-Adapter that draws `task.references` (SDXL family; ip_adapter.py)."""
+        if self.family != "sdxl":
+            raise ValueError(f"ip_adapter: model {self.name!r} ({self.family}) has no IP-Adapter support")
+        with self._lock:
+            self.references = ip_adapter.ReferenceAdapter(self.pipeline, config)
 
     # -- limits and checks ---------------------------------------------------------------------
 
@@ -158,10 +172,26 @@ class DiffusionEngine:
 
     def validate(self, task: ImageTask) -> None:
         """Raise ValueError (diffusers-style message) if `task` cannot run on this model: the
-        contract's rules (`rules.check_task`), the same ones the ingress applied."""
+        contract's rules (`rules.check_task`), the same ones the ingress applied, and what this
+        model can draw from images (init image, mask, references; one at scale 0 is absent)."""
+        task = ip_adapter.without_zero_scales(task)
         check_task(task, self.size_rules, model=self.name)
+        if self.family == "wuerstchen":
+            # diffusers has no img2img, inpainting or IP-Adapter for Würstchen.
+            for given, param in ((task.init_image, "image (init_image, --iw)"), (task.mask, "mask"),
+                                 (task.references, "references (--sref/--cref/--oref)")):
+                if given:
+                    raise ValueError(f"`{param}` is not supported by model {self.name!r} (Würstchen has no "
+                                     f"image-to-image pipeline); use an SDXL-family model.")
+            return
+        img2img.check(task, model=self.name)
+        ip_adapter.check(task, loaded=self.references is not None, model=self.name)
 
     def total_steps(self, task: ImageTask) -> int:
+        """Steps the task's progress counts to: what actually runs (img2img runs the last
+        `int(steps * strength)` of its schedule; Würstchen adds its decoder's)."""
+        if task.init_image is not None:
+            return img2img.steps_run(task.steps, task.strength)
         return task.steps + (self.decoder_steps if self.family == "wuerstchen" else 0)
 
     def health(self) -> None:
@@ -190,6 +220,7 @@ class DiffusionEngine:
         """
         results: list[Image.Image | Exception | None] = [None] * len(tasks)
         groups: dict[tuple, list[int]] = {}
+        tasks = [ip_adapter.without_zero_scales(t) for t in tasks]  # a 0-scale reference draws nothing
         for i, task in enumerate(tasks):
             try:
                 self.validate(task)
@@ -222,8 +253,9 @@ class DiffusionEngine:
         def step_done(step: int) -> bool:
             total = self.total_steps(tasks[0])
             if on_step is not None:
-                for j in rows.live:  # a task that left the batch reports no more steps
-                    on_step(tasks[j].task_id, step, total)
+                for j in rows.live:  # a task that left the batch (or was cancelled) reports no more steps
+                    if j not in cancelled:
+                        on_step(tasks[j].task_id, step, total)
             return poll_cancel(f"step {step} of {total}")
 
         images: dict[int, Image.Image] = {}  # task index -> its image
@@ -267,5 +299,8 @@ class DiffusionEngine:
         that order; `step_done(step)` returns True to stop denoising."""
         gens = generators(tasks)
         if self.family == "sdxl":
-            return sdxl.run(self.pipeline, tasks, step_done, gens, rows)
+            if self.references is None:
+                return sdxl.run(self.pipeline, tasks, step_done, gens, rows)
+            with self.references.active(tasks, sdxl.uses_cfg(self.pipeline, tasks[0])) as extra:
+                return sdxl.run(self.pipeline, tasks, step_done, gens, rows, extra)
         return wuerstchen.run(self.pipeline, tasks, step_done, gens, decoder_steps=self.decoder_steps)

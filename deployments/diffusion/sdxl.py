@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from deployments.diffusion import optimize, unet_split
+from deployments.diffusion import img2img, optimize, unet_split
 from deployments.diffusion.buckets import snap
 from deployments.diffusion.hooks import LiveRows, StopDenoising, take_rows, weighted_sum
 from deployments.diffusion.types import ImageTask
@@ -44,6 +44,11 @@ def is_draft(task: ImageTask) -> bool:
     return task.quality == "draft"
 
 
+def uses_cfg(p: Any, task: ImageTask) -> bool:
+    """Classifier-free guidance doubles the batch ([uncond; cond]); LCM-style UNets guide without."""
+    return task.guidance_scale > 1 and p.unet.config.time_cond_proj_dim is None
+
+
 def plan(p: Any, task: ImageTask) -> tuple[int, int, int, int]:
     """(width, height, steps, draft cache interval) this task's group actually runs: its size
     snapped to the configured buckets, and the draft tier's settings for a draft task."""
@@ -63,6 +68,7 @@ def run(
     step_done: Callable[[int], bool],
     generators: list[torch.Generator],
     rows: LiveRows | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> list[Image.Image]:
     """Images for the tasks still live at the end (`rows.live`, all of `tasks` without `rows`),
     in that order; raises `StopDenoising` when `step_done(step)` asks to stop.
@@ -70,9 +76,12 @@ def run(
     With `rows`, a task cancelled mid-loop leaves the batch after the step that noticed it: its
     rows of the latents, embeddings and time ids are dropped, and its generator with them (the
     scheduler draws per-row noise from the remaining ones in order), so the other tasks go on
-    exactly as they would have (the seed rule) and the cancelled one costs nothing more."""
+    exactly as they would have (the seed rule) and the cancelled one costs nothing more.
+
+    Tasks with an init image run the img2img or inpaint pipeline sharing `p`'s components
+    (img2img.py); `extra` adds pipeline arguments (the IP-Adapter's image embeddings)."""
     first = tasks[0]
-    cfg = first.guidance_scale > 1 and p.unet.config.time_cond_proj_dim is None
+    cfg = uses_cfg(p, first)
     cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def encode(text: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,8 +115,9 @@ def run(
         kwargs["negative_prompt_embeds"] = torch.cat([e for e, _ in neg])
         kwargs["negative_pooled_prompt_embeds"] = torch.cat([pl for _, pl in neg])
 
-    # An LCM-style `timestep_cond` has batch rows the callback can't replace: keep the rows then.
-    shrinkable = rows is not None and p.unet.config.time_cond_proj_dim is None
+    # An LCM-style `timestep_cond` has batch rows the callback can't replace: keep the rows then
+    # (and for inpainting: see img2img.can_drop_rows).
+    shrinkable = rows is not None and p.unet.config.time_cond_proj_dim is None and img2img.can_drop_rows(first)
 
     def on_step_end(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         unet_split.begin_step(pipe.unet, i + 1)  # the draft tier counts steps, not UNet calls
@@ -129,11 +139,12 @@ def run(
 
     raise_after = [False]
     width, height, steps, cache_interval = plan(p, first)
+    pipe = img2img.pipeline_for(p, first)
     with unet_split.draft(p.unet, cache_interval):
-        images = p(
+        images = pipe(
             **kwargs,
-            height=height,
-            width=width,
+            **img2img.call_kwargs(tasks, width, height),
+            **(extra or {}),
             num_inference_steps=steps,
             guidance_scale=first.guidance_scale,
             generator=generators,

@@ -29,15 +29,28 @@ from diffusers.pipelines.deprecated.wuerstchen import (
     WuerstchenDiffNeXt,
     WuerstchenPrior,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from safetensors.torch import save_file
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
 from deployments.diffusion.tokenizer import BOS, EOS, VOCAB_SIZE, build_byte_clip_tokenizer
 
 # Bump when a builder changes: build_all_tiny() then rebuilds models saved by an older version.
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: the tiny IP-Adapter
 MARKER = "genserve_tiny.json"
 SDXL_DIR = "sdxl-tiny"
 WUERSTCHEN_DIR = "wuerstchen-tiny"
+IP_ADAPTER_DIR = "ip-adapter-tiny"
+# The tiny IP-Adapter's layout, as configs/local.yaml names it (like h94/IP-Adapter's sdxl_models/).
+IP_ADAPTER_SUBFOLDER = "sdxl_models"
+IP_ADAPTER_WEIGHTS = "ip-adapter_sdxl_tiny.safetensors"
+IP_ADAPTER_ENCODER = "image_encoder"
+IP_IMAGE_PX = 32  # the tiny CLIP image encoder's input size
 # Native sizes: tiny SDXL's unet sample_size is 8 latents x vae factor 8; tiny Würstchen's
 # prior/decoder/VQGAN chain only reproduces sizes that are multiples of 128 px.
 SDXL_NATIVE_PX = 64
@@ -122,6 +135,49 @@ def tiny_sdxl_pipeline() -> StableDiffusionXLPipeline:
     )
 
 
+def _ip_adapter_state_dict(unet: UNet2DConditionModel, image_embed_dim: int) -> dict[str, torch.Tensor]:
+    """Random weights in the original IP-Adapter file layout (what `load_ip_adapter` converts), built
+    the way diffusers' own tests do (`create_ip_adapter_state_dict`): an `image_proj` (CLIP image
+    embedding -> 4 tokens of the UNet's cross-attention width) and, for every cross-attention
+    processor in `attn_processors` order, `to_k_ip`/`to_v_ip`, numbered 1, 3, 5, ... (the
+    original checkpoints' numbering, which diffusers' converter follows)."""
+    cross = int(unet.config.cross_attention_dim)  # type: ignore[attr-defined]
+    tokens = 4  # "proj.weight" in the file means the plain IP-Adapter: 4 image tokens
+    torch.manual_seed(0)
+    out: dict[str, torch.Tensor] = {
+        "image_proj.proj.weight": torch.randn(tokens * cross, image_embed_dim) * 0.1,
+        "image_proj.proj.bias": torch.randn(tokens * cross) * 0.1,
+        "image_proj.norm.weight": torch.ones(cross),
+        "image_proj.norm.bias": torch.zeros(cross),
+    }
+    key_id = 1
+    for name in unet.attn_processors:  # type: ignore[attr-defined]
+        if not name.endswith("attn1.processor"):
+            module = unet.get_submodule(name.removesuffix(".processor"))
+            hidden = module.to_k.out_features
+            # Large enough that a reference visibly moves a random tiny model's pixels.
+            out[f"ip_adapter.{key_id}.to_k_ip.weight"] = torch.randn(hidden, cross)
+            out[f"ip_adapter.{key_id}.to_v_ip.weight"] = torch.randn(hidden, cross)
+            key_id += 2
+    return out
+
+
+def build_tiny_ip_adapter(out_dir: Path) -> Path:
+    """A random IP-Adapter for the tiny SDXL and a tiny CLIP image encoder, in h94/IP-Adapter's
+    layout: `<subfolder>/<weights>.safetensors` and `<subfolder>/image_encoder/`."""
+    out_dir = Path(out_dir)
+    unet = tiny_sdxl_pipeline().unet
+    torch.manual_seed(0)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, projection_dim=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        image_size=IP_IMAGE_PX, patch_size=8, num_channels=3)).eval()
+    folder = out_dir / IP_ADAPTER_SUBFOLDER
+    encoder.save_pretrained(folder / IP_ADAPTER_ENCODER)
+    weights = _ip_adapter_state_dict(unet, image_embed_dim=encoder.config.projection_dim)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / IP_ADAPTER_WEIGHTS))
+    return out_dir
+
+
 def _wake_zero_init(model: torch.nn.Module) -> None:
     """Give zero-initialised weights small random values.
 
@@ -195,11 +251,13 @@ def _is_built(path: Path, marker: dict[str, object]) -> bool:
 
 
 def build_all_tiny(out_dir: Path) -> dict[str, Path]:
-    """Build both tiny models under `out_dir` (skipping any already saved) and write manifest.json."""
+    """Build the tiny models (SDXL, Würstchen, the IP-Adapter for the SDXL one) under `out_dir`
+    (skipping any already saved) and write manifest.json."""
     out_dir = Path(out_dir)
     builds = {
         "sdxl": (SDXL_DIR, build_tiny_sdxl, SDXL_NATIVE_PX),
         "wuerstchen": (WUERSTCHEN_DIR, build_tiny_wuerstchen, WUERSTCHEN_NATIVE_PX),
+        "ip_adapter": (IP_ADAPTER_DIR, build_tiny_ip_adapter, IP_IMAGE_PX),
     }
     paths: dict[str, Path] = {}
     manifest: dict[str, dict[str, object]] = {}
