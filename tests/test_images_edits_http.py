@@ -100,7 +100,7 @@ def test_image_prompt_and_references_from_a_url(genserve_url: str, auth: dict, i
     cat, style = images.url("/cat.png"), images.url("/style.png")
     before = len(images.hits)
     r = _post(genserve_url, auth, {"prompt": f"{cat} a cat --iw 2 --sref {style} --sw 500 --seed 3",
-                                   "size": "64x64"})
+                                   "size": "64x64", "steps": 6})  # strength 1/3 of 6 steps: 2 run
     assert r.status_code == 200, r.text
     assert sorted(images.hits[before:]) == ["/cat.png", "/style.png"]  # fetched by the ingress
     # Only an image prompt, no text: img2img from the image alone.
@@ -178,7 +178,7 @@ def _wait_job(url: str, auth: dict, job_id: str, timeout_s: float = 120) -> dict
 
 def test_jobs_load_their_images_again(genserve_url: str, auth: dict, images: ImageServer) -> None:
     url = images.add("/job-cat.png", Route(gradient_png((64, 64))))
-    r = httpx.post(genserve_url + "/v1/jobs", headers=auth, json={"prompt": f"{url} a cat --iw 2"})
+    r = httpx.post(genserve_url + "/v1/jobs", headers=auth, json={"prompt": f"{url} a cat --iw 2", "steps": 6})
     assert r.status_code == 202, r.text
     done = _wait_job(genserve_url, auth, r.json()["id"])
     assert done["status"] == "succeeded", done
@@ -207,3 +207,46 @@ def test_multipart_shape_errors(genserve_url: str, auth: dict) -> None:
     # The upload cap: image_inputs.max_bytes x max_images + 1 MiB, checked before the body is read.
     r = httpx.post(edits, headers=auth, data={"prompt": "x"}, files={"image": ("a.png", b"\0" * (40 << 20))})
     assert r.status_code == 413
+
+
+# ---- real img2img on the replica (engine side merged from the img2img branch) ----------------------
+def _pixels(b64: str) -> bytes:
+    return _png(b64).convert("RGB").tobytes()
+
+
+def test_the_init_image_and_strength_shape_the_picture(genserve_url: str, auth: dict) -> None:
+    client = _client(genserve_url, auth)
+
+    def edit(src: bytes, **extra: object) -> bytes:
+        res = client.images.edit(image=("i.png", src, "image/png"), prompt="a cat", size="64x64",
+                                 extra_body={"seed": 21, **extra})
+        return _pixels(res.data[0].b64_json)
+
+    a = edit(gradient_png((64, 64)))
+    assert edit(gradient_png((64, 64))) == a  # same seed + same image: same pixels
+    assert edit(png_bytes((64, 64), (0, 90, 200))) != a  # another image: another picture
+    # Another strength: another picture (the tiny model's 2 steps: 1 step runs at the default --iw 1
+    # strength of 0.667, both at strength 1 — which equals 0.5 there: int(steps x strength) decides).
+    assert edit(gradient_png((64, 64)), strength="1") != a
+    assert edit(gradient_png((64, 64)), strength="0.5") == a
+    txt = httpx.post(genserve_url + "/v1/images/generations", headers=auth, timeout=120,
+                     json={"prompt": "a cat", "size": "64x64", "seed": 21}).json()
+    assert _pixels(txt["data"][0]["b64_json"]) != a  # not a txt2img in disguise
+
+
+def test_reference_scale_zero_equals_no_reference(genserve_url: str, auth: dict, images: ImageServer) -> None:
+    style = images.url("/style.png")
+    plain = _post(genserve_url, auth, {"prompt": "a cat --seed 8", "size": "64x64"})
+    zero = _post(genserve_url, auth, {"prompt": f"a cat --seed 8 --sref {style} --sw 0", "size": "64x64"})
+    full = _post(genserve_url, auth, {"prompt": f"a cat --seed 8 --sref {style} --sw 1000", "size": "64x64"})
+    assert plain.status_code == zero.status_code == full.status_code == 200, (zero.text, full.text)
+    p, z, f = (_pixels(r.json()["data"][0]["b64_json"]) for r in (plain, zero, full))
+    assert z == p and f != p
+
+
+def test_no_step_left_is_refused_at_the_ingress(genserve_url: str, auth: dict, images: ImageServer) -> None:
+    # --iw 2.5 → strength 1/6; the tiny model's 2 steps x 1/6 leave no step: 422 naming --iw, nothing run.
+    r = _post(genserve_url, auth, {"prompt": f"{images.url('/cat.png')} a cat --iw 2.5"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "--iw", r.text
+    r = _post(genserve_url, auth, {"prompt": f"{images.url('/cat.png')} a cat --iw 2.5", "steps": 8})  # 1 step
+    assert r.status_code == 200, r.text

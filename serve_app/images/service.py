@@ -26,7 +26,7 @@ import anyio
 from deployments.diffusion.types import ImageResult, ImageTask, InputImage
 from serve_app.chat.enhance import SYSTEM_PROMPT, expand_with
 from serve_app.chat.service import LLMTarget
-from serve_app.errors import APIError, bad_request, is_backend_at_capacity, unavailable
+from serve_app.errors import APIError, bad_request, is_backend_at_capacity, unavailable, unprocessable
 from serve_app.images import qos
 from serve_app.images.conditioning import Conditioning, SentImages
 from serve_app.images.inputs import InputRefused
@@ -108,7 +108,26 @@ class ImagesService:
         if self.conditioning is None:
             raise bad_request("This server takes no input images.", param=sent.images[0].param if sent else "prompt",
                               code="input_images_disabled")
-        return await self.conditioning.attach(spec, tenant_id=tenant_id, sent=sent)  # InputRefused: 4xx
+        self._check_references(spec, sent)  # before anything is fetched
+        spec, images = await self.conditioning.attach(spec, tenant_id=tenant_id, sent=sent)  # InputRefused: 4xx
+        if spec.init_image is not None and img2img_steps(spec.steps, spec.strength) < 1:
+            param = "strength" if sent is not None and sent.strength is not None else (
+                "--iw" if spec.params.image_weight is not None else "steps")
+            raise unprocessable(f"strength {spec.strength:g} of {spec.steps} steps leaves no step to run on the image "
+                                "(img2img runs the last int(steps x strength)); lower --iw or ask for more steps.",
+                                param=param, code="no_steps_left")
+        return spec, images
+
+    def _check_references(self, spec: ImageSpec, sent: SentImages | None) -> None:
+        """References draw through the model's IP-Adapter: a model without one refuses them (422)."""
+        p = spec.params
+        param = "--sref" if p.style_refs else "--cref" if p.character_refs else "--oref" if p.omni_ref else None
+        if param is None and sent is not None and len(sent.images) > 1:
+            param = sent.images[1].param
+        model = self.config.find_diffusion(spec.model)
+        if param is not None and model is not None and model.ip_adapter is None:
+            raise unprocessable(f"{param}: model {model.name!r} has no IP-Adapter configured, so it can't draw style "
+                                "or character references.", param=param, code="references_unsupported")
 
     async def load_images(self, spec: ImageSpec, tenant_id: int) -> dict[str, InputImage]:
         """A stored spec's input images again (a job's attempt); InputRefused (a ValueError: the job
@@ -222,6 +241,12 @@ async def _streamed(handle: Any, tasks: tuple[ImageTask, ...], on_progress: OnPr
     except BaseExceptionGroup as failed:  # the first failure decides: retry later, retry, or fail
         raise failed.exceptions[0] from None
     return [c.result() for c in calls]
+
+
+def img2img_steps(steps: int, strength: float) -> int:
+    """Steps an img2img call runs: the engine's rule (deployments/diffusion/img2img.steps_run, which
+    imports diffusers: not on the ingress)."""
+    return min(int(steps * strength), steps)
 
 
 def map_backend_error(exc: Exception, model: str) -> APIError:
