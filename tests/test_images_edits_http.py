@@ -250,3 +250,14 @@ def test_no_step_left_is_refused_at_the_ingress(genserve_url: str, auth: dict, i
     assert r.status_code == 422 and r.json()["error"]["param"] == "--iw", r.text
     r = _post(genserve_url, auth, {"prompt": f"{images.url('/cat.png')} a cat --iw 2.5", "steps": 8})  # 1 step
     assert r.status_code == 200, r.text
+
+
+def test_output_follows_the_image_aspect_unless_a_size_is_given(genserve_url: str, auth: dict) -> None:
+    client = _client(genserve_url, auth)
+    wide = gradient_png((128, 64))
+    res = client.images.edit(image=("w.png", wide, "image/png"), prompt="a cat")
+    assert _png(res.data[0].b64_json).size == (88, 48)  # 2:1 at the model's 64² pixels, as --ar 2:1
+    res = client.images.edit(image=("w.png", wide, "image/png"), prompt="a cat", size="64x64")
+    assert _png(res.data[0].b64_json).size == (64, 64)
+    res = client.images.edit(image=("w.png", wide, "image/png"), prompt="a cat --ar 1:2")
+    assert _png(res.data[0].b64_json).size == (48, 88)

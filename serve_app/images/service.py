@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from PIL import Image
 
+from deployments.diffusion.rules import SizeRules
 from deployments.diffusion.types import ImageResult, ImageTask, InputImage
 from serve_app.chat.enhance import SYSTEM_PROMPT, expand_with
 from serve_app.chat.service import LLMTarget
@@ -39,6 +42,7 @@ from serve_app.images.protocol import (
 )
 from serve_app.images.render import render_image_request
 from serve_app.images.spec import ImageSpec
+from serve_app.prompts.mapping import size_for_aspect
 from serve_app.storage import StorageError, result_key
 from serve_app.tenancy import TenantContext, ensure_model_allowed, ensure_within_plan
 from telemetry import tracing
@@ -98,6 +102,9 @@ class ImagesService:
         spec = await self.render(body, ctx, image_param=sent.images[0].param if sent else None)
         target = self._enhance_target(ctx) if spec.enhance else None
         spec, images = await self.attach_images(spec, ctx.tenant_id, sent)
+        if spec.init_image is not None and body.parsed_size() is None and spec.params.aspect_ratio is None:
+            spec = self._size_of_image(spec, images[spec.init_image.sha256])
+            ensure_within_plan(ctx, width=spec.width, height=spec.height, steps=spec.steps)
         spec = qos.stamp(spec, ctx.plan, body.quality, explicit_steps=body.steps is not None, metadata=body.metadata)
         return PreparedImages(spec, ctx, target, images=images)
 
@@ -128,6 +135,23 @@ class ImagesService:
         if param is not None and model is not None and model.ip_adapter is None:
             raise unprocessable(f"{param}: model {model.name!r} has no IP-Adapter configured, so it can't draw style "
                                 "or character references.", param=param, code="references_unsupported")
+
+    def _size_of_image(self, spec: ImageSpec, image: InputImage) -> ImageSpec:
+        """No `size` and no `--ar`: draw at the init image's aspect ratio (clamped to --ar's 1:4..4:1)
+        with the model's native pixel count, as `--ar` would; a square image changes nothing."""
+        model = self.config.find_diffusion(spec.model)
+        with Image.open(io.BytesIO(image.png)) as im:
+            w, h = im.size
+        ratio = min(4.0, max(0.25, w / h))
+        if model is None or abs(ratio - 1.0) < 1e-3:
+            return spec
+        aspect = (round(ratio * 1000), 1000)
+        width, height = size_for_aspect(aspect, model.native_resolution ** 2, model.size_multiple, model.max_side)
+        try:
+            SizeRules(model.size_multiple, model.min_side, model.max_side).check(width, height)
+        except ValueError:
+            return spec  # an extreme ratio this model can't draw: keep its native square
+        return spec.model_copy(update={"width": width, "height": height})
 
     async def load_images(self, spec: ImageSpec, tenant_id: int) -> dict[str, InputImage]:
         """A stored spec's input images again (a job's attempt); InputRefused (a ValueError: the job
