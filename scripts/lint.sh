@@ -18,6 +18,8 @@ STRICT=(
   deployments/llm/server.py deployments/llm/deployment.py deployments/llm/engine.py deployments/llm/loading.py
   deployments/llm/vllm_engine.py
   telemetry/metrics.py telemetry/tracing.py
+  serve_app/images/inputs.py serve_app/images/config.py serve_app/images/conditioning.py serve_app/images/edits.py
+  serve_app/files/protocol.py serve_app/files/store.py serve_app/files/router.py
 )
 "$PY" -m ruff check .
 # follow-imports=silent: judge these files strictly, not everything they import.

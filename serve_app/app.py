@@ -8,6 +8,7 @@ from serve_app import playground
 from serve_app.api import health, models
 from serve_app.chat import router as chat
 from serve_app.errors import install_error_handlers
+from serve_app.files import files_api_router
 from serve_app.images import router as images
 from serve_app.jobs import router as jobs
 from serve_app.library import library_router
@@ -19,8 +20,8 @@ from serve_app.tenancy import admin_router, usage_router
 from serve_app.text_guard import reject_invalid_text
 from serve_app.trusted_hosts import TrustedHosts
 
-ROUTERS = (health.router, models.router, images.router, chat.router, jobs.router, library_router, files_router,
-           admin_router, usage_router, playground.router)
+ROUTERS = (health.router, models.router, images.router, chat.router, jobs.router,
+           library_router, files_router, files_api_router, admin_router, usage_router, playground.router)
 
 
 def create_app(services: Services) -> FastAPI:
@@ -30,7 +31,10 @@ def create_app(services: Services) -> FastAPI:
                   dependencies=[Depends(reject_invalid_text)])
     app.state.services = services
     install_error_handlers(app)
-    app.add_middleware(RequestGuard, max_body_bytes=services.config.limits.max_body_bytes)
+    inputs = services.config.image_inputs
+    # Uploads: every input image at its cap, plus room for the form's other fields.
+    app.add_middleware(RequestGuard, max_body_bytes=services.config.limits.max_body_bytes,
+                       max_upload_bytes=inputs.max_bytes * inputs.max_images + (1 << 20))
     if services.config.trusted_hosts is not None:
         app.add_middleware(TrustedHosts, allowed_hosts=services.config.trusted_hosts)
     # Outermost: request id, root span, latency and access log also for what the guard rejects.

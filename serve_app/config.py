@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from deployments.diffusion.config import AdaptiveQualityConfig, BatchingConfig, DiffusionModelConfig, OptimizeConfig
 from deployments.llm.config import LLMModelConfig
+from serve_app.images.config import ImageInputsConfig
 from serve_app.jobs.config import JobsConfig
 from serve_app.storage.config import StorageConfig
 from serve_app.tenancy.config import TenancyConfig
@@ -63,6 +64,7 @@ class AppConfig(_Strict):
         "jobs. None: the first of llm_models.")
     templates: list[PromptTemplateConfig] = Field(default_factory=list)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    image_inputs: ImageInputsConfig = Field(default_factory=ImageInputsConfig)
     tenancy: TenancyConfig = Field(default_factory=TenancyConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)

@@ -12,6 +12,9 @@ from ray import serve
 from serve_app.app import create_app
 from serve_app.chat.service import resolve_llm
 from serve_app.config import AppConfig, load_app_config
+from serve_app.files import TenantFiles
+from serve_app.images.conditioning import Conditioning
+from serve_app.images.inputs import ImageInputs
 from serve_app.images.service import ImagesService
 from serve_app.jobs.service import Jobs
 from serve_app.library import Library
@@ -29,8 +32,11 @@ def assemble_services(cfg: AppConfig, *, diffusion: dict[str, Any], llm: dict[st
     """Wire the feature services over their collaborators, once (tests pass their own)."""
     services = Services(config=cfg, diffusion=dict(diffusion), llm=dict(llm), tenancy=tenancy, storage=storage,
                         library=library)
+    services.files = TenantFiles(storage, cfg.image_inputs)
+    inputs = ImageInputs(cfg.image_inputs, uploads=services.files)
     services.images = ImagesService(config=cfg, diffusion=services.diffusion, tenancy=tenancy, library=library,
-                                    storage=storage, resolve_llm=functools.partial(resolve_llm, services))
+                                    storage=storage, resolve_llm=functools.partial(resolve_llm, services),
+                                    conditioning=Conditioning(inputs))
     services.jobs = Jobs(config=cfg.jobs, tenancy=tenancy, storage=storage, images=services.images,
                          webhooks=webhooks)
     return services

@@ -16,24 +16,35 @@ class _TooLarge(APIError):
         super().__init__(413, f"Request body exceeds {limit} bytes.", code="request_too_large")
 
 
-class RequestGuard:
-    """413 for bodies over `max_body_bytes` (declared or streamed); 400 for non-JSON API bodies."""
+# Routes that take images as multipart/form-data (OpenAI's shape), with their own body limit.
+UPLOAD_PATHS = frozenset({"/v1/files", "/v1/images/edits", "/v1/images/variations"})
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, json_prefixes: tuple[str, ...] = ("/v1/", "/admin/")):
+
+class RequestGuard:
+    """413 for bodies over `max_body_bytes` (declared or streamed); 400 for non-JSON API bodies.
+    The `upload_paths` take multipart/form-data only, up to `max_upload_bytes`."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, json_prefixes: tuple[str, ...] = ("/v1/", "/admin/"),
+                 *, upload_paths: frozenset[str] = UPLOAD_PATHS, max_upload_bytes: int | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.json_prefixes = json_prefixes
+        self.upload_paths = upload_paths
+        self.max_upload_bytes = max_upload_bytes or max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            return await self._reject(scope, receive, send, self._too_large())
+        upload = scope["path"] in self.upload_paths
+        limit = self.max_upload_bytes if upload else self.max_body_bytes
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._reject(scope, receive, send, _TooLarge(limit))
         ctype = headers.get("content-type", "").split(";")[0].strip().lower()
-        if scope["path"].startswith(self.json_prefixes) and declared != "0" and ctype != "application/json":
-            err = APIError(400, f"Content-Type must be application/json, got {ctype or 'none'!r}.",
+        wanted = "multipart/form-data" if upload else "application/json"
+        if scope["path"].startswith(self.json_prefixes) and declared != "0" and ctype != wanted:
+            err = APIError(400, f"Content-Type must be {wanted}, got {ctype or 'none'!r}.",
                            param="Content-Type", code="invalid_content_type")
             return await self._reject(scope, receive, send, err)
 
@@ -45,9 +56,9 @@ class RequestGuard:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
+                if received > limit:
                     overflow = True
-                    raise _TooLarge(self.max_body_bytes)
+                    raise _TooLarge(limit)
             return message
 
         replaced = False
@@ -59,7 +70,7 @@ class RequestGuard:
             if overflow:
                 if not replaced:
                     replaced = True
-                    await _TooLarge(self.max_body_bytes).response()(scope, receive, send)
+                    await _TooLarge(limit).response()(scope, receive, send)
                 return
             await send(message)
 

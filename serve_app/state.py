@@ -15,6 +15,7 @@ from fastapi import Depends, Request
 
 if TYPE_CHECKING:
     from serve_app.config import AppConfig
+    from serve_app.files import TenantFiles
     from serve_app.images.service import ImagesService
     from serve_app.jobs.service import Jobs
     from serve_app.library import Library
@@ -32,6 +33,7 @@ class Services:
     storage: ResultStore | None = None
     library: Library | None = None
     images: ImagesService | None = None
+    files: TenantFiles | None = None
     jobs: Jobs | None = None
 
 

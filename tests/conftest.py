@@ -91,6 +91,9 @@ def local_config_doc(port: int, work_dir: Path) -> dict:
     # Short leases so lost jobs are re-run within seconds; webhooks may target this host.
     args["jobs"] = {"lease_s": 4, "heartbeat_s": 1, "reap_interval_s": 1, "retry_backoff_s": 0.2,
                     "webhooks": {"secret": WEBHOOK_SECRET, "allow_hosts": ["127.0.0.1"], "backoff_s": 0.2}}
+    # Image prompts and references may be fetched from a test's image server on this host (the URL
+    # guard refuses loopback otherwise: tests/test_images_inputs.py checks that refusal).
+    args["image_inputs"] = {"allow_hosts": ["127.0.0.1"], "fetch_timeout_s": 3}
     return doc
 
 

@@ -160,7 +160,7 @@ ERRORS = [
     ("x --no", "--no", "--no needs at least one term"),
     ("x --no , , --ar 1:1", "--no", "--no needs at least one term"),
     ("x --foo 1", "--foo", "unknown parameter --foo"),
-    ("x --iw 1", "--iw", "unknown parameter --iw"),
+    ("x --iw 1", "--iw", "--iw weighs an image prompt"),  # known since issue 20; needs an image
     ("x --s 1 --stylize 2", "--stylize", "--stylize repeats --s; give it once"),
     ("x --tile --tile", "--tile", "--tile repeats --tile; give it once"),
     ("x --v 6 --version 6", "--version", "--version repeats --v"),
@@ -277,12 +277,36 @@ def valid_params(draw: st.DrawFn) -> PromptParams:
         tile=draw(st.booleans()),
         model=draw(st.none() | version | name),
         enhance=draw(st.booleans()),
+        **draw(image_params()),
     )
+
+
+URL = st.from_regex(r"https://img\.example\.com/[a-z0-9]{1,8}\.png", fullmatch=True) | st.from_regex(
+    r"file-[a-f0-9]{24}", fullmatch=True)
+
+
+@st.composite
+def image_params(draw: st.DrawFn) -> dict:
+    out: dict = {}
+    if draw(st.booleans()):
+        out["image_prompts"] = tuple(draw(st.lists(URL, min_size=1, max_size=2)))
+        out["image_weight"] = draw(st.none() | st.floats(0, 3).map(lambda w: round(w, 2)))
+    if draw(st.booleans()):
+        out["style_refs"] = tuple(draw(st.lists(URL, min_size=1, max_size=3)))
+        out["style_weight"] = draw(st.none() | st.integers(0, 1000))
+    if draw(st.booleans()):
+        out["character_refs"] = tuple(draw(st.lists(URL, min_size=1, max_size=2)))
+        out["character_weight"] = draw(st.none() | st.integers(0, 100))
+    if draw(st.booleans()):
+        out["omni_ref"] = draw(URL)
+        out["omni_weight"] = draw(st.none() | st.integers(1, 1000))
+    return out
 
 
 @given(WORDS, valid_params())
 def test_round_trip_params(text: str, params: PromptParams) -> None:
-    p = parse_prompt(f"{text} {format_params(params)}")
+    images = " ".join(params.image_prompts)  # image prompts come first, before the text
+    p = parse_prompt(f"{images} {text} {format_params(params)}")
     assert p.params == params
     assert p.text == text
 
@@ -294,3 +318,38 @@ def test_round_trip_weights(segments: list[tuple[str, float]]) -> None:
     p = parse_prompt(prompt + " --ar 3:4")
     assert [(s.text, s.weight) for s in p.segments] == segments
     assert p.text == ", ".join(t for t, w in segments if w > 0)
+
+
+# ---- image prompts and references (issue 20) -----------------------------------------------------
+def test_image_prompts_and_reference_flags() -> None:
+    p = parse_prompt("https://a.example/x.png file-0123456789abcdef a cat in a hat --iw 2.5 "
+                     "--sref https://s.example/1.jpg file-aaaaaaaabbbbbbbb --sw 300 --cref https://c.example/c.png "
+                     "--cw 20 --oref https://o.example/o.webp --ow 50 --ar 16:9")
+    assert p.text == "a cat in a hat"
+    q = p.params
+    assert q.image_prompts == ("https://a.example/x.png", "file-0123456789abcdef") and q.image_weight == 2.5
+    assert q.style_refs == ("https://s.example/1.jpg", "file-aaaaaaaabbbbbbbb") and q.style_weight == 300
+    assert q.character_refs == ("https://c.example/c.png",) and q.character_weight == 20
+    assert q.omni_ref == "https://o.example/o.webp" and q.omni_weight == 50 and q.aspect_ratio == (16, 9)
+    assert len(q.image_sources) == 6
+    # A URL later in the text is text (Midjourney reads image prompts at the start only).
+    assert parse_prompt("see https://a.example/x.png").params.image_prompts == ()
+
+
+@pytest.mark.parametrize("prompt, param, fragment", [
+    ("https://a.example/x.png cat --iw 3.5", "--iw", "between 0 and 3"),
+    ("https://a.example/x.png cat --iw lots", "--iw", "must be a number"),
+    ("cat --iw 1", "--iw", "image prompt"),
+    ("cat --sw 100", "--sw", "--sref"),
+    ("cat --sref", "--sref", "takes image URLs"),
+    ("cat --sref 12345", "--sref", "takes image URLs"),
+    ("cat --sref https://a.example/x.png --sw 1001", "--sw", "between 0 and 1000"),
+    ("cat --cref https://a.example/x.png --cw 101", "--cw", "between 0 and 100"),
+    ("cat --oref https://a.example/x.png --ow 0", "--ow", "between 1 and 1000"),
+    ("cat --oref ftp://a.example/x.png", "--oref", "takes image URLs"),
+    ("cat --sref https://a.example/x.png --sref https://b.example/y.png", "--sref", "give it once"),
+])
+def test_image_flag_errors(prompt: str, param: str, fragment: str) -> None:
+    with pytest.raises(PromptParameterError) as e:
+        parse_prompt(prompt)
+    assert e.value.param == param and fragment in e.value.message, e.value.message

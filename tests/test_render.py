@@ -120,3 +120,37 @@ def test_budget_below_one_native_image_is_a_config_error() -> None:
     args["diffusion_models"][0]["batching"]["max_batch_megapixels"] = 0.001  # < 64² px
     with pytest.raises(ValueError, match="max_batch_megapixels"):
         load_app_config(args)
+
+
+# ---- input images and model families (issue 20) ----------------------------------------------------
+WURST_DEFAULT = CFG.model_copy(update={"default_image_model": "wuerstchen-tiny"})
+URL = "https://img.example.com/cat.png"
+
+
+def test_image_input_routes_to_an_sdxl_model_when_none_is_named() -> None:
+    assert render("a cat", cfg=WURST_DEFAULT).model == "wuerstchen-tiny"  # no image: the default
+    assert render(f"{URL} a cat", cfg=WURST_DEFAULT).model == "sdxl-tiny"  # image prompt: routed
+    assert render(f"a cat --sref {URL}", cfg=WURST_DEFAULT).model == "sdxl-tiny"  # reference: routed
+    spec = render_image_request(WURST_DEFAULT, ConfigTemplates(WURST_DEFAULT), request("a cat"), image_param="image")
+    assert spec.model == "sdxl-tiny"  # an edit's image: routed
+
+
+@pytest.mark.parametrize("prompt, kw, param", [
+    (f"{URL} a cat --model wuerstchen-tiny", {}, "prompt"),
+    (f"{URL} a cat --model fast", {}, "prompt"),  # an alias of the Würstchen model
+    (f"a cat --sref {URL}", {"model": "wuerstchen-tiny"}, "--sref"),
+    (f"a cat --cref {URL}", {"model": "wuerstchen-tiny"}, "--cref"),
+])
+def test_a_named_model_without_img2img_is_a_422_naming_both(prompt: str, kw: dict, param: str) -> None:
+    with pytest.raises(APIError) as e:
+        render(prompt, **kw)
+    assert (e.value.status, e.value.param, e.value.code) == (422, param, "model_without_image_input")
+    assert "wuerstchen-tiny" in e.value.message
+
+
+def test_an_image_prompt_alone_is_a_prompt() -> None:
+    spec = render(f"{URL} --iw 2")
+    assert spec.prompt == "" and spec.params.image_prompts == (URL,) and spec.params.image_weight == 2.0
+    with pytest.raises(APIError) as e:  # references do not replace the text
+        render(f"--sref {URL}")
+    assert e.value.param == "prompt"

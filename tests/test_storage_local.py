@@ -99,6 +99,16 @@ def test_key_layout_and_round_trip(store: LocalResultStore) -> None:
     assert generated.startswith(f"acme/{datetime.now(UTC):%Y/%m/%d}/img_") and generated.endswith(".png")
 
 
+def test_get_and_list_for_uploads(store: LocalResultStore) -> None:
+    store.put("7/uploads/file-b.json", b"{}", "application/json")
+    store.put("7/uploads/file-a.png", b"png")
+    store.put("7/uploads/deeper/x.png", b"x")
+    store.put("70/uploads/file-c.png", b"other tenant")
+    assert store.get("7/uploads/file-a.png") == b"png" and store.get("7/uploads/none.png") is None
+    assert store.list_keys("7/uploads") == ["7/uploads/file-a.png", "7/uploads/file-b.json"]
+    assert store.list_keys("8/uploads") == []
+
+
 @pytest.mark.parametrize("bad", ["", "../x.png", "/abs.png", "a//b.png", "a/./b.png", "a/../b.png", "a\\b.png",
                                  ".hidden", "a/.x.png.tmp", "a/b c.png", "a/b\n.png", "x" * 600, "a/..b/c"])
 def test_bad_keys_are_refused(store: LocalResultStore, bad: str) -> None:

@@ -115,6 +115,19 @@ def test_moto_put_presigned_get_delete(moto_bucket: str) -> None:
     assert httpx.get(url).status_code == 404
 
 
+def test_get_and_list_for_uploads(moto_bucket: str) -> None:
+    """What /v1/files reads back (serve_app/files): get (None when absent) and one folder's keys."""
+    cfg = StorageConfig.model_validate({"backend": "s3", "s3": s3cfg(moto_bucket, prefix="gen/").model_dump()})
+    store = build_store(cfg, work_dir="/nonexistent")
+    store.put("7/uploads/file-b.json", b"{}", "application/json")
+    store.put("7/uploads/file-a.png", b"png")
+    store.put("7/uploads/deeper/x.png", b"x")
+    store.put("70/uploads/file-c.png", b"other tenant")
+    assert store.get("7/uploads/file-a.png") == b"png" and store.get("7/uploads/none.png") is None
+    assert store.list_keys("7/uploads") == ["7/uploads/file-a.png", "7/uploads/file-b.json"]
+    assert store.list_keys("8/uploads") == []
+
+
 def test_missing_bucket_fails_at_once_with_the_reason(moto_endpoint: str) -> None:
     store = S3ResultStore(s3cfg(moto_endpoint, bucket="no-such-bucket"), put_attempts=4, retry_backoff_s=0.01)
     with pytest.raises(StorageError) as info:

@@ -86,16 +86,44 @@ def _parse_with_template(prompt: str, template: str | None, version: int | None,
                         params=_merge_params(default_params, user.params)), found
 
 
-def _resolve_model(config: AppConfig, requested: str | None, flag: str | None) -> DiffusionModelConfig:
+# Families whose diffusers pipeline can start from an image (img2img, inpainting, IP-Adapter).
+IMAGE_INPUT_FAMILIES = frozenset({"sdxl"})
+
+
+def _resolve_model(config: AppConfig, requested: str | None, flag: str | None,
+                   image_param: str | None = None) -> DiffusionModelConfig:
+    """The model by `--model`/`--v`, `model` or the default. A request with input images
+    (`image_param` names where they came from) needs an img2img-capable family: a model named
+    explicitly that can't is a 422 naming both; with no model named, the first capable model is
+    used instead of a default that can't (docs/api-images.md)."""
     name = flag or requested or config.image_model_default
     model = config.find_diffusion(name)
+    param = "--model" if flag else "model"
     if model is None:
-        param = "--model" if flag else "model"
         if config.find_llm(name) is not None:
             raise bad_request(f"Model {name!r} is a chat model, not an image model.", param=param,
                               code="model_not_image")
         raise not_found(f"The model {name!r} does not exist.", param=param, code="model_not_found")
-    return model
+    if image_param is None or model.family in IMAGE_INPUT_FAMILIES:
+        return model
+    capable = next((m for m in config.diffusion_models if m.family in IMAGE_INPUT_FAMILIES), None)
+    if flag is None and requested is None and capable is not None:
+        return capable
+    raise unprocessable(f"{image_param}: model {model.name!r} ({model.family}) can't start from or refer to an "
+                        f"image; use an SDXL-family model"
+                        + (f" such as {capable.name!r}" if capable else "") + f" (or leave `{param}` out).",
+                        param=image_param, code="model_without_image_input")
+
+
+def image_param_of(params: PromptParams) -> str | None:
+    """Which prompt parameter brings input images, if any (for errors naming it)."""
+    if params.image_prompts:
+        return "prompt"
+    for param, present in (("--sref", params.style_refs), ("--cref", params.character_refs),
+                           ("--oref", params.omni_ref)):
+        if present:
+            return param
+    return None
 
 
 def _validate_size(model: DiffusionModelConfig, width: int, height: int) -> None:
@@ -118,9 +146,11 @@ def _size_of(req: ImageRequest) -> tuple[int, int] | None:
 
 
 def render_image_request(config: AppConfig, templates: TemplateSource, req: ImageRequest, *,
-                         tenant: str | None = None) -> ImageSpec:
+                         tenant: str | None = None, image_param: str | None = None) -> ImageSpec:
     """The request's `ImageSpec`, or the APIError (400/404/422) naming what is wrong. Blocking when
-    `templates` reads the database: run it in a worker thread."""
+    `templates` reads the database: run it in a worker thread. `image_param`: the request sends an
+    image to start from (edits: `image`); images named in the prompt are found here. The images
+    themselves are loaded afterwards (images/conditioning.py)."""
     n, prompt, style = req.n, req.prompt, req.style
     if n > config.limits.max_images_per_request:
         raise bad_request(f"n is {n}; the limit is {config.limits.max_images_per_request} images per request.",
@@ -135,9 +165,11 @@ def render_image_request(config: AppConfig, templates: TemplateSource, req: Imag
             raise bad_request(f"style must be one of {sorted(STYLE_PARAMS)}, got {style!r}.", param="style")
         parsed = parsed.model_copy(update={"params": _merge_params(STYLE_PARAMS[style], parsed.params)})
     p = parsed.params
-    if not parsed.text.strip():
+    starts_from_image = image_param is not None or bool(p.image_prompts)
+    image_param = image_param or image_param_of(p)
+    if not parsed.text.strip() and not starts_from_image:  # img2img may run from the image alone
         raise bad_request("prompt has no text besides its parameters.", param="prompt", code="empty_prompt")
-    mdl = _resolve_model(config, req.model, p.model)
+    mdl = _resolve_model(config, req.model, p.model, image_param)
 
     try:
         settings = mapping.resolve_images(

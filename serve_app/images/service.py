@@ -16,18 +16,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from PIL import Image
 
-from deployments.diffusion.types import ImageResult, ImageTask, PartialImage
+from deployments.diffusion.rules import SizeRules
+from deployments.diffusion.types import ImageResult, ImageTask, InputImage, PartialImage
 from serve_app.chat.enhance import SYSTEM_PROMPT, expand_with
 from serve_app.chat.service import LLMTarget
-from serve_app.errors import APIError, bad_request, is_backend_at_capacity, unavailable
+from serve_app.errors import APIError, bad_request, is_backend_at_capacity, unavailable, unprocessable
 from serve_app.images import qos
+from serve_app.images.conditioning import Conditioning, SentImages
+from serve_app.images.inputs import InputRefused
 from serve_app.images.protocol import (
     GenerationInfo,
     ImageData,
@@ -37,6 +42,7 @@ from serve_app.images.protocol import (
 )
 from serve_app.images.render import render_image_request
 from serve_app.images.spec import ImageSpec
+from serve_app.prompts.mapping import size_for_aspect
 from serve_app.storage import StorageError, result_key
 from serve_app.tenancy import TenantContext, ensure_model_allowed, ensure_within_plan
 from telemetry import tracing
@@ -62,37 +68,102 @@ class PreparedImages:
     tenant: TenantContext
     enhance_with: LLMTarget | None = None
     started: float = field(default_factory=time.monotonic)
+    images: dict[str, InputImage] = field(default_factory=dict, repr=False)  # input images by sha256
 
 
 class ImagesService:
     def __init__(self, *, config: AppConfig, diffusion: Mapping[str, Any], tenancy: Tenancy, library: Library,
-                 storage: ResultStore, resolve_llm: Callable[[str | None], LLMTarget]) -> None:
+                 storage: ResultStore, resolve_llm: Callable[[str | None], LLMTarget],
+                 conditioning: Conditioning | None = None) -> None:
         self.config = config
         self.diffusion = diffusion  # Serve DeploymentHandles by model name
         self.tenancy = tenancy
         self.library = library
         self.storage = storage
         self.resolve_llm = resolve_llm  # chat.service.resolve_llm over this replica's LLM handles
+        self.conditioning = conditioning  # input images (image prompts, references, edits); None: refused
 
     # -- before quota -----------------------------------------------------------------------------
 
-    async def render(self, body: ImageGenerationRequest | PromptRenderRequest, ctx: TenantContext) -> ImageSpec:
+    async def render(self, body: ImageGenerationRequest | PromptRenderRequest, ctx: TenantContext, *,
+                     image_param: str | None = None) -> ImageSpec:
         """The request's spec within the tenant's plan. The tenant's templates are in the database,
-        so rendering runs in a worker thread."""
+        so rendering runs in a worker thread. `image_param`: the request sends an image (edits)."""
         templates = self.library.for_tenant(ctx.tenant_id)
         spec = await anyio.to_thread.run_sync(
-            lambda: render_image_request(self.config, templates, body, tenant=ctx.tenant))
+            lambda: render_image_request(self.config, templates, body, tenant=ctx.tenant, image_param=image_param))
         ensure_model_allowed(ctx, spec.model, self.config.find_diffusion(spec.model).aliases)  # type: ignore[union-attr]
         ensure_within_plan(ctx, width=spec.width, height=spec.height, steps=spec.steps)
         return spec
 
-    async def prepare(self, body: ImageGenerationRequest, ctx: TenantContext) -> PreparedImages:
-        spec = await self.render(body, ctx)
+    async def prepare(self, body: ImageGenerationRequest, ctx: TenantContext,
+                      sent: SentImages | None = None) -> PreparedImages:
+        """`sent`: the images of an edit or a variation. Input images are fetched and checked
+        here, after the plan checks and before any quota is taken."""
+        spec = await self.render(body, ctx, image_param=sent.images[0].param if sent else None)
         target = self._enhance_target(ctx) if spec.enhance else None
+        spec, images = await self.attach_images(spec, ctx.tenant_id, sent)
+        if spec.init_image is not None and body.parsed_size() is None and spec.params.aspect_ratio is None:
+            spec = self._size_of_image(spec, images[spec.init_image.sha256])
+            ensure_within_plan(ctx, width=spec.width, height=spec.height, steps=spec.steps)
         model = self.config.find_diffusion(spec.model)
         spec = qos.stamp(spec, ctx.plan, body.quality, explicit_steps=body.steps is not None, metadata=body.metadata,
                          has_draft_tier=model is not None and model.has_draft_tier)
-        return PreparedImages(spec, ctx, target)
+        return PreparedImages(spec, ctx, target, images=images)
+
+    async def attach_images(self, spec: ImageSpec, tenant_id: int,
+                            sent: SentImages | None) -> tuple[ImageSpec, dict[str, InputImage]]:
+        if sent is None and not spec.params.image_sources:
+            return spec, {}
+        if self.conditioning is None:
+            raise bad_request("This server takes no input images.", param=sent.images[0].param if sent else "prompt",
+                              code="input_images_disabled")
+        self._check_references(spec, sent)  # before anything is fetched
+        spec, images = await self.conditioning.attach(spec, tenant_id=tenant_id, sent=sent)  # InputRefused: 4xx
+        if spec.init_image is not None and img2img_steps(spec.steps, spec.strength) < 1:
+            param = "strength" if sent is not None and sent.strength is not None else (
+                "--iw" if spec.params.image_weight is not None else "steps")
+            raise unprocessable(f"strength {spec.strength:g} of {spec.steps} steps leaves no step to run on the image "
+                                "(img2img runs the last int(steps x strength)); lower --iw or ask for more steps.",
+                                param=param, code="no_steps_left")
+        return spec, images
+
+    def _check_references(self, spec: ImageSpec, sent: SentImages | None) -> None:
+        """References draw through the model's IP-Adapter: a model without one refuses them (422)."""
+        p = spec.params
+        param = "--sref" if p.style_refs else "--cref" if p.character_refs else "--oref" if p.omni_ref else None
+        if param is None and sent is not None and len(sent.images) > 1:
+            param = sent.images[1].param
+        model = self.config.find_diffusion(spec.model)
+        if param is not None and model is not None and model.ip_adapter is None:
+            raise unprocessable(f"{param}: model {model.name!r} has no IP-Adapter configured, so it can't draw style "
+                                "or character references.", param=param, code="references_unsupported")
+
+    def _size_of_image(self, spec: ImageSpec, image: InputImage) -> ImageSpec:
+        """No `size` and no `--ar`: draw at the init image's aspect ratio (clamped to --ar's 1:4..4:1)
+        with the model's native pixel count, as `--ar` would; a square image changes nothing."""
+        model = self.config.find_diffusion(spec.model)
+        with Image.open(io.BytesIO(image.png)) as im:
+            w, h = im.size
+        ratio = min(4.0, max(0.25, w / h))
+        if model is None or abs(ratio - 1.0) < 1e-3:
+            return spec
+        aspect = (round(ratio * 1000), 1000)
+        width, height = size_for_aspect(aspect, model.native_resolution ** 2, model.size_multiple, model.max_side)
+        try:
+            SizeRules(model.size_multiple, model.min_side, model.max_side).check(width, height)
+        except ValueError:
+            return spec  # an extreme ratio this model can't draw: keep its native square
+        return spec.model_copy(update={"width": width, "height": height})
+
+    async def load_images(self, spec: ImageSpec, tenant_id: int) -> dict[str, InputImage]:
+        """A stored spec's input images again (a job's attempt); InputRefused (a ValueError: the job
+        fails with the reason, no retry) when one is gone or changed."""
+        if not spec.image_refs:
+            return {}
+        if self.conditioning is None:
+            raise InputRefused(422, "This server takes no input images.", param="prompt", code="input_images_disabled")
+        return await self.conditioning.load(spec, tenant_id=tenant_id)
 
     def _enhance_target(self, ctx: TenantContext) -> LLMTarget:
         """404/503 when no chat model is configured or deployed, 403 when the plan excludes it."""
@@ -128,7 +199,7 @@ class ImagesService:
         prepared = await self.enhance(prepared)
         spec = prepared.spec
         try:
-            results = await self.run(spec)
+            results = await self.run(spec, images=prepared.images)
         except APIError:
             raise
         except Exception as e:  # noqa: BLE001 - mapped to the client-facing error
@@ -144,7 +215,8 @@ class ImagesService:
     # -- the steps a job runs too -----------------------------------------------------------------
 
     async def run(self, spec: ImageSpec, *, task_ids: list[str] | None = None,
-                  on_progress: OnProgress | None = None, on_preview: OnPreview | None = None) -> list[ImageResult]:
+                  on_progress: OnProgress | None = None, on_preview: OnPreview | None = None,
+                  images: dict[str, InputImage] | None = None) -> list[ImageResult]:
         """All images of `spec`, in order; each its own Serve request, so batches mix users. With
         `on_progress`, each image streams its steps (a job's progress) and leaving cancels its call.
         Errors are raised as the handle raised them (a job decides from them: retry or fail)."""
@@ -152,7 +224,7 @@ class ImagesService:
         if handle is None:
             raise unavailable(f"Model {spec.model!r} has no running deployment.")
         with tracing.span("diffusion.call", kind=tracing.SpanKind.CLIENT, model=spec.model, images=spec.n):
-            tasks = spec.tasks(task_ids, trace_context=tracing.outgoing())
+            tasks = spec.tasks(task_ids, trace_context=tracing.outgoing(), images=images)
             if on_progress is None:
                 return list(await asyncio.gather(*(handle.generate.remote(t) for t in tasks)))
             return await _streamed(handle, tasks, on_progress, on_preview)
@@ -200,6 +272,12 @@ async def _streamed(handle: Any, tasks: tuple[ImageTask, ...], on_progress: OnPr
     except BaseExceptionGroup as failed:  # the first failure decides: retry later, retry, or fail
         raise failed.exceptions[0] from None
     return [c.result() for c in calls]
+
+
+def img2img_steps(steps: int, strength: float) -> int:
+    """Steps an img2img call runs: the engine's rule (deployments/diffusion/img2img.steps_run, which
+    imports diffusers: not on the ingress)."""
+    return min(int(steps * strength), steps)
 
 
 def map_backend_error(exc: Exception, model: str) -> APIError:

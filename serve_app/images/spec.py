@@ -8,16 +8,42 @@ diffusion contract's `ImageTask` is the per-image wire form a replica takes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.diffusion.types import ImageTask, WeightedPrompt
+from deployments.diffusion.types import ImageTask, InputImage, Reference, WeightedPrompt
 from serve_app.library.templates import ResolvedTemplate
 from serve_app.prompts.mapping import ImageSettings
 from serve_app.prompts.params import PromptParams, WeightedSegment
 
 SPEC_VERSION = 2  # 1: the untyped dict of jobs stored before issue 19 (still loaded: `from_stored`)
+
+
+_IMAGE_PARAMS = ("image_prompts", "image_weight", "style_refs", "style_weight", "character_refs", "character_weight",
+                 "omni_ref", "omni_weight")
+UPLOAD = "upload"  # the source of bytes sent with the request itself (edits, variations): not re-fetchable
+
+
+class ImageRef(BaseModel):
+    """An input image by reference, never its bytes (a job row stays small): where it came from
+    and the sha256 of its checked PNG. A job's runner loads `source` again and insists on the same
+    sha256; a deleted file or a changed URL fails the job with a reason."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: str = Field(description="http(s) URL, `file-...` id, or `upload`")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    param: str = Field(description="the request parameter it came from (`image`, `--sref`, ...), for errors")
+
+
+class ReferenceSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["style", "character"]
+    image: ImageRef
+    scale: float = Field(ge=0.0)
 
 
 class ImageSpec(ImageSettings):
@@ -39,18 +65,47 @@ class ImageSpec(ImageSettings):
     embed_metadata: bool = False
     quality: Literal["default", "draft"] = "default"  # "draft": the model's draft tier (optimize.draft)
     partial_images: int = 0  # previews per image (streamed, or a job's preview); needs the model's decoder
+    # Images from images (images/conditioning.py): img2img from `init_image` at `strength`,
+    # inpainting with `mask`, IP-Adapter `references`. References only: `tasks()` takes the bytes.
+    init_image: ImageRef | None = None
+    mask: ImageRef | None = None
+    strength: float = Field(1.0, gt=0.0, le=1.0)
+    references: tuple[ReferenceSpec, ...] = ()
 
-    def tasks(self, task_ids: list[str] | None = None,
-              trace_context: dict[str, str] | None = None) -> tuple[ImageTask, ...]:
-        """One `ImageTask` per image; `task_ids` tie progress and cancellation to a job."""
+    @property
+    def image_refs(self) -> tuple[ImageRef, ...]:
+        """Every input image the spec refers to (what a job's runner loads again)."""
+        own = tuple(r for r in (self.init_image, self.mask) if r is not None)
+        return (*own, *(r.image for r in self.references))
+
+    def tasks(self, task_ids: list[str] | None = None, trace_context: dict[str, str] | None = None,
+              images: Mapping[str, InputImage] | None = None) -> tuple[ImageTask, ...]:
+        """One `ImageTask` per image; `task_ids` tie progress and cancellation to a job; `images`
+        are the loaded input images by sha256 (every one of `image_refs`)."""
         weighted = tuple(WeightedPrompt(w.text, w.weight) for w in self.weighted_prompts)
+        loaded = images or {}
+        missing = [r.source for r in self.image_refs if r.sha256 not in loaded]
+        if missing:
+            raise ValueError(f"input images not loaded: {missing}")
+
+        def get(ref: ImageRef | None) -> InputImage | None:
+            return loaded[ref.sha256] if ref is not None else None
+
+        init, mask = get(self.init_image), get(self.mask)
+        refs = tuple(Reference(kind=r.kind, image=loaded[r.image.sha256], scale=r.scale) for r in self.references)
         return tuple(ImageTask(
             prompt=self.prompt, negative_prompt=self.negative_prompt, seed=seed, width=self.width,
             height=self.height, steps=self.steps, guidance_scale=guidance, tile=self.tile, weighted_prompts=weighted,
             task_id=task_ids[i] if task_ids else None, trace_context=trace_context, priority=self.priority,
             quality_auto=self.quality_auto, embed_metadata=self.embed_metadata, quality=self.quality,
-            partial_images=self.partial_images)
+            partial_images=self.partial_images, init_image=init, mask=mask,
+            strength=self.strength if init is not None else 1.0, references=refs)
             for i, (seed, guidance) in enumerate(zip(self.seeds, self.guidance_scales, strict=True)))
+
+    def _unused_image_params(self) -> set[str]:
+        # The image fields (issue 20) show only when given: the view of other requests is as before.
+        unset = PromptParams()
+        return {k for k in _IMAGE_PARAMS if getattr(self.params, k) == getattr(unset, k)}
 
     def describe(self) -> dict[str, Any]:
         """The public view (`/v1/prompts/render`, `Job.params`, the generation log's `params`)."""
@@ -59,8 +114,12 @@ class ImageSpec(ImageSettings):
             "width": self.width, "height": self.height, "steps": self.steps,
             "guidance_scale": list(self.guidance_scales), "seeds": list(self.seeds), "tile": self.tile,
             "weighted_prompts": [{"text": w.text, "weight": w.weight} for w in self.weighted_prompts],
-            "params": self.params.model_dump(mode="json"),
-        } | ({"quality": self.quality} if self.quality != "default" else {})
+            "params": self.params.model_dump(mode="json", exclude=self._unused_image_params()),
+            **({"init_image": self.init_image.model_dump(), "strength": self.strength} if self.init_image else {}),
+            **({"mask": self.mask.model_dump()} if self.mask else {}),
+            **({"references": [r.model_dump() for r in self.references]} if self.references else {}),
+            **({"quality": self.quality} if self.quality != "default" else {}),
+        }
 
     @classmethod
     def from_stored(cls, data: dict[str, Any]) -> ImageSpec:
@@ -84,4 +143,4 @@ class ImageSpec(ImageSettings):
             embed_metadata=first.get("embed_metadata", False))
 
 
-__all__ = ["SPEC_VERSION", "ImageSpec"]
+__all__ = ["SPEC_VERSION", "UPLOAD", "ImageRef", "ImageSpec", "ReferenceSpec"]

@@ -101,12 +101,14 @@ class Jobs:
         spec = ImageSpec.from_stored(job.spec)
         # A fresh task id per attempt: a cancel mark of a dead attempt must not stop this one.
         ids = [f"{job.id}:{job.attempts}:{i}" for i in range(spec.n)]
+        # Input images are stored as references: loaded again (and checked) for every attempt.
+        images = await self.images.load_images(spec, job.tenant_id)
 
         async def preview(i: int, partial: PartialImage) -> None:  # the latest one, beside the progress
             await anyio.to_thread.run_sync(lambda: self.previews.put(
                 job.id, self.runner.owner, i, partial.png, step=partial.step, total=partial.total))
 
-        return await self.images.run(spec, task_ids=ids, on_progress=progress,
+        return await self.images.run(spec, task_ids=ids, on_progress=progress, images=images,
                                      on_preview=preview if spec.partial_images else None)
 
     async def _deliver(self, job: JobRecord, results: list[ImageResult]) -> dict[str, Any]:

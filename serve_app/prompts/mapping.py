@@ -15,6 +15,10 @@ request's JSON value when given, else the model's default.
 | `--tile` | `tile` | `tile` (circular padding) | passed through |
 | `--v X`, `--version X`, `--model NAME` | `model` | which diffusion deployment | "vX" or NAME, resolved by the router against the configured models and aliases |
 | `--enhance` | `enhance` | prompt expansion by the LLM | passed through |
+| image URLs / `file-...` ids first, `--iw W` | `image_prompts`, `image_weight` | `init_image`, `strength` (img2img) | `strength_for_image_weight`: strength = clamp(1 − W/3, 0.05, 1); W defaults to 1 (strength ≈ 0.667), `--iw 0` → 1 (the image only seeds the noise), `--iw 3` → 0.05 |
+| `--sref URL...`, `--sw N` | `style_refs`, `style_weight` | IP-Adapter reference, kind `style` | `reference_scale`: piecewise linear through (0 → 0), (100 → 0.6), (1000 → 1.2); N defaults to 100 |
+| `--cref URL...`, `--cw N` | `character_refs`, `character_weight` | IP-Adapter reference, kind `character` | `character_scale`: 0.3 + 0.3·N/100 (N 0–100, default 100 → 0.6); `--cw 0` still keeps the face |
+| `--oref URL`, `--ow N` | `omni_ref`, `omni_weight` | IP-Adapter reference, kind `character` | `reference_scale` as for `--sw` (N 1–1000, default 100 → 0.6) |
 | `a::2 b::-0.5` | `segments` | prompt embeddings | each part encoded separately, combined as sum(w_i·e_i) / sum(w_i) |
 """
 
@@ -98,6 +102,41 @@ def chaos_guidance(chaos: int, guidance: float, seed: int, index: int) -> float:
         return guidance
     u = random.Random(seed * 1_000_003 + index).random() - 0.5
     return max(1.0, guidance * (1.0 + chaos / 100 * u))
+
+
+IMAGE_WEIGHT_DEFAULT = 1.0
+STRENGTH_MIN = 0.05  # at least one denoising step must run on the image
+REFERENCE_WEIGHT_DEFAULT = 100
+REFERENCE_SCALE_DEFAULT = 0.6  # IP-Adapter scale at a default weight (`--sw 100`, `--ow 100`, `--cw 100`)
+REFERENCE_SCALE_MAX = 1.2  # at `--sw 1000` / `--ow 1000`: beyond this IP-Adapter copies the reference
+
+
+def strength_for_image_weight(iw: float | None) -> float:
+    """img2img strength from `--iw` (None: Midjourney's default 1): 1 − iw/3 within [0.05, 1]."""
+    w = IMAGE_WEIGHT_DEFAULT if iw is None else iw
+    if not (math.isfinite(w) and 0.0 <= w <= 3.0):
+        raise ValueError(f"iw must be between 0 and 3, got {w}")
+    return round(min(1.0, max(STRENGTH_MIN, 1.0 - w / 3.0)), 4)
+
+
+def reference_scale(weight: int | None) -> float:
+    """IP-Adapter scale of `--sref`/`--oref` from `--sw`/`--ow` (0–1000, None: 100)."""
+    w = REFERENCE_WEIGHT_DEFAULT if weight is None else weight
+    if not 0 <= w <= 1000:
+        raise ValueError(f"reference weight must be between 0 and 1000, got {w}")
+    if w <= REFERENCE_WEIGHT_DEFAULT:
+        return round(REFERENCE_SCALE_DEFAULT * w / REFERENCE_WEIGHT_DEFAULT, 4)
+    span = 1000 - REFERENCE_WEIGHT_DEFAULT
+    return round(REFERENCE_SCALE_DEFAULT + (REFERENCE_SCALE_MAX - REFERENCE_SCALE_DEFAULT)
+                 * (w - REFERENCE_WEIGHT_DEFAULT) / span, 4)
+
+
+def character_scale(cw: int | None) -> float:
+    """IP-Adapter scale of `--cref` from `--cw` (0–100, None: 100): 0.3 + 0.3·cw/100."""
+    w = 100 if cw is None else cw
+    if not 0 <= w <= 100:
+        raise ValueError(f"cw must be between 0 and 100, got {w}")
+    return round(0.3 + 0.3 * w / 100, 4)
 
 
 def negative_prompt(params: PromptParams, base: str | None) -> str:

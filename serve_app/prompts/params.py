@@ -21,6 +21,8 @@ from deployments.diffusion import rules
 from deployments.diffusion.rules import SEED_MAX
 
 MAX_AR_SIDE = rules.MAX_ASPECT_SIDE
+IW_MAX = 3.0  # Midjourney V6/V7: --iw 0-3 (V5: 0-2); docs/prompt-parameters.md
+FILE_ID = re.compile(r"file-[A-Za-z0-9]{8,64}")
 _EM_DASH = "\u2014"  # phones autocorrect "--" into an em dash
 
 _INT = re.compile(r"-?[0-9]+")
@@ -60,6 +62,22 @@ class PromptParams(BaseModel):
     tile: bool = Field(False, description="--tile")
     model: str | None = Field(None, description='--model NAME, or "v"+X from --v X')
     enhance: bool = Field(False, description="--enhance: expand the prompt with the LLM")
+    # Images from images (docs/prompt-parameters.md): sources are http(s) URLs or `file-...` ids,
+    # fetched and checked by the ingress (images/inputs.py), never here.
+    image_prompts: tuple[str, ...] = Field((), description="image URLs/file ids at the start of the prompt")
+    image_weight: float | None = Field(None, ge=0.0, le=IW_MAX, description="--iw")
+    style_refs: tuple[str, ...] = Field((), description="--sref URL [URL...]")
+    style_weight: int | None = Field(None, ge=0, le=1000, description="--sw")
+    character_refs: tuple[str, ...] = Field((), description="--cref URL [URL...]")
+    character_weight: int | None = Field(None, ge=0, le=100, description="--cw")
+    omni_ref: str | None = Field(None, description="--oref URL")
+    omni_weight: int | None = Field(None, ge=1, le=1000, description="--ow")
+
+    @property
+    def image_sources(self) -> tuple[str, ...]:
+        """Every image the prompt names, in order (what counts against `image_inputs.max_images`)."""
+        return (*self.image_prompts, *self.style_refs, *self.character_refs,
+                *((self.omni_ref,) if self.omni_ref else ()))
 
     @field_validator("aspect_ratio")
     @classmethod
@@ -99,7 +117,7 @@ class ParsedPrompt(BaseModel):
         return self
 
 
-Kind = Literal["ratio", "int", "quality", "seed", "version", "model", "switch", "terms"]
+Kind = Literal["ratio", "int", "quality", "seed", "version", "model", "switch", "terms", "weight", "images", "image"]
 
 
 @dataclass(frozen=True)
@@ -126,7 +144,23 @@ _SPECS: dict[str, _Spec] = {
     "version": _Spec("version", "version"),
     "model": _Spec("model", "model"),
     "enhance": _Spec("enhance", "switch"),
+    "iw": _Spec("image_weight", "weight"),
+    "sref": _Spec("style_refs", "images"),
+    "sw": _Spec("style_weight", "int", 0, 1000),
+    "cref": _Spec("character_refs", "images"),
+    "cw": _Spec("character_weight", "int", 0, 100),
+    "oref": _Spec("omni_ref", "image"),
+    "ow": _Spec("omni_weight", "int", 1, 1000),
 }
+# A weight without its images does nothing: refused, naming both flags.
+_NEEDS = {"image_weight": ("image_prompts", "an image prompt (an image URL or file id at the start)"),
+          "style_weight": ("style_refs", "--sref"), "character_weight": ("character_refs", "--cref"),
+          "omni_weight": ("omni_ref", "--oref")}
+
+
+def is_image_source(token: str) -> bool:
+    """An http(s) URL or a `file-...` upload id: an image prompt at the start, or a reference."""
+    return token[:8].lower().startswith(("http://", "https://")) or FILE_ID.fullmatch(token) is not None
 
 
 def _show(value: str, limit: int = 40) -> str:
@@ -197,6 +231,15 @@ def _parse_value(flag: str, spec: _Spec, raw: str) -> Any:
                 flag, f"{flag} must be between 0.25 and 2, got {_show(raw)[1:-1]}"
             )
         return q
+    if spec.kind == "weight":
+        if not _NUMBER.fullmatch(raw) or len(raw) > 20:
+            raise PromptParameterError(flag, f"{flag} must be a number, got {_show(raw)}")
+        w = float(raw)
+        if not 0.0 <= w <= IW_MAX:
+            raise PromptParameterError(flag, f"{flag} must be between 0 and {IW_MAX:g}, got {_show(raw)[1:-1]}")
+        return w
+    if spec.kind == "image":
+        return _image_source(flag, raw)
     if spec.kind == "version":
         if not _VERSION.fullmatch(raw):
             raise PromptParameterError(
@@ -212,6 +255,13 @@ def _parse_value(flag: str, spec: _Spec, raw: str) -> Any:
     raise AssertionError(spec.kind)  # switch/terms never take a single value
 
 
+def _image_source(flag: str, raw: str) -> str:
+    if not is_image_source(raw):
+        raise PromptParameterError(flag, f"{flag} takes image URLs (http/https) or file ids (file-...), "
+                                   f"got {_show(raw)}")
+    return raw
+
+
 def _split_params(text: str) -> tuple[list[str], dict[str, Any]]:
     """Separate text tokens from parameters; returns (text tokens, field values)."""
     tokens = text.split()
@@ -220,6 +270,11 @@ def _split_params(text: str) -> tuple[list[str], dict[str, Any]]:
     seen: dict[str, str] = {}  # field -> flag as written, for duplicate errors
     negative: list[str] = []
     i = 0
+    # Midjourney's image prompts: image URLs (here also file ids) before any text.
+    while i < len(tokens) and is_image_source(tokens[i]):
+        i += 1
+    if i:
+        values["image_prompts"] = tuple(tokens[:i])
     while i < len(tokens):
         name = _flag_name(tokens[i])
         if name is None:
@@ -239,6 +294,17 @@ def _split_params(text: str) -> tuple[list[str], dict[str, Any]]:
             seen[spec.field] = flag
         if spec.kind == "switch":
             values[spec.field] = True
+            continue
+        if spec.kind == "images":
+            # `--sref URL URL ...`: every image up to the next parameter or the first word.
+            start = i
+            while i < len(tokens) and _flag_name(tokens[i]) is None and is_image_source(tokens[i]):
+                i += 1
+            if i == start:
+                got = _show(tokens[i]) if i < len(tokens) else "nothing"
+                raise PromptParameterError(flag, f"{flag} takes image URLs (http/https) or file ids (file-...), "
+                                           f"got {got}")
+            values[spec.field] = tuple(tokens[start:i])
             continue
         if spec.kind == "terms":
             # `--no` takes everything up to the next parameter: "--no text, blurry hands".
@@ -261,6 +327,10 @@ def _split_params(text: str) -> tuple[list[str], dict[str, Any]]:
         )
     if "version" in values:
         values["model"] = values.pop("version")
+    for weight, (images, what) in _NEEDS.items():
+        if weight in values and images not in values:
+            flag = seen[weight]
+            raise PromptParameterError(flag, f"{flag} weighs {what}, and the prompt has none")
     if negative:
         values["negative"] = tuple(negative)
     return words, values
@@ -322,6 +392,21 @@ def format_params(params: PromptParams) -> str:
         out.append("--tile")
     if params.enhance:
         out.append("--enhance")
+    if params.image_weight is not None:
+        out.append(f"--iw {params.image_weight!r}")
+    if params.style_refs:
+        out.append("--sref " + " ".join(params.style_refs))
+    if params.style_weight is not None:
+        out.append(f"--sw {params.style_weight}")
+    if params.character_refs:
+        out.append("--cref " + " ".join(params.character_refs))
+    if params.character_weight is not None:
+        out.append(f"--cw {params.character_weight}")
+    if params.omni_ref is not None:
+        out.append(f"--oref {params.omni_ref}")
+    if params.omni_weight is not None:
+        out.append(f"--ow {params.omni_weight}")
     if params.negative:
         out.append("--no " + ", ".join(params.negative))
+    # Image prompts go first in a prompt: the caller puts `params.image_prompts` before the text.
     return " ".join(out)

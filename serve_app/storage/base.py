@@ -103,6 +103,14 @@ class ResultStore(ABC):
     def delete(self, key: str) -> None:
         """Remove `key`; deleting a missing key is not an error."""
 
+    @abstractmethod
+    def get(self, key: str) -> bytes | None:
+        """The stored bytes of `key`, None if there is none (uploads read back: serve_app/files)."""
+
+    @abstractmethod
+    def list_keys(self, prefix: str) -> list[str]:
+        """Keys under the folder `prefix` (a valid key without the trailing `/`), sorted."""
+
     async def aput(self, key: str, data: bytes, content_type: str = "image/png") -> str:
         with tracing.span("storage.put", backend=self.backend, key=key, bytes=len(data)):
             return await anyio.to_thread.run_sync(lambda: self.put(key, data, content_type))
@@ -112,3 +120,9 @@ class ResultStore(ABC):
 
     async def adelete(self, key: str) -> None:
         await anyio.to_thread.run_sync(self.delete, key)
+
+    async def aget(self, key: str) -> bytes | None:
+        return await anyio.to_thread.run_sync(self.get, key)
+
+    async def alist_keys(self, prefix: str) -> list[str]:
+        return await anyio.to_thread.run_sync(self.list_keys, prefix)

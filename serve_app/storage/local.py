@@ -82,3 +82,17 @@ class LocalResultStore(ResultStore):
 
     def delete(self, key: str) -> None:
         self.path_of(key).unlink(missing_ok=True)
+
+    def get(self, key: str) -> bytes | None:
+        path = self.path_of(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def list_keys(self, prefix: str) -> list[str]:
+        folder = self.path_of(prefix)
+        if not folder.is_dir():
+            return []
+        # Temp files of a write in progress start with "." and are never valid keys: skipped.
+        return sorted(f"{prefix}/{p.name}" for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))

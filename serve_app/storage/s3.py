@@ -70,6 +70,24 @@ class S3ResultStore(ResultStore):
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.cfg.bucket, Key=self.object_key(key))
 
+    def get(self, key: str) -> bytes | None:
+        try:
+            obj = self.client.get_object(Bucket=self.cfg.bucket, Key=self.object_key(key))
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404") or \
+                    e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None
+            raise
+        return bytes(obj["Body"].read())
+
+    def list_keys(self, prefix: str) -> list[str]:
+        folder = self.object_key(prefix) + "/"
+        keys: list[str] = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.cfg.bucket, Prefix=folder,
+                                                                           Delimiter="/"):
+            keys.extend(str(o["Key"])[len(self.cfg.prefix):] for o in page.get("Contents", []))
+        return sorted(keys)
+
 
 def client_kwargs(cfg: S3StorageConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
