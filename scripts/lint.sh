@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 STRICT=(
-  deployments/placement.py
+  deployments/placement.py deployments/adapters.py
   deployments/diffusion/config.py deployments/diffusion/rules.py deployments/diffusion/types.py
   deployments/diffusion/buckets.py deployments/diffusion/progress.py
   deployments/llm/config.py deployments/llm/types.py deployments/llm/sequence.py
