@@ -30,3 +30,13 @@ class DirAdapterSource:
         if not (path / "adapter_model.safetensors").is_file() or path.resolve().parent != self.root.resolve():
             raise FileNotFoundError(f"no adapter {adapter_id!r} under {self.root}")
         return path
+
+
+def multiplexed_id(adapter_ids: list[str] | tuple[str, ...]) -> str:
+    """The Serve multiplexed model id of an adapter set: its sorted ids joined by '+' ('' = none).
+    Weights are not part of it: one loaded set serves every weighting."""
+    return "+".join(sorted(set(adapter_ids)))
+
+
+def parse_multiplexed_id(model_id: str) -> tuple[str, ...]:
+    return tuple(i for i in model_id.split("+") if i)

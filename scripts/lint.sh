@@ -13,12 +13,13 @@ STRICT=(
   deployments/llm/config.py deployments/llm/types.py deployments/llm/sequence.py
   deployments/llm/share_clock.py deployments/llm/coalesce.py
   deployments/diffusion/server.py deployments/diffusion/deployment.py deployments/diffusion/loading.py
-  deployments/diffusion/sdxl.py
+  deployments/diffusion/sdxl.py deployments/diffusion/lora.py
   deployments/llm/server.py deployments/llm/deployment.py deployments/llm/engine.py deployments/llm/loading.py
   deployments/llm/vllm_engine.py
   telemetry/metrics.py telemetry/tracing.py
   serve_app/adapters/types.py serve_app/adapters/config.py serve_app/adapters/archive.py serve_app/adapters/source.py
   serve_app/adapters/models.py serve_app/adapters/registry.py serve_app/adapters/protocol.py serve_app/adapters/router.py
+  serve_app/adapters/cli.py
 )
 "$PY" -m ruff check .
 # follow-imports=silent: judge these files strictly, not everything they import.

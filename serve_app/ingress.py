@@ -31,7 +31,8 @@ def assemble_services(cfg: AppConfig, *, diffusion: dict[str, Any], llm: dict[st
     services = Services(config=cfg, diffusion=dict(diffusion), llm=dict(llm), tenancy=tenancy, storage=storage,
                         library=library, adapters=build_registry(cfg, tenancy.engine, storage))
     services.images = ImagesService(config=cfg, diffusion=services.diffusion, tenancy=tenancy, library=library,
-                                    storage=storage, resolve_llm=functools.partial(resolve_llm, services))
+                                    storage=storage, resolve_llm=functools.partial(resolve_llm, services),
+                                    adapters=services.adapters)
     services.jobs = Jobs(config=cfg.jobs, tenancy=tenancy, storage=storage, images=services.images,
                          webhooks=webhooks)
     return services

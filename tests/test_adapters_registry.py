@@ -194,3 +194,29 @@ def test_replica_source_fetches_by_id_and_refuses_corruption(env, tmp_path: Path
     with pytest.raises(AdapterFetchError):
         materialize(store, b.id, tmp_path / "other")
     assert not (tmp_path / "other" / b.id).exists()
+
+
+def test_cli_manages_global_and_tenant_adapters(tmp_path: Path) -> None:
+    import yaml
+    from click.testing import CliRunner
+
+    from serve_app.cli import main
+
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(yaml.safe_dump({"applications": [{"name": "genserve", "import_path": "serve_app.graph:build_app",
+                                                     "args": {"work_dir": str(tmp_path / "work"), "diffusion_models": [
+                                                         {"name": "sdxl-tiny", "family": "sdxl", "model": "none"}]}}]}))
+    (tmp_path / "a.zip").write_bytes(peft_zip(seed=4))
+    run = CliRunner().invoke
+    r = run(main, ["adapters", "add", "ink", str(tmp_path / "a.zip"), "--base-model", "sdxl-tiny", "--config", str(cfg)])
+    assert r.exit_code == 0, r.output
+    assert "ink" in r.output and "global" in r.output
+    r = run(main, ["adapters", "list", "--config", str(cfg)])
+    assert r.exit_code == 0 and "ink" in r.output
+    r = run(main, ["adapters", "add", "ink", str(tmp_path / "a.zip"), "--base-model", "nope", "--config", str(cfg)])
+    assert r.exit_code != 0 and "Unknown base_model" in r.output
+    r = run(main, ["adapters", "list", "--tenant", "ghost", "--config", str(cfg)])
+    assert r.exit_code != 0 and "No tenant named 'ghost'" in r.output
+    r = run(main, ["adapters", "delete", "ink", "--config", str(cfg)])
+    assert r.exit_code == 0 and "deleted ink" in r.output
+    assert not list((tmp_path / "work" / "results" / "adapters").glob("*.zip"))

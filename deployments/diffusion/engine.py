@@ -27,6 +27,7 @@ from deployments.diffusion import sdxl, wuerstchen
 from deployments.diffusion.config import DiffusionModelConfig, OptimizeConfig
 from deployments.diffusion.hooks import LiveRows, StopDenoising, circular_padding, generators, per_task_calls
 from deployments.diffusion.loading import FAMILIES, load_pipeline
+from deployments.diffusion.lora import LoraManager
 from deployments.diffusion.optimize import apply as apply_optimizations
 from deployments.diffusion.rules import SizeRules, check_task
 from deployments.diffusion.types import ImageTask
@@ -104,6 +105,8 @@ class DiffusionEngine:
         # One pipeline call at a time: calls mutate the pipeline (scheduler state, tiling, flags).
         self._lock = threading.Lock()
         self._broken: str | None = None
+        # LoRA adapters (deployments/diffusion/lora.py): set by the server when the model serves them.
+        self.adapters: LoraManager | None = None
 
     @classmethod
     def from_pretrained(
@@ -160,6 +163,10 @@ class DiffusionEngine:
         """Raise ValueError (diffusers-style message) if `task` cannot run on this model: the
         contract's rules (`rules.check_task`), the same ones the ingress applied."""
         check_task(task, self.size_rules, model=self.name)
+        if task.loras:
+            if self.adapters is None:
+                raise ValueError(f"model {self.name!r} serves no LoRA adapters, but the task has loras")
+            self.adapters.check(task.loras)
 
     def total_steps(self, task: ImageTask) -> int:
         return task.steps + (self.decoder_steps if self.family == "wuerstchen" else 0)
@@ -231,6 +238,8 @@ class DiffusionEngine:
             started = time.perf_counter()
             try:
                 with self._lock, torch.inference_mode(), ExitStack() as stack:
+                    if self.adapters is not None:  # the group's adapter set (one per group: group_key)
+                        self.adapters.activate(tasks[0].loras)
                     stack.enter_context(
                         circular_padding(self._family.tiling_modules(self.pipeline), tasks[0].tile)
                     )

@@ -36,12 +36,13 @@ from serve_app.images.protocol import (
     PromptRenderRequest,
 )
 from serve_app.images.render import render_image_request
-from serve_app.images.spec import ImageSpec
+from serve_app.images.spec import ImageSpec, LoraRef
 from serve_app.storage import StorageError, result_key
 from serve_app.tenancy import TenantContext, ensure_model_allowed, ensure_within_plan
 from telemetry import tracing
 
 if TYPE_CHECKING:
+    from serve_app.adapters.registry import AdapterRegistry
     from serve_app.config import AppConfig
     from serve_app.library import Library
     from serve_app.storage import ResultStore
@@ -65,13 +66,15 @@ class PreparedImages:
 
 class ImagesService:
     def __init__(self, *, config: AppConfig, diffusion: Mapping[str, Any], tenancy: Tenancy, library: Library,
-                 storage: ResultStore, resolve_llm: Callable[[str | None], LLMTarget]) -> None:
+                 storage: ResultStore, resolve_llm: Callable[[str | None], LLMTarget],
+                 adapters: AdapterRegistry | None = None) -> None:
         self.config = config
         self.diffusion = diffusion  # Serve DeploymentHandles by model name
         self.tenancy = tenancy
         self.library = library
         self.storage = storage
         self.resolve_llm = resolve_llm  # chat.service.resolve_llm over this replica's LLM handles
+        self.adapters = adapters  # the LoRA registry (serve_app/adapters)
 
     # -- before quota -----------------------------------------------------------------------------
 
@@ -80,10 +83,27 @@ class ImagesService:
         so rendering runs in a worker thread."""
         templates = self.library.for_tenant(ctx.tenant_id)
         spec = await anyio.to_thread.run_sync(
-            lambda: render_image_request(self.config, templates, body, tenant=ctx.tenant))
+            lambda: self._resolve_loras(render_image_request(self.config, templates, body, tenant=ctx.tenant), ctx))
         ensure_model_allowed(ctx, spec.model, self.config.find_diffusion(spec.model).aliases)  # type: ignore[union-attr]
         ensure_within_plan(ctx, width=spec.width, height=spec.height, steps=spec.steps)
         return spec
+
+    def _resolve_loras(self, spec: ImageSpec, ctx: TenantContext) -> ImageSpec:
+        """Names of adapters -> the tenant's visible registry ids (404 for one it can't see), before
+        any quota or GPU work. Blocking (database)."""
+        if not spec.params.loras:
+            return spec
+        if self.adapters is None:
+            raise bad_request("LoRA adapters are not enabled on this server.", param="loras", code="loras_unsupported")
+        refs = []
+        for i, lora in enumerate(spec.params.loras):
+            a = self.adapters.resolve(ctx.tenant_id, "diffusion", lora.name, allow_global=ctx.plan.global_adapters,
+                                      base_model=spec.model, param=f"loras[{i}].name")
+            refs.append(LoraRef(name=a.name, adapter_id=a.id, weight=lora.weight))
+        if len({r.adapter_id for r in refs}) != len(refs):
+            raise bad_request("loras names one adapter twice (by name and id?).", param="loras",
+                              code="duplicate_lora")
+        return spec.model_copy(update={"loras": tuple(refs)})
 
     async def prepare(self, body: ImageGenerationRequest, ctx: TenantContext) -> PreparedImages:
         spec = await self.render(body, ctx)
@@ -150,6 +170,8 @@ class ImagesService:
             raise unavailable(f"Model {spec.model!r} has no running deployment.")
         with tracing.span("diffusion.call", kind=tracing.SpanKind.CLIENT, model=spec.model, images=spec.n):
             tasks = spec.tasks(task_ids, trace_context=tracing.outgoing())
+            if spec.loras:  # Serve routes the adapter set to replicas that already hold it
+                handle = handle.options(multiplexed_model_id=spec.adapter_set)
             if on_progress is None:
                 return list(await asyncio.gather(*(handle.generate.remote(t) for t in tasks)))
             return await _streamed(handle, tasks, on_progress)
@@ -236,5 +258,6 @@ def to_response(spec: ImageSpec, results: list[ImageResult], urls: list[str] | N
                           queue_wait_s=[round(r.queue_wait_s, 4) for r in results],
                           compute_s=[round(r.compute_s, 4) for r in results],
                           generation_id=generation_id, steps_used=[r.steps for r in results],
-                          degraded=degraded, reason=reason)
+                          degraded=degraded, reason=reason,
+                          loras=[{"name": r.name, "id": r.adapter_id, "weight": r.weight} for r in spec.loras])
     return ImageGenerationResponse(created=int(time.time()), data=data, genserve=info)

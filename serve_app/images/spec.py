@@ -10,14 +10,24 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict
+from pydantic import BaseModel, ConfigDict
 
-from deployments.diffusion.types import ImageTask, WeightedPrompt
+from deployments.diffusion.types import ImageTask, LoraUse, WeightedPrompt
 from serve_app.library.templates import ResolvedTemplate
 from serve_app.prompts.mapping import ImageSettings
 from serve_app.prompts.params import PromptParams, WeightedSegment
 
 SPEC_VERSION = 2  # 1: the untyped dict of jobs stored before issue 19 (still loaded: `from_stored`)
+
+
+class LoraRef(BaseModel):
+    """A LoRA adapter resolved for this request's tenant: registry name and id, and its weight."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    adapter_id: str
+    weight: float
 
 
 class ImageSpec(ImageSettings):
@@ -37,6 +47,15 @@ class ImageSpec(ImageSettings):
     priority: int = 0
     quality_auto: bool = False
     embed_metadata: bool = False
+    # LoRA adapters, resolved by ImagesService.render (the names in `params.loras`, as registry ids).
+    loras: tuple[LoraRef, ...] = ()
+
+    @property
+    def adapter_set(self) -> str:
+        """The Serve multiplexed model id of this request's adapters ('' for none)."""
+        from deployments.adapters import multiplexed_id
+
+        return multiplexed_id([r.adapter_id for r in self.loras])
 
     def tasks(self, task_ids: list[str] | None = None,
               trace_context: dict[str, str] | None = None) -> tuple[ImageTask, ...]:
@@ -46,7 +65,8 @@ class ImageSpec(ImageSettings):
             prompt=self.prompt, negative_prompt=self.negative_prompt, seed=seed, width=self.width,
             height=self.height, steps=self.steps, guidance_scale=guidance, tile=self.tile, weighted_prompts=weighted,
             task_id=task_ids[i] if task_ids else None, trace_context=trace_context, priority=self.priority,
-            quality_auto=self.quality_auto, embed_metadata=self.embed_metadata)
+            quality_auto=self.quality_auto, embed_metadata=self.embed_metadata,
+            loras=tuple(LoraUse(r.adapter_id, r.weight) for r in self.loras))
             for i, (seed, guidance) in enumerate(zip(self.seeds, self.guidance_scales, strict=True)))
 
     def describe(self) -> dict[str, Any]:
@@ -57,6 +77,7 @@ class ImageSpec(ImageSettings):
             "guidance_scale": list(self.guidance_scales), "seeds": list(self.seeds), "tile": self.tile,
             "weighted_prompts": [{"text": w.text, "weight": w.weight} for w in self.weighted_prompts],
             "params": self.params.model_dump(mode="json"),
+            "loras": [{"name": r.name, "id": r.adapter_id, "weight": r.weight} for r in self.loras],
         }
 
     @classmethod

@@ -33,6 +33,12 @@ _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
 _WEIGHT = re.compile(r"-?(?:[0-9]++(?:\.[0-9]*+)?|\.[0-9]++)(?=[\s,]|$)")
 
 
+# AUTOMATIC1111's LoRA form, one token: `<lora:name>` or `<lora:name:0.8>` (issue 21).
+_LORA = re.compile(r"<lora:([A-Za-z0-9][A-Za-z0-9_.-]{0,63})(?::(-?(?:[0-9]{1,3}(?:\.[0-9]{0,6})?|\.[0-9]{1,6})))?>")
+LORA_WEIGHT_MAX = 4.0
+MAX_LORAS = 8
+
+
 class PromptParameterError(ValueError):
     """A bad prompt parameter. `param` is the flag as written (e.g. "--ar", or "::")."""
 
@@ -44,6 +50,15 @@ class PromptParameterError(ValueError):
     def __reduce__(self) -> tuple[Any, ...]:
         # Keep it picklable (Ray, multiprocessing): the default would call cls(message).
         return (type(self), (self.param, self.message))
+
+
+class LoraParam(BaseModel):
+    """A LoRA adapter the prompt or request asks for, by registry name (or id), and its weight."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    weight: float = Field(1.0, ge=-LORA_WEIGHT_MAX, le=LORA_WEIGHT_MAX, allow_inf_nan=False)
 
 
 class PromptParams(BaseModel):
@@ -60,6 +75,7 @@ class PromptParams(BaseModel):
     tile: bool = Field(False, description="--tile")
     model: str | None = Field(None, description='--model NAME, or "v"+X from --v X')
     enhance: bool = Field(False, description="--enhance: expand the prompt with the LLM")
+    loras: tuple[LoraParam, ...] = Field((), description="<lora:name:weight>, in order")
 
     @field_validator("aspect_ratio")
     @classmethod
@@ -219,8 +235,13 @@ def _split_params(text: str) -> tuple[list[str], dict[str, Any]]:
     values: dict[str, Any] = {}
     seen: dict[str, str] = {}  # field -> flag as written, for duplicate errors
     negative: list[str] = []
+    loras: list[LoraParam] = []
     i = 0
     while i < len(tokens):
+        if "<lora:" in tokens[i]:
+            loras.append(_parse_lora(tokens[i]))
+            i += 1
+            continue
         name = _flag_name(tokens[i])
         if name is None:
             words.append(tokens[i])
@@ -263,7 +284,26 @@ def _split_params(text: str) -> tuple[list[str], dict[str, Any]]:
         values["model"] = values.pop("version")
     if negative:
         values["negative"] = tuple(negative)
+    if loras:
+        names = [lora.name for lora in loras]
+        if len(set(names)) != len(names):
+            raise PromptParameterError("<lora>", f"<lora:...> names an adapter twice: {names}")
+        if len(loras) > MAX_LORAS:
+            raise PromptParameterError("<lora>", f"at most {MAX_LORAS} <lora:...> adapters, got {len(loras)}")
+        values["loras"] = tuple(loras)
     return words, values
+
+
+def _parse_lora(token: str) -> LoraParam:
+    m = _LORA.fullmatch(token)
+    if m is None:
+        raise PromptParameterError("<lora>", f"<lora:...> must be <lora:NAME> or <lora:NAME:WEIGHT> as one word "
+                                   f"(NAME: letters, digits, _ . -), got {_show(token)}")
+    weight = float(m.group(2)) if m.group(2) is not None else 1.0
+    if abs(weight) > LORA_WEIGHT_MAX:
+        raise PromptParameterError("<lora>", f"<lora:{m.group(1)}:...> weight must be within "
+                                   f"±{LORA_WEIGHT_MAX:g}, got {m.group(2)}")
+    return LoraParam(name=m.group(1), weight=weight)
 
 
 def _split_weights(text: str) -> tuple[WeightedSegment, ...]:
@@ -322,6 +362,8 @@ def format_params(params: PromptParams) -> str:
         out.append("--tile")
     if params.enhance:
         out.append("--enhance")
-    if params.negative:
+    for lora in params.loras:
+        out.append(f"<lora:{lora.name}:{lora.weight:g}>")
+    if params.negative:  # last: `--no` takes every word up to the next flag
         out.append("--no " + ", ".join(params.negative))
     return " ".join(out)
