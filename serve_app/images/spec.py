@@ -76,8 +76,10 @@ class ImageSpec(ImageSettings):
             "width": self.width, "height": self.height, "steps": self.steps,
             "guidance_scale": list(self.guidance_scales), "seeds": list(self.seeds), "tile": self.tile,
             "weighted_prompts": [{"text": w.text, "weight": w.weight} for w in self.weighted_prompts],
-            "params": self.params.model_dump(mode="json"),
-            "loras": [{"name": r.name, "id": r.adapter_id, "weight": r.weight} for r in self.loras],
+            # LoRA keys only when used: the view of requests without adapters stays as it was.
+            "params": self.params.model_dump(mode="json", exclude=set() if self.params.loras else {"loras"}),
+            **({"loras": [{"name": r.name, "id": r.adapter_id, "weight": r.weight} for r in self.loras]}
+               if self.loras else {}),
         }
 
     @classmethod
