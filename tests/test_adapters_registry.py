@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from adapter_files import lora_tensors, peft_zip
@@ -220,3 +221,51 @@ def test_cli_manages_global_and_tenant_adapters(tmp_path: Path) -> None:
     r = run(main, ["adapters", "delete", "ink", "--config", str(cfg)])
     assert r.exit_code == 0 and "deleted ink" in r.output
     assert not list((tmp_path / "work" / "results" / "adapters").glob("*.zip"))
+
+
+def test_http_routes_limits_and_error_bodies(db_url: str, tmp_path: Path) -> None:  # noqa: F811
+    from fastapi.testclient import TestClient
+
+    from serve_app.app import create_app
+    from serve_app.state import Services
+
+    tenancy = make_tenancy(db_url, tmp_path, auth_cache_s=0)
+    for name in ("acme", "bolt"):
+        tenancy.create_tenant(name)
+    keys = {n: {"Authorization": f"Bearer {tenancy.create_key(n).key}"} for n in ("acme", "bolt")}
+    store = LocalResultStore(tmp_path / "results", signing_key=b"s" * 32)
+    cfg = CFG.model_copy(update={"adapters": AdaptersConfig(max_upload_mb=0.25)})
+    reg = AdapterRegistry(tenancy.engine, store, models=base_models(cfg), config=cfg.adapters,
+                          cache_dir=tmp_path / "cache")
+    app = create_app(Services(config=cfg, tenancy=tenancy, storage=store, adapters=reg))
+    admin = {"Authorization": "Bearer admin-secret"}
+    with TestClient(app) as client:
+        def up(headers: dict, data: bytes, name: str = "ink", path: str = "/v1/adapters") -> Any:
+            return client.post(path, headers=headers, data={"name": name, "base_model": "sdxl-tiny"},
+                               files={"file": ("a.zip", data, "application/zip")})
+
+        r = up(keys["acme"], peft_zip(seed=1))
+        assert r.status_code == 201, r.text
+        body = r.json()
+        assert body["object"] == "adapter" and body["owned_by"] == "tenant" and body["id"].startswith("ad_")
+        assert client.get("/v1/adapters", headers=keys["acme"]).json()["data"][0]["name"] == "ink"
+        assert client.get("/v1/adapters/ink", headers=keys["bolt"]).status_code == 404
+        # Over the upload limit: 413 before the body is read; a bad archive: 400 naming `file`.
+        r = up(keys["acme"], b"\0" * (400 * 1024), name="big")
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        r = up(keys["acme"], b"\0" * (300 * 1024), name="big")  # within the body limit, over the file limit
+        assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_too_large"
+        r = up(keys["acme"], b"not a zip", name="bad")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "file"
+        r = client.post("/v1/adapters", headers=keys["acme"], json={"name": "x"})
+        assert 400 <= r.status_code < 500 and "error" in r.json()
+        # Global adapters through the admin API; the tenants see them.
+        r = up(admin, peft_zip(seed=2), name="shared", path="/admin/adapters")
+        assert r.status_code == 201 and r.json()["owned_by"] == "global"
+        assert client.get("/v1/adapters/shared", headers=keys["bolt"]).status_code == 200
+        assert up(keys["acme"], peft_zip(seed=3), path="/admin/adapters").status_code == 401
+        assert client.delete("/v1/adapters/shared", headers=keys["bolt"]).status_code == 404
+        assert client.delete("/admin/adapters/shared", headers=admin).status_code == 200
+        assert client.delete("/v1/adapters/ink", headers=keys["acme"]).json()["deleted"] is True
+    assert rows(reg) == 0 and objects(store) == []
+    tenancy.close()
