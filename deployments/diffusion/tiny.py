@@ -199,7 +199,7 @@ def tiny_sdxl_lora(seed: int, rank: int = 4, unet: Any = None) -> tuple[dict[str
     visibly changes the image."""
     from peft import LoraConfig, get_peft_model_state_dict
 
-    unet = unet if unet is not None else tiny_sdxl_pipeline().unet
+    unet = unet if unet is not None else tiny_sdxl_pipeline().unet  # type: ignore[attr-defined]
     config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
                         target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     torch.manual_seed(seed)
@@ -223,7 +223,7 @@ def save_adapter(out_dir: Path, cfg: dict[str, Any], weights: dict[str, torch.Te
 
 def build_tiny_loras(out_dir: Path, names: tuple[str, ...] = TINY_LORAS, rank: int = 4) -> Path:
     """One PEFT LoRA directory per name under `out_dir` (seeds 1, 2, ...: deterministic)."""
-    unet = tiny_sdxl_pipeline().unet
+    unet = tiny_sdxl_pipeline().unet  # type: ignore[attr-defined]
     for i, name in enumerate(names, start=1):
         save_adapter(Path(out_dir) / name, *tiny_sdxl_lora(seed=i, rank=rank, unet=unet))
     return Path(out_dir)
