@@ -52,8 +52,15 @@ def test_builds_are_reproducible(tmp_path: Path) -> None:
 
 def test_build_all_tiny_writes_manifest_and_skips_built(tmp_path: Path) -> None:
     paths = tiny.build_all_tiny(tmp_path)
-    assert paths == {"sdxl": tmp_path / "sdxl-tiny", "wuerstchen": tmp_path / "wuerstchen-tiny"}
+    assert paths == {"sdxl": tmp_path / "sdxl-tiny", "wuerstchen": tmp_path / "wuerstchen-tiny",
+                     "sdxl-loras": tmp_path / "sdxl-tiny-loras"}
     manifest = json.loads((tmp_path / "manifest.json").read_text())
+    # The tiny LoRA adapters (PEFT directories, issue 21), with their own build version.
+    assert manifest["sdxl-tiny-loras"]["adapters"] == list(tiny.TINY_LORAS)
+    for name in tiny.TINY_LORAS:
+        config = json.loads((tmp_path / "sdxl-tiny-loras" / name / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and config["r"] == 4
+        assert (tmp_path / "sdxl-tiny-loras" / name / "adapter_model.safetensors").stat().st_size > 0
     assert manifest["sdxl-tiny"]["native_px"] == 64
     assert manifest["wuerstchen-tiny"]["native_px"] == 128
     weights = tmp_path / "sdxl-tiny" / "unet" / "diffusion_pytorch_model.safetensors"
