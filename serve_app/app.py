@@ -5,6 +5,8 @@ from __future__ import annotations
 from fastapi import Depends, FastAPI
 
 from serve_app import playground
+from serve_app.adapters.router import admin_router as adapters_admin_router
+from serve_app.adapters.router import router as adapters_router
 from serve_app.api import health, models
 from serve_app.chat import router as chat
 from serve_app.errors import install_error_handlers
@@ -20,8 +22,8 @@ from serve_app.tenancy import admin_router, usage_router
 from serve_app.text_guard import reject_invalid_text
 from serve_app.trusted_hosts import TrustedHosts
 
-ROUTERS = (health.router, models.router, images.router, chat.router, jobs.router,
-           library_router, files_router, files_api_router, admin_router, usage_router, playground.router)
+ROUTERS = (health.router, models.router, images.router, chat.router, jobs.router, library_router, files_router,
+           files_api_router, admin_router, usage_router, adapters_router, adapters_admin_router, playground.router)
 
 
 def create_app(services: Services) -> FastAPI:
@@ -32,9 +34,13 @@ def create_app(services: Services) -> FastAPI:
     app.state.services = services
     install_error_handlers(app)
     inputs = services.config.image_inputs
-    # Uploads: every input image at its cap, plus room for the form's other fields.
+    # Multipart uploads, each route with its own cap: input images at their cap each plus room for
+    # the form's other fields; adapter archives up to adapters.max_upload_mb (+ form overhead).
+    image_upload = inputs.max_bytes * inputs.max_images + (1 << 20)
+    adapter_upload = services.config.adapters.max_upload_bytes + 64 * 1024
     app.add_middleware(RequestGuard, max_body_bytes=services.config.limits.max_body_bytes,
-                       max_upload_bytes=inputs.max_bytes * inputs.max_images + (1 << 20))
+                       uploads={**dict.fromkeys(("/v1/files", "/v1/images/edits", "/v1/images/variations"), image_upload),
+                                **dict.fromkeys(("/v1/adapters", "/admin/adapters"), adapter_upload)})
     if services.config.trusted_hosts is not None:
         app.add_middleware(TrustedHosts, allowed_hosts=services.config.trusted_hosts)
     # Outermost: request id, root span, latency and access log also for what the guard rejects.

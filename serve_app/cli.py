@@ -21,12 +21,13 @@ def main() -> None:
 def _mount_feature_commands() -> None:
     """Each feature owns its commands; the CLI only gathers them."""
     from clients.telegram.cli import bot
+    from serve_app.adapters.cli import adapters
     from serve_app.bench_cli import bench
     from serve_app.library.cli import templates
     from serve_app.telemetry.status import status
     from serve_app.tenancy.cli import billing, keys, tenants, usage
 
-    for cmd in (tenants, keys, usage, billing, templates, status, bot, bench):
+    for cmd in (tenants, keys, usage, billing, templates, status, bot, bench, adapters):
         main.add_command(cmd)
 
 

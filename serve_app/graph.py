@@ -20,10 +20,12 @@ from serve_app.config import AppConfig, load_app_config
 from telemetry import TelemetryConfig
 
 
-def _diffusion_app(m: DiffusionModelConfig, telemetry: TelemetryConfig) -> Application:
+def _diffusion_app(m: DiffusionModelConfig, telemetry: TelemetryConfig, adapters: Any = None) -> Application:
     # Batching also goes through `user_config`: a `serve deploy` that changes it reconfigures the
     # running replicas in place (DiffusionServer.reconfigure, which also proves a larger memory budget fits).
-    return DiffusionDeployment.options(name=m.deployment_name, user_config=m.batching_user_config()).bind(m, telemetry)
+    # `adapters`: where replicas fetch LoRA adapters (the registry's store; serve_app/adapters/source.py).
+    return DiffusionDeployment.options(name=m.deployment_name, user_config=m.batching_user_config()).bind(
+        m, telemetry, adapters if m.serves_loras else None)
 
 
 def _llm_apps(cfg: AppConfig, telemetry: TelemetryConfig) -> dict[str, Application]:
@@ -42,6 +44,9 @@ def build_app(args: dict[str, Any]) -> Application:
 
     cfg = load_app_config(args)
     telemetry = cfg.telemetry
-    diffusion = {m.name: _diffusion_app(m, telemetry) for m in cfg.diffusion_models}
+    from serve_app.adapters.registry import adapter_source
+
+    source = adapter_source(cfg)
+    diffusion = {m.name: _diffusion_app(m, telemetry, source) for m in cfg.diffusion_models}
     # The typed config itself (picklable) goes to the ingress: a JSON dump would mask its secrets.
     return Ingress.bind(cfg, diffusion, _llm_apps(cfg, telemetry))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.errors import APIError
@@ -16,29 +18,25 @@ class _TooLarge(APIError):
         super().__init__(413, f"Request body exceeds {limit} bytes.", code="request_too_large")
 
 
-# Routes that take images as multipart/form-data (OpenAI's shape), with their own body limit.
-UPLOAD_PATHS = frozenset({"/v1/files", "/v1/images/edits", "/v1/images/variations"})
-
-
 class RequestGuard:
     """413 for bodies over `max_body_bytes` (declared or streamed); 400 for non-JSON API bodies.
-    The `upload_paths` take multipart/form-data only, up to `max_upload_bytes`."""
+    `uploads` maps the exact paths that take multipart/form-data (OpenAI's shape for images and
+    files; adapter archives) to their own body limit; those take multipart only."""
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, json_prefixes: tuple[str, ...] = ("/v1/", "/admin/"),
-                 *, upload_paths: frozenset[str] = UPLOAD_PATHS, max_upload_bytes: int | None = None):
+                 *, uploads: Mapping[str, int] | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.json_prefixes = json_prefixes
-        self.upload_paths = upload_paths
-        self.max_upload_bytes = max_upload_bytes or max_body_bytes
+        self.uploads = dict(uploads or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         declared = headers.get("content-length")
-        upload = scope["path"] in self.upload_paths
-        limit = self.max_upload_bytes if upload else self.max_body_bytes
+        upload = scope["path"] in self.uploads
+        limit = self.uploads[scope["path"]] if upload else self.max_body_bytes
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await self._reject(scope, receive, send, _TooLarge(limit))
         ctype = headers.get("content-type", "").split(";")[0].strip().lower()

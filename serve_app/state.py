@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, Request
 
 if TYPE_CHECKING:
+    from serve_app.adapters.registry import AdapterRegistry
     from serve_app.config import AppConfig
     from serve_app.files import TenantFiles
     from serve_app.images.service import ImagesService
@@ -35,6 +36,7 @@ class Services:
     images: ImagesService | None = None
     files: TenantFiles | None = None
     jobs: Jobs | None = None
+    adapters: AdapterRegistry | None = None
 
 
 async def get_services(request: Request) -> Services:

@@ -353,3 +353,17 @@ def test_image_flag_errors(prompt: str, param: str, fragment: str) -> None:
     with pytest.raises(PromptParameterError) as e:
         parse_prompt(prompt)
     assert e.value.param == param and fragment in e.value.message, e.value.message
+
+
+def test_lora_tokens_parse_and_round_trip() -> None:
+    from serve_app.prompts.params import LoraParam, PromptParameterError, format_params
+
+    p = parse_prompt("a cat <lora:ink:0.8> in a hat <lora:neon-2> --ar 16:9")
+    assert p.text == "a cat in a hat"
+    assert p.params.loras == (LoraParam(name="ink", weight=0.8), LoraParam(name="neon-2", weight=1.0))
+    assert parse_prompt("x " + format_params(p.params)).params == p.params
+    for bad, fragment in (("x <lora:ink:9>", "within ±4"), ("x <lora:ink", "one word"), ("x <lora:a b:1>", "one word"),
+                          ("x <lora:ink> <lora:ink:0.5>", "twice"), ("x <lora::1>", "one word")):
+        with pytest.raises(PromptParameterError) as info:
+            parse_prompt(bad)
+        assert info.value.param == "<lora>" and fragment in info.value.message, (bad, info.value.message)

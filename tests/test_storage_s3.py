@@ -101,6 +101,8 @@ def test_moto_put_presigned_get_delete(moto_bucket: str) -> None:
     key = result_key(3, "img_moto")
     assert store.put(key, b"\x89PNG-bytes") == key
     assert store.exists(key) and not store.exists("3/nothing.png")
+    assert store.get(key) == b"\x89PNG-bytes"  # how replicas read stored LoRA adapters
+    assert store.get("3/nothing.png") is None
     head = store.client.head_object(Bucket="results", Key=f"gen/{key}")
     assert head["ContentType"] == "image/png"
     url = store.url(key)

@@ -13,7 +13,9 @@ from serve_app.tenancy.models import Base
 TABLES = {"tenants", "api_keys", "usage_events", "usage_daily", "budget_periods", "budget_holds",
           "rate_counters", "in_flight", "in_flight_leases",
           # template library, generation log, webhook deliveries (0002), jobs (0003)
-          "prompt_templates", "prompt_template_tags", "generations", "webhook_deliveries", "jobs", "job_previews"}
+          "prompt_templates", "prompt_template_tags", "generations", "webhook_deliveries", "jobs", "job_previews",
+          # LoRA adapter registry (0006)
+          "adapters"}
 
 
 def test_upgrade_from_empty_matches_models_and_downgrades(db_url: str) -> None:  # noqa: F811

@@ -54,10 +54,17 @@ def test_build_all_tiny_writes_manifest_and_skips_built(tmp_path: Path) -> None:
     paths = tiny.build_all_tiny(tmp_path)
     assert paths == {"sdxl": tmp_path / "sdxl-tiny", "wuerstchen": tmp_path / "wuerstchen-tiny",
                      "ip_adapter": tmp_path / "ip-adapter-tiny",
-                     "taesd": tmp_path / "taesd-tiny"}  # sdxl-tiny's preview decoder
+                     "taesd": tmp_path / "taesd-tiny",  # sdxl-tiny's preview decoder
+                     "sdxl-loras": tmp_path / "sdxl-tiny-loras"}
     adapter = tmp_path / "ip-adapter-tiny" / tiny.IP_ADAPTER_SUBFOLDER
     assert (adapter / tiny.IP_ADAPTER_WEIGHTS).is_file() and (adapter / "image_encoder" / "config.json").is_file()
     manifest = json.loads((tmp_path / "manifest.json").read_text())
+    # The tiny LoRA adapters (PEFT directories, issue 21), with their own build version.
+    assert manifest["sdxl-tiny-loras"]["adapters"] == list(tiny.TINY_LORAS)
+    for name in tiny.TINY_LORAS:
+        config = json.loads((tmp_path / "sdxl-tiny-loras" / name / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and config["r"] == 4
+        assert (tmp_path / "sdxl-tiny-loras" / name / "adapter_model.safetensors").stat().st_size > 0
     assert manifest["sdxl-tiny"]["native_px"] == 64
     assert manifest["wuerstchen-tiny"]["native_px"] == 128
     weights = tmp_path / "sdxl-tiny" / "unet" / "diffusion_pytorch_model.safetensors"

@@ -141,6 +141,19 @@ class PreviewsConfig(_Strict):
     max_side: int | None = Field(512, ge=16, le=4096, description="Previews are downscaled to at most this "
                                  "longest side (PNG bytes on the wire and in the job store stay small); None: "
                                  "the full size the tiny VAE decodes.")
+class LoraServingConfig(_Strict):
+    """LoRA adapters on this model's replicas (issue 21; docs/lora.md)."""
+
+    enabled: bool = Field(True, description="Serve requests with `loras` (SDXL family only; Würstchen refuses them).")
+    max_adapters_per_replica: int = Field(
+        4, ge=1, le=64, description="Adapters a replica keeps loaded (LRU): Serve's multiplexing "
+        "`max_num_models_per_replica` (adapter sets) and the pipeline's adapter slots. Also the most adapters "
+        "one image may use.")
+    hotswap_target_rank: int | None = Field(
+        None, ge=1, le=1024, description="With a compiled engine: diffusers' `enable_lora_hotswap(target_rank=...)`, "
+        "so loading an adapter into a slot replaces its weights in place instead of recompiling; the largest "
+        "rank any adapter will have. With optimize.compile on and this unset, the model serves no adapters "
+        "(each new adapter would recompile the UNet).")
 
 
 class DiffusionModelConfig(_Strict):
@@ -165,6 +178,7 @@ class DiffusionModelConfig(_Strict):
     decoder_steps: int = Field(12, ge=1, le=100, description="Würstchen decoder steps (task steps are the prior's).")
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
     adaptive_quality: AdaptiveQualityConfig = Field(default_factory=AdaptiveQualityConfig)
+    lora: LoraServingConfig = Field(default_factory=LoraServingConfig)
     vae_slicing: bool = Field(
         True, description="SDXL: decode a batch's latents one image at a time. The VAE decode of a whole "
         "batch is the memory peak at large sizes; slicing cuts it at a small cost (benchmarks/README.md).")
@@ -221,6 +235,10 @@ class DiffusionModelConfig(_Strict):
     def has_draft_tier(self) -> bool:
         """Whether `quality: "draft"` means anything here (the draft tier is SDXL's split UNet)."""
         return self.family == "sdxl" and self.optimize.draft.enabled
+    def serves_loras(self) -> bool:
+        """Whether replicas of this model load adapters (see LoraServingConfig)."""
+        return (self.lora.enabled and self.family == "sdxl"
+                and (not self.optimize.compiled or self.lora.hotswap_target_rank is not None))
 
     @property
     def deployment_name(self) -> str:

@@ -16,8 +16,9 @@ from typing import Any
 
 from ray import serve
 
+from deployments.adapters import AdapterSource, multiplexed_id
 from deployments.diffusion.config import DiffusionModelConfig
-from deployments.diffusion.server import DiffusionServer
+from deployments.diffusion.server import AdapterSet, DiffusionServer
 from deployments.diffusion.types import ImageResult, ImageTask, PartialImage
 from telemetry import TelemetryConfig, setup_telemetry
 
@@ -36,19 +37,35 @@ class DiffusionDeployment:
     """`DiffusionDeployment.options(name=cfg.deployment_name, user_config=cfg.batching_user_config())
     .bind(cfg, telemetry)`."""
 
-    def __init__(self, config: DiffusionModelConfig, telemetry: TelemetryConfig | None = None) -> None:
+    def __init__(self, config: DiffusionModelConfig, telemetry: TelemetryConfig | None = None,
+                 adapters: AdapterSource | None = None) -> None:
         setup_telemetry(telemetry, component=config.deployment_name)
-        self.server = DiffusionServer(config)
+        self.server = DiffusionServer(config, adapters=adapters)
+        # LoRA adapter sets arrive as Serve's multiplexed model id (the ingress sets it with
+        # `handle.options(multiplexed_model_id=...)`), so Serve routes a set to replicas that hold
+        # it; an LRU of `lora.max_adapters_per_replica` sets per replica (wired here: the size is config).
+        async def adapter_set(model_id: str) -> AdapterSet:  # a plain function: Serve keeps its LRU on it
+            return await self.server.stage_adapters(model_id)
+
+        self._adapter_set = serve.multiplexed(max_num_models_per_replica=config.lora.max_adapters_per_replica)(
+            adapter_set)
+
+    async def _with_adapters(self, task: ImageTask) -> None:
+        if task.loras:
+            await self._adapter_set(serve.get_multiplexed_model_id() or multiplexed_id(
+                tuple(u.adapter_id for u in task.loras)))
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.server.reconfigure(user_config)
 
     async def generate(self, task: ImageTask) -> ImageResult:
+        await self._with_adapters(task)
         return await self.server.generate(task)
 
     async def generate_stream(self, task: ImageTask
                               ) -> AsyncGenerator[dict[str, int] | PartialImage | ImageResult, None]:
         """Called with `handle.options(stream=True)`; Serve cancels it when the caller goes away."""
+        await self._with_adapters(task)
         async with aclosing(self.server.generate_stream(task)) as events:
             async for event in events:
                 yield event

@@ -27,6 +27,7 @@ from deployments.diffusion import img2img, ip_adapter, sdxl, wuerstchen
 from deployments.diffusion.config import DiffusionModelConfig, IPAdapterConfig, OptimizeConfig
 from deployments.diffusion.hooks import LiveRows, StopDenoising, circular_padding, generators, per_task_calls
 from deployments.diffusion.loading import FAMILIES, load_pipeline
+from deployments.diffusion.lora import LoraManager
 from deployments.diffusion.optimize import apply as apply_optimizations
 from deployments.diffusion.previews import OnPreview, PreviewDecoder
 from deployments.diffusion.rules import SizeRules, check_task
@@ -109,6 +110,8 @@ class DiffusionEngine:
         self.references: ip_adapter.ReferenceAdapter | None = None
         # Decodes `partial_images` beside the loop (previews.py); set by from_config when configured.
         self.previews: PreviewDecoder | None = None
+        # LoRA adapters (deployments/diffusion/lora.py): set by the server when the model serves them.
+        self.adapters: LoraManager | None = None
 
     @classmethod
     def from_pretrained(
@@ -182,6 +185,10 @@ class DiffusionEngine:
         model can draw from images (init image, mask, references; one at scale 0 is absent)."""
         task = ip_adapter.without_zero_scales(task)
         check_task(task, self.size_rules, model=self.name)
+        if task.loras:
+            if self.adapters is None:
+                raise ValueError(f"model {self.name!r} serves no LoRA adapters, but the task has loras")
+            self.adapters.check(task.loras)
         if self.family == "wuerstchen":
             # diffusers has no img2img, inpainting or IP-Adapter for Würstchen.
             for given, param in ((task.init_image, "image (init_image, --iw)"), (task.mask, "mask"),
@@ -273,6 +280,8 @@ class DiffusionEngine:
             started = time.perf_counter()
             try:
                 with self._lock, torch.inference_mode(), ExitStack() as stack:
+                    if self.adapters is not None:  # the group's adapter set (one per group: group_key)
+                        self.adapters.activate(tasks[0].loras)
                     stack.enter_context(
                         circular_padding(self._family.tiling_modules(self.pipeline), tasks[0].tile)
                     )

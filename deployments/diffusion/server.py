@@ -17,8 +17,9 @@ import os
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from deployments.adapters import AdapterSource, parse_multiplexed_id
 from deployments.diffusion import device
 from deployments.diffusion.batcher import LazyBatcher
 from deployments.diffusion.config import BatchingConfig, DiffusionModelConfig
@@ -29,6 +30,9 @@ from deployments.diffusion.types import ImageResult, ImageTask, PartialImage
 from deployments.placement import place_replica
 from telemetry import metrics, tracing
 
+if TYPE_CHECKING:
+    from deployments.diffusion.lora import LoraManager
+
 logger = logging.getLogger("genserve.diffusion")
 
 DENOISE_ON_LOOP = os.environ.get("GENSERVE_DENOISE_ON_LOOP") == "1"
@@ -37,7 +41,8 @@ DENOISE_ON_LOOP = os.environ.get("GENSERVE_DENOISE_ON_LOOP") == "1"
 class DiffusionServer:
     """`DiffusionServer(config)` loads the engine the config names; `engine=` injects one."""
 
-    def __init__(self, config: DiffusionModelConfig, *, engine: Any = None) -> None:
+    def __init__(self, config: DiffusionModelConfig, *, engine: Any = None,
+                 adapters: AdapterSource | None = None) -> None:
         from deployments.diffusion.engine import DiffusionEngine  # torch + diffusers: import in the replica
         from deployments.diffusion.warmup import warm_up
 
@@ -51,6 +56,13 @@ class DiffusionServer:
             engine = DiffusionEngine.from_config(config, self.device)
             warm_up(engine, config)  # compile the size buckets now: no request pays a compile
         self.engine = engine
+        self.loras: LoraManager | None = None
+        if adapters is not None and config.serves_loras:
+            from deployments.diffusion.lora import LoraManager
+
+            self.loras = LoraManager(engine.pipeline, adapters, slots=config.lora.max_adapters_per_replica,
+                                     hotswap_target_rank=config.lora.hotswap_target_rank)
+            engine.adapters = self.loras
         self.load_s = time.monotonic() - t0
         logger.info("model %s (%s) loaded on %s in %.1fs", self.name, config.model, self.device, self.load_s)
         self.progress = TaskProgress(self.name)
@@ -112,6 +124,17 @@ class DiffusionServer:
         """Images queued + running per full batch: this replica's own measure of overload."""
         return (self.batcher.queued + self.batcher.running) / max(1, self.batching.max_batch_size)
 
+    # -- adapters ---------------------------------------------------------------------------
+
+    async def stage_adapters(self, model_id: str) -> AdapterSet:
+        """Serve's multiplexed loader (deployment.py): make the adapter set `model_id` ready on
+        this replica. The returned object's `__del__` (called by Serve on LRU eviction) releases it."""
+        if self.loras is None:
+            raise ValueError(f"model {self.name!r} serves no LoRA adapters")
+        ids = parse_multiplexed_id(model_id)
+        await asyncio.to_thread(self.loras.stage, ids)
+        return AdapterSet(self.loras, ids)
+
     # -- requests ---------------------------------------------------------------------------
 
     async def generate(self, task: ImageTask) -> ImageResult:
@@ -167,4 +190,18 @@ class DiffusionServer:
                 "load_s": self.load_s, "memory_probe": self.memory_probe,
                 "max_batch_size": b.max_batch_size, "batch_wait_timeout_s": b.batch_wait_timeout_s,
                 "max_batch_megapixels": b.max_batch_megapixels, "queued": self.batcher.queued,
-                "running": self.batcher.running, "load": round(self.load(), 3), "degraded": self.quality.degraded}
+                "running": self.batcher.running, "load": round(self.load(), 3), "degraded": self.quality.degraded,
+                **(self.loras.stats() if self.loras is not None else {})}
+
+
+class AdapterSet:
+    """One multiplexed "model": a held adapter set. Serve calls `__del__` when it evicts it (and
+    Python may again at collection): releasing is idempotent."""
+
+    def __init__(self, loras: LoraManager, ids: tuple[str, ...]) -> None:
+        self.loras, self.ids, self._held = loras, ids, True
+
+    def __del__(self) -> None:
+        if self._held:
+            self._held = False
+            self.loras.release(self.ids)

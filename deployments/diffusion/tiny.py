@@ -261,6 +261,48 @@ def build_tiny_taesd(out_dir: Path) -> Path:
     return _save(tiny_taesd(), Path(out_dir))
 
 
+TINY_LORAS = ("ink", "neon", "moss")
+LORA_DIR = "sdxl-tiny-loras"
+LORA_BUILD_VERSION = 1  # the adapters' own version: bumping it rebuilds only them, not the shared models
+
+
+def tiny_sdxl_lora(seed: int, rank: int = 4, unet: Any = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A random LoRA (PEFT `LoraConfig`) on the tiny SDXL UNet's attention projections: its
+    adapter_config and its weights in PEFT's file format (`base_model.model.<module>.lora_A.weight`).
+    `init_lora_weights=False` leaves lora_B random (PEFT's default zeros it), so the adapter
+    visibly changes the image."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    unet = unet if unet is not None else tiny_sdxl_pipeline().unet  # type: ignore[attr-defined]
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                        target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    torch.manual_seed(seed)
+    unet.add_adapter(config, adapter_name="tiny")
+    state = get_peft_model_state_dict(unet, adapter_name="tiny")
+    unet.delete_adapters("tiny")
+    raw = config.to_dict()
+    cfg = json.loads(json.dumps(raw, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+    cfg["peft_type"] = "LORA"
+    return cfg, {"base_model.model." + k: v.detach().contiguous().clone() for k, v in state.items()}
+
+
+def save_adapter(out_dir: Path, cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    save_file(weights, str(out_dir / "adapter_model.safetensors"))
+    return out_dir
+
+
+def build_tiny_loras(out_dir: Path, names: tuple[str, ...] = TINY_LORAS, rank: int = 4) -> Path:
+    """One PEFT LoRA directory per name under `out_dir` (seeds 1, 2, ...: deterministic)."""
+    unet = tiny_sdxl_pipeline().unet  # type: ignore[attr-defined]
+    for i, name in enumerate(names, start=1):
+        save_adapter(Path(out_dir) / name, *tiny_sdxl_lora(seed=i, rank=rank, unet=unet))
+    return Path(out_dir)
+
+
 def _is_built(path: Path, marker: dict[str, object]) -> bool:
     try:
         return json.loads((path / MARKER).read_text()) == marker
@@ -270,7 +312,8 @@ def _is_built(path: Path, marker: dict[str, object]) -> bool:
 
 def build_all_tiny(out_dir: Path) -> dict[str, Path]:
     """Build the tiny models (SDXL, Würstchen, the IP-Adapter and the preview decoder for the SDXL
-    one) under `out_dir` (skipping any already saved) and write manifest.json."""
+    one) and the tiny SDXL LoRA adapters under `out_dir` (skipping any already saved) and write
+    manifest.json."""
     out_dir = Path(out_dir)
     builds = {
         "sdxl": (SDXL_DIR, build_tiny_sdxl, SDXL_NATIVE_PX),
@@ -290,6 +333,13 @@ def build_all_tiny(out_dir: Path) -> dict[str, Path]:
             (path / MARKER).write_text(json.dumps(marker) + "\n")
         paths[family] = path
         manifest[subdir] = {**marker, "path": subdir, "native_px": native_px}
+    lora_path, lora_marker = out_dir / LORA_DIR, {"family": "sdxl-lora", "build_version": LORA_BUILD_VERSION}
+    if not _is_built(lora_path, lora_marker):
+        shutil.rmtree(lora_path, ignore_errors=True)
+        build_tiny_loras(lora_path)
+        (lora_path / MARKER).write_text(json.dumps(lora_marker) + "\n")
+    paths["sdxl-loras"] = lora_path
+    manifest[LORA_DIR] = {**lora_marker, "path": LORA_DIR, "adapters": list(TINY_LORAS)}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return paths
 

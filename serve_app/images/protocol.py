@@ -17,6 +17,15 @@ STYLE_DOC = ("`vivid`: a default `--s 250` (stronger guidance: more saturated, d
              "model's own guidance (as when absent). A `--s` in the prompt or template wins.")
 
 
+class LoraRequest(BaseModel):
+    """One LoRA adapter for the image: a registered adapter's name (or id) and its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    weight: float = Field(1.0, ge=-4.0, le=4.0, allow_inf_nan=False)
+
+
 class ImageGenerationRequest(BaseModel):
     # Unknown fields are errors: a typo ("step") must not silently do nothing.
     model_config = ConfigDict(extra="forbid")
@@ -45,6 +54,8 @@ class ImageGenerationRequest(BaseModel):
     template_version: int | None = Field(None, ge=1)
     variables: dict[str, str] = Field(default_factory=dict)
     enhance: bool = False
+    loras: list[LoraRequest] = Field(default_factory=list, max_length=8, description="LoRA adapters "
+                                     "(`/v1/adapters`) with weights; also `<lora:name:0.8>` in the prompt.")
     metadata: bool | None = Field(
         None, description="Embed prompt, negative prompt, seed and settings in the PNG as text chunks (anyone "
         "holding the image or its URL can read them). Default: the plan's `png_metadata` (off unless the "
@@ -92,6 +103,8 @@ class GenerationInfo(BaseModel):
     degraded: bool = Field(False, description="Some image ran with fewer steps than asked (adaptive quality).")
     reason: str | None = Field(None, description="Why it was degraded, e.g. `load`.")
     quality: list[str] = Field(default_factory=list, description="Per image: `default` or `draft` (the tier it ran on).")
+    loras: list[dict[str, str | float]] = Field(default_factory=list, description="LoRA adapters used: name, id, "
+                                                "weight.")
 
 
 class ImageGenerationResponse(BaseModel):
@@ -115,6 +128,7 @@ class PromptRenderRequest(BaseModel):
     template: str | None = Field(None, max_length=128)
     template_version: int | None = Field(None, ge=1)
     variables: dict[str, str] = Field(default_factory=dict)
+    loras: list[LoraRequest] = Field(default_factory=list, max_length=8)
 
     def parsed_size(self) -> tuple[int, int] | None:
         return ImageGenerationRequest.parsed_size(self)  # type: ignore[arg-type]

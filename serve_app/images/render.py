@@ -18,7 +18,7 @@ from serve_app.images.protocol import ImageGenerationRequest, PromptRenderReques
 from serve_app.images.spec import ImageSpec
 from serve_app.library.templates import ResolvedTemplate
 from serve_app.prompts import mapping
-from serve_app.prompts.params import ParsedPrompt, PromptParameterError, PromptParams, parse_prompt
+from serve_app.prompts.params import LoraParam, ParsedPrompt, PromptParameterError, PromptParams, parse_prompt
 from serve_app.prompts.templates import MissingVariableError, fill
 
 ImageRequest = ImageGenerationRequest | PromptRenderRequest
@@ -56,7 +56,16 @@ def _merge_params(defaults: PromptParams, user: PromptParams) -> PromptParams:
     merged = {k: getattr(user, k) if getattr(user, k) != getattr(unset, k) else getattr(defaults, k)
               for k in PromptParams.model_fields}
     merged["negative"] = tuple(dict.fromkeys((*defaults.negative, *user.negative)))
+    merged["loras"] = merge_loras(defaults.loras, user.loras)
     return PromptParams(**merged)
+
+
+def merge_loras(first: tuple[LoraParam, ...], then: tuple[LoraParam, ...]) -> tuple[LoraParam, ...]:
+    """LoRA adapters add up (template, prompt, the request's `loras`); a name given again takes
+    the later weight."""
+    out = {lora.name: lora for lora in first}
+    out.update({lora.name: lora for lora in then})
+    return tuple(out.values())
 
 
 # OpenAI's `style` as default prompt parameters (applied under the template's and the prompt's).
@@ -164,12 +173,21 @@ def render_image_request(config: AppConfig, templates: TemplateSource, req: Imag
         if style not in STYLE_PARAMS:
             raise bad_request(f"style must be one of {sorted(STYLE_PARAMS)}, got {style!r}.", param="style")
         parsed = parsed.model_copy(update={"params": _merge_params(STYLE_PARAMS[style], parsed.params)})
+    body_loras = tuple(LoraParam(name=x.name, weight=x.weight) for x in getattr(req, "loras", None) or ())
+    if body_loras:
+        parsed = parsed.model_copy(update={"params": parsed.params.model_copy(
+            update={"loras": merge_loras(parsed.params.loras, body_loras)})})
     p = parsed.params
     starts_from_image = image_param is not None or bool(p.image_prompts)
     image_param = image_param or image_param_of(p)
     if not parsed.text.strip() and not starts_from_image:  # img2img may run from the image alone
         raise bad_request("prompt has no text besides its parameters.", param="prompt", code="empty_prompt")
     mdl = _resolve_model(config, req.model, p.model, image_param)
+    if p.loras and not mdl.serves_loras:
+        raise bad_request(f"Model {mdl.name!r} does not take LoRA adapters.", param="loras", code="loras_unsupported")
+    if len(p.loras) > mdl.lora.max_adapters_per_replica:
+        raise bad_request(f"{len(p.loras)} LoRA adapters asked; model {mdl.name!r} takes at most "
+                          f"{mdl.lora.max_adapters_per_replica} per image.", param="loras", code="too_many_loras")
 
     try:
         settings = mapping.resolve_images(

@@ -41,13 +41,14 @@ from serve_app.images.protocol import (
     PromptRenderRequest,
 )
 from serve_app.images.render import render_image_request
-from serve_app.images.spec import ImageSpec
+from serve_app.images.spec import ImageSpec, LoraRef
 from serve_app.prompts.mapping import size_for_aspect
 from serve_app.storage import StorageError, result_key
 from serve_app.tenancy import TenantContext, ensure_model_allowed, ensure_within_plan
 from telemetry import tracing
 
 if TYPE_CHECKING:
+    from serve_app.adapters.registry import AdapterRegistry
     from serve_app.config import AppConfig
     from serve_app.library import Library
     from serve_app.storage import ResultStore
@@ -74,7 +75,7 @@ class PreparedImages:
 class ImagesService:
     def __init__(self, *, config: AppConfig, diffusion: Mapping[str, Any], tenancy: Tenancy, library: Library,
                  storage: ResultStore, resolve_llm: Callable[[str | None], LLMTarget],
-                 conditioning: Conditioning | None = None) -> None:
+                 conditioning: Conditioning | None = None, adapters: AdapterRegistry | None = None) -> None:
         self.config = config
         self.diffusion = diffusion  # Serve DeploymentHandles by model name
         self.tenancy = tenancy
@@ -82,6 +83,7 @@ class ImagesService:
         self.storage = storage
         self.resolve_llm = resolve_llm  # chat.service.resolve_llm over this replica's LLM handles
         self.conditioning = conditioning  # input images (image prompts, references, edits); None: refused
+        self.adapters = adapters  # the LoRA registry (serve_app/adapters)
 
     # -- before quota -----------------------------------------------------------------------------
 
@@ -91,10 +93,28 @@ class ImagesService:
         so rendering runs in a worker thread. `image_param`: the request sends an image (edits)."""
         templates = self.library.for_tenant(ctx.tenant_id)
         spec = await anyio.to_thread.run_sync(
-            lambda: render_image_request(self.config, templates, body, tenant=ctx.tenant, image_param=image_param))
+            lambda: self._resolve_loras(render_image_request(self.config, templates, body, tenant=ctx.tenant,
+                                                             image_param=image_param), ctx))
         ensure_model_allowed(ctx, spec.model, self.config.find_diffusion(spec.model).aliases)  # type: ignore[union-attr]
         ensure_within_plan(ctx, width=spec.width, height=spec.height, steps=spec.steps)
         return spec
+
+    def _resolve_loras(self, spec: ImageSpec, ctx: TenantContext) -> ImageSpec:
+        """Names of adapters -> the tenant's visible registry ids (404 for one it can't see), before
+        any quota or GPU work. Blocking (database)."""
+        if not spec.params.loras:
+            return spec
+        if self.adapters is None:
+            raise bad_request("LoRA adapters are not enabled on this server.", param="loras", code="loras_unsupported")
+        refs = []
+        for i, lora in enumerate(spec.params.loras):
+            a = self.adapters.resolve(ctx.tenant_id, "diffusion", lora.name, allow_global=ctx.plan.global_adapters,
+                                      base_model=spec.model, param=f"loras[{i}].name")
+            refs.append(LoraRef(name=a.name, adapter_id=a.id, weight=lora.weight))
+        if len({r.adapter_id for r in refs}) != len(refs):
+            raise bad_request("loras names one adapter twice (by name and id?).", param="loras",
+                              code="duplicate_lora")
+        return spec.model_copy(update={"loras": tuple(refs)})
 
     async def prepare(self, body: ImageGenerationRequest, ctx: TenantContext,
                       sent: SentImages | None = None) -> PreparedImages:
@@ -225,6 +245,8 @@ class ImagesService:
             raise unavailable(f"Model {spec.model!r} has no running deployment.")
         with tracing.span("diffusion.call", kind=tracing.SpanKind.CLIENT, model=spec.model, images=spec.n):
             tasks = spec.tasks(task_ids, trace_context=tracing.outgoing(), images=images)
+            if spec.loras:  # Serve routes the adapter set to replicas that already hold it
+                handle = handle.options(multiplexed_model_id=spec.adapter_set)
             if on_progress is None:
                 return list(await asyncio.gather(*(handle.generate.remote(t) for t in tasks)))
             return await _streamed(handle, tasks, on_progress, on_preview)
@@ -321,5 +343,6 @@ def to_response(spec: ImageSpec, results: list[ImageResult], urls: list[str] | N
                           queue_wait_s=[round(r.queue_wait_s, 4) for r in results],
                           compute_s=[round(r.compute_s, 4) for r in results],
                           generation_id=generation_id, steps_used=[r.steps for r in results],
-                          degraded=degraded, reason=reason, quality=[r.quality for r in results])
+                          degraded=degraded, reason=reason, quality=[r.quality for r in results],
+                          loras=[{"name": r.name, "id": r.adapter_id, "weight": r.weight} for r in spec.loras])
     return ImageGenerationResponse(created=int(time.time()), data=data, genserve=info)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.diffusion.types import ImageTask, InputImage, Reference, WeightedPrompt
+from deployments.diffusion.types import ImageTask, InputImage, LoraUse, Reference, WeightedPrompt
 from serve_app.library.templates import ResolvedTemplate
 from serve_app.prompts.mapping import ImageSettings
 from serve_app.prompts.params import PromptParams, WeightedSegment
@@ -46,6 +46,16 @@ class ReferenceSpec(BaseModel):
     scale: float = Field(ge=0.0)
 
 
+class LoraRef(BaseModel):
+    """A LoRA adapter resolved for this request's tenant: registry name and id, and its weight."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    adapter_id: str
+    weight: float
+
+
 class ImageSpec(ImageSettings):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -71,6 +81,15 @@ class ImageSpec(ImageSettings):
     mask: ImageRef | None = None
     strength: float = Field(1.0, gt=0.0, le=1.0)
     references: tuple[ReferenceSpec, ...] = ()
+    # LoRA adapters, resolved by ImagesService.render (the names in `params.loras`, as registry ids).
+    loras: tuple[LoraRef, ...] = ()
+
+    @property
+    def adapter_set(self) -> str:
+        """The Serve multiplexed model id of this request's adapters ('' for none)."""
+        from deployments.adapters import multiplexed_id
+
+        return multiplexed_id([r.adapter_id for r in self.loras])
 
     @property
     def image_refs(self) -> tuple[ImageRef, ...]:
@@ -99,7 +118,8 @@ class ImageSpec(ImageSettings):
             task_id=task_ids[i] if task_ids else None, trace_context=trace_context, priority=self.priority,
             quality_auto=self.quality_auto, embed_metadata=self.embed_metadata, quality=self.quality,
             partial_images=self.partial_images, init_image=init, mask=mask,
-            strength=self.strength if init is not None else 1.0, references=refs)
+            strength=self.strength if init is not None else 1.0, references=refs,
+            loras=tuple(LoraUse(r.adapter_id, r.weight) for r in self.loras))
             for i, (seed, guidance) in enumerate(zip(self.seeds, self.guidance_scales, strict=True)))
 
     def _unused_image_params(self) -> set[str]:
@@ -114,11 +134,15 @@ class ImageSpec(ImageSettings):
             "width": self.width, "height": self.height, "steps": self.steps,
             "guidance_scale": list(self.guidance_scales), "seeds": list(self.seeds), "tile": self.tile,
             "weighted_prompts": [{"text": w.text, "weight": w.weight} for w in self.weighted_prompts],
-            "params": self.params.model_dump(mode="json", exclude=self._unused_image_params()),
+            # Image and LoRA keys only when used: the view of other requests stays as it was.
+            "params": self.params.model_dump(mode="json", exclude=self._unused_image_params()
+                                             | (set() if self.params.loras else {"loras"})),
             **({"init_image": self.init_image.model_dump(), "strength": self.strength} if self.init_image else {}),
             **({"mask": self.mask.model_dump()} if self.mask else {}),
             **({"references": [r.model_dump() for r in self.references]} if self.references else {}),
             **({"quality": self.quality} if self.quality != "default" else {}),
+            **({"loras": [{"name": r.name, "id": r.adapter_id, "weight": r.weight} for r in self.loras]}
+               if self.loras else {}),
         }
 
     @classmethod

@@ -35,6 +35,12 @@ _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
 _WEIGHT = re.compile(r"-?(?:[0-9]++(?:\.[0-9]*+)?|\.[0-9]++)(?=[\s,]|$)")
 
 
+# AUTOMATIC1111's LoRA form, one token: `<lora:name>` or `<lora:name:0.8>` (issue 21).
+_LORA = re.compile(r"<lora:([A-Za-z0-9][A-Za-z0-9_.-]{0,63})(?::(-?(?:[0-9]{1,3}(?:\.[0-9]{0,6})?|\.[0-9]{1,6})))?>")
+LORA_WEIGHT_MAX = 4.0
+MAX_LORAS = 8
+
+
 class PromptParameterError(ValueError):
     """A bad prompt parameter. `param` is the flag as written (e.g. "--ar", or "::")."""
 
@@ -46,6 +52,15 @@ class PromptParameterError(ValueError):
     def __reduce__(self) -> tuple[Any, ...]:
         # Keep it picklable (Ray, multiprocessing): the default would call cls(message).
         return (type(self), (self.param, self.message))
+
+
+class LoraParam(BaseModel):
+    """A LoRA adapter the prompt or request asks for, by registry name (or id), and its weight."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    weight: float = Field(1.0, ge=-LORA_WEIGHT_MAX, le=LORA_WEIGHT_MAX, allow_inf_nan=False)
 
 
 class PromptParams(BaseModel):
@@ -78,6 +93,7 @@ class PromptParams(BaseModel):
         """Every image the prompt names, in order (what counts against `image_inputs.max_images`)."""
         return (*self.image_prompts, *self.style_refs, *self.character_refs,
                 *((self.omni_ref,) if self.omni_ref else ()))
+    loras: tuple[LoraParam, ...] = Field((), description="<lora:name:weight>, in order")
 
     @field_validator("aspect_ratio")
     @classmethod
@@ -269,6 +285,7 @@ def _split_params(text: str) -> tuple[list[str], dict[str, Any]]:
     values: dict[str, Any] = {}
     seen: dict[str, str] = {}  # field -> flag as written, for duplicate errors
     negative: list[str] = []
+    loras: list[LoraParam] = []
     i = 0
     # Midjourney's image prompts: image URLs (here also file ids) before any text.
     while i < len(tokens) and is_image_source(tokens[i]):
@@ -276,6 +293,10 @@ def _split_params(text: str) -> tuple[list[str], dict[str, Any]]:
     if i:
         values["image_prompts"] = tuple(tokens[:i])
     while i < len(tokens):
+        if "<lora:" in tokens[i]:
+            loras.append(_parse_lora(tokens[i]))
+            i += 1
+            continue
         name = _flag_name(tokens[i])
         if name is None:
             words.append(tokens[i])
@@ -333,7 +354,26 @@ def _split_params(text: str) -> tuple[list[str], dict[str, Any]]:
             raise PromptParameterError(flag, f"{flag} weighs {what}, and the prompt has none")
     if negative:
         values["negative"] = tuple(negative)
+    if loras:
+        names = [lora.name for lora in loras]
+        if len(set(names)) != len(names):
+            raise PromptParameterError("<lora>", f"<lora:...> names an adapter twice: {names}")
+        if len(loras) > MAX_LORAS:
+            raise PromptParameterError("<lora>", f"at most {MAX_LORAS} <lora:...> adapters, got {len(loras)}")
+        values["loras"] = tuple(loras)
     return words, values
+
+
+def _parse_lora(token: str) -> LoraParam:
+    m = _LORA.fullmatch(token)
+    if m is None:
+        raise PromptParameterError("<lora>", f"<lora:...> must be <lora:NAME> or <lora:NAME:WEIGHT> as one word "
+                                   f"(NAME: letters, digits, _ . -), got {_show(token)}")
+    weight = float(m.group(2)) if m.group(2) is not None else 1.0
+    if abs(weight) > LORA_WEIGHT_MAX:
+        raise PromptParameterError("<lora>", f"<lora:{m.group(1)}:...> weight must be within "
+                                   f"±{LORA_WEIGHT_MAX:g}, got {m.group(2)}")
+    return LoraParam(name=m.group(1), weight=weight)
 
 
 def _split_weights(text: str) -> tuple[WeightedSegment, ...]:
@@ -406,7 +446,9 @@ def format_params(params: PromptParams) -> str:
         out.append(f"--oref {params.omni_ref}")
     if params.omni_weight is not None:
         out.append(f"--ow {params.omni_weight}")
-    if params.negative:
+    for lora in params.loras:
+        out.append(f"<lora:{lora.name}:{lora.weight:g}>")
+    if params.negative:  # last: `--no` takes every word up to the next flag
         out.append("--no " + ", ".join(params.negative))
     # Image prompts go first in a prompt: the caller puts `params.image_prompts` before the text.
     return " ".join(out)

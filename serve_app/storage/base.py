@@ -105,7 +105,8 @@ class ResultStore(ABC):
 
     @abstractmethod
     def get(self, key: str) -> bytes | None:
-        """The stored bytes of `key`, None if there is none (uploads read back: serve_app/files)."""
+        """The stored bytes of `key`, None if there is none (uploads read back: serve_app/files;
+        stored LoRA adapters: serve_app/adapters)."""
 
     @abstractmethod
     def list_keys(self, prefix: str) -> list[str]:
