@@ -44,6 +44,25 @@ class TokenDelta:
 
 
 @dataclass(frozen=True)
+class LoRAAdapter:
+    """A LoRA adapter one request runs with: a PEFT directory (adapter_config.json +
+    adapter_model.safetensors) readable on the replica's node.
+
+    `id` is unique per adapter content (the ingress builds it from the registry's scope, name and
+    content hash), so it is both Serve's multiplexed model id (requests for it go to replicas that
+    hold it) and the engine's adapter name; `name` is what the client asked for (logs only)."""
+
+    id: str
+    path: str
+    name: str = ""
+    rank: int = 0  # 0: not known (the engine reads it from adapter_config.json)
+
+    def __post_init__(self) -> None:
+        if not self.id or not self.path:
+            raise ValueError(f"a LoRA adapter needs an id and a path, got id={self.id!r} path={self.path!r}")
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One chat or completion call as the deployment receives it.
 
@@ -63,6 +82,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    adapter: LoRAAdapter | None = None  # None: the base model
     # W3C `traceparent` + request id/tenant of the caller (telemetry.tracing.outgoing).
     trace_context: dict[str, str] | None = field(default=None, compare=False, hash=False)
 
