@@ -15,7 +15,7 @@ STRICT=(
   deployments/diffusion/server.py deployments/diffusion/deployment.py deployments/diffusion/loading.py
   deployments/diffusion/sdxl.py
   deployments/llm/server.py deployments/llm/deployment.py deployments/llm/engine.py deployments/llm/loading.py
-  deployments/llm/vllm_engine.py
+  deployments/llm/vllm_engine.py deployments/llm/adapters.py deployments/llm/peft_adapters.py
   telemetry/metrics.py telemetry/tracing.py
 )
 "$PY" -m ruff check .

@@ -6,12 +6,14 @@ Serve's model multiplexing (deployment.py) decides which adapters a replica keep
 to replicas that hold it; it calls `evict` when it drops one. Eviction must not pull weights from
 under a running sequence, so an evicted adapter leaves the engine when its last request ends. A
 request for an adapter that is not loaded (a Server used without Serve, in tests; or one evicted
-and asked for again) loads it first.
+and asked for again) loads it first. An adapter that comes without a local path is fetched by id
+from the replica's `AdapterSource` (the registry's store, bound into the deployment).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections import deque
@@ -22,6 +24,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from deployments.llm.types import LLMRequestError, LoRAAdapter
+
+
+class AdapterSource(Protocol):
+    """Where a replica gets an adapter's files by id (serve_app/adapters/source.py's
+    `StoreAdapterSource`: download once from the result store, checked against the id's hash)."""
+
+    def fetch(self, adapter_id: str) -> Path: ...
 
 
 class AdapterEngine(Protocol):
@@ -48,8 +57,9 @@ def adapter_rank(adapter: LoRAAdapter) -> int:
 
 
 class AdapterSet:
-    def __init__(self, engine: AdapterEngine, *, max_rank: int) -> None:
+    def __init__(self, engine: AdapterEngine, *, max_rank: int, source: AdapterSource | None = None) -> None:
         self._engine = engine
+        self._source = source
         self._max_rank = max_rank
         self._entries: dict[str, _Entry] = {}
         self._lock = asyncio.Lock()  # one load or unload at a time (as Serve's multiplexer does)
@@ -65,6 +75,15 @@ class AdapterSet:
 
     async def load(self, adapter: LoRAAdapter) -> None:
         """Load it into the engine (a no-op if loaded; an evicted one still loaded is kept)."""
+        if adapter.id in self._entries:
+            self._entries[adapter.id].evicted = False
+            return
+        if not adapter.path:
+            if self._source is None:
+                raise RuntimeError(f"LoRA adapter {adapter.id!r} came without a path and this replica has no "
+                                   "adapter source to fetch it from")
+            path = await asyncio.to_thread(self._source.fetch, adapter.id)
+            adapter = dataclasses.replace(adapter, path=str(path))
         rank = adapter_rank(adapter)
         if rank > self._max_rank:
             raise LLMRequestError(400, f"The adapter {adapter.name or adapter.id!r} has rank {rank}; this model "

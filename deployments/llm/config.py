@@ -11,7 +11,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-
 # vLLM sizes its LoRA buffers by max_lora_rank and accepts only these values.
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # engine_kwargs keys that `lora` owns (one place says how adapters are served).

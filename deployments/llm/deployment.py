@@ -31,7 +31,7 @@ from typing import Any
 
 from ray import serve
 
-from deployments.llm.adapters import AdapterSet
+from deployments.llm.adapters import AdapterSet, AdapterSource
 from deployments.llm.config import LLMModelConfig
 from deployments.llm.server import LLMServer
 from deployments.llm.types import GenerationRequest, GenerationResult, LoRAAdapter, StreamItem
@@ -40,14 +40,15 @@ from telemetry import TelemetryConfig, setup_telemetry
 
 @serve.deployment(name="LLM", max_ongoing_requests=64, health_check_period_s=10)
 class LLMDeployment:
-    """`LLMDeployment.options(name=cfg.deployment_name).bind(cfg, work_dir=..., telemetry=...)`."""
+    """`LLMDeployment.options(name=cfg.deployment_name).bind(cfg, work_dir=..., telemetry=...,
+    adapter_source=...)`."""
 
     # Ray Serve awaits an async __init__ (the model loads before the replica takes traffic);
     # mypy only knows plain constructors.
     async def __init__(self, config: LLMModelConfig, *, work_dir: str | Path | None = None,  # type: ignore[misc]
-                       telemetry: TelemetryConfig | None = None) -> None:
+                       telemetry: TelemetryConfig | None = None, adapter_source: AdapterSource | None = None) -> None:
         setup_telemetry(telemetry, component=config.deployment_name)
-        self.server = LLMServer(config, work_dir=work_dir)
+        self.server = LLMServer(config, work_dir=work_dir, adapter_source=adapter_source)
         await self.server.start()
         self._sources: dict[str, LoRAAdapter] = {}  # adapter id -> where to load it from (latest request's)
         self._resident: Callable[[str], Awaitable[_Resident]] | None = None

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments.llm import prompt, share_clock
-from deployments.llm.adapters import AdapterSet
+from deployments.llm.adapters import AdapterSet, AdapterSource
 from deployments.llm.coalesce import coalesce
 from deployments.llm.config import LLMModelConfig
 from deployments.llm.engine import LLMEngine, engine_for
@@ -45,14 +45,14 @@ class LLMServer:
     """`LLMServer(config)` builds the engine the config names; `engine=` injects one (tests)."""
 
     def __init__(self, config: LLMModelConfig, *, engine: LLMEngine | None = None,
-                 work_dir: str | Path | None = None) -> None:
+                 work_dir: str | Path | None = None, adapter_source: AdapterSource | None = None) -> None:
         self.config = config
         self.engine = engine if engine is not None else engine_for(config, work_dir=work_dir)
         self.model_name = config.name
         self.default_max_tokens = config.default_max_tokens
         self._started = False
         self._open_streams = 0  # streams past `Started`: above `stream_coalesce_above` they coalesce
-        self.adapters = AdapterSet(self.engine, max_rank=config.lora.max_lora_rank)
+        self.adapters = AdapterSet(self.engine, max_rank=config.lora.max_lora_rank, source=adapter_source)
 
     async def start(self) -> None:
         if not self._started:

@@ -46,20 +46,22 @@ class TokenDelta:
 @dataclass(frozen=True)
 class LoRAAdapter:
     """A LoRA adapter one request runs with: a PEFT directory (adapter_config.json +
-    adapter_model.safetensors) readable on the replica's node.
+    adapter_model.safetensors).
 
-    `id` is unique per adapter content (the ingress builds it from the registry's scope, name and
-    content hash), so it is both Serve's multiplexed model id (requests for it go to replicas that
-    hold it) and the engine's adapter name; `name` is what the client asked for (logs only)."""
+    `id` is unique per adapter content (the registry's content-addressed id), so it is both Serve's
+    multiplexed model id (requests for it go to replicas that hold it) and the engine's adapter
+    name. `path`: a directory readable on the replica's node; empty (what the ingress sends), the
+    replica fetches the adapter by id from its `AdapterSource` (adapters.py). `name` is what the
+    client asked for (messages, logs)."""
 
     id: str
-    path: str
+    path: str = ""
     name: str = ""
-    rank: int = 0  # 0: not known (the engine reads it from adapter_config.json)
+    rank: int = 0  # 0: not known (read from adapter_config.json)
 
     def __post_init__(self) -> None:
-        if not self.id or not self.path:
-            raise ValueError(f"a LoRA adapter needs an id and a path, got id={self.id!r} path={self.path!r}")
+        if not self.id:
+            raise ValueError("a LoRA adapter needs an id")
 
 
 @dataclass(frozen=True)
