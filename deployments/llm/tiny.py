@@ -154,7 +154,7 @@ def build_tiny_llm_adapter(out_dir: Path, base_dir: Path, *, seed: int, rank: in
     peft_model = get_peft_model(base, config)
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(tmp)
+    peft_model.save_pretrained(str(tmp))
     # Point at the base by its directory name only: the adapter travels (registry, S3) without it.
     cfg_path = tmp / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())

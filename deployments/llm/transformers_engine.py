@@ -199,8 +199,14 @@ class TransformersEngine:
             # After the send: the reply comes through this loop, so it can't arrive before this line.
             self._adapter_replies.setdefault(cmd.adapter_id, []).append(fut)
         elif self._continuous is not None:
-            cmd.done = lambda error: loop.call_soon_threadsafe(
-                lambda: fut.done() or fut.set_result(error))
+            def settle(error: str | None) -> None:
+                if not fut.done():
+                    fut.set_result(error)
+
+            def done(error: str | None) -> None:  # on the model thread
+                loop.call_soon_threadsafe(settle, error)
+
+            cmd.done = done
             self._continuous.command(cmd)
         else:
             raise RuntimeError("LoRA adapters need the transformers engine's continuous scheduler "
