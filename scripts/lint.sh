@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 STRICT=(
-  deployments/placement.py
+  deployments/placement.py deployments/adapters.py
   deployments/diffusion/config.py deployments/diffusion/rules.py deployments/diffusion/types.py
   deployments/diffusion/buckets.py deployments/diffusion/progress.py
   deployments/llm/config.py deployments/llm/types.py deployments/llm/sequence.py
@@ -17,6 +17,8 @@ STRICT=(
   deployments/llm/server.py deployments/llm/deployment.py deployments/llm/engine.py deployments/llm/loading.py
   deployments/llm/vllm_engine.py deployments/llm/adapters.py deployments/llm/peft_adapters.py
   telemetry/metrics.py telemetry/tracing.py
+  serve_app/adapters/types.py serve_app/adapters/config.py serve_app/adapters/archive.py serve_app/adapters/source.py
+  serve_app/adapters/models.py serve_app/adapters/registry.py serve_app/adapters/protocol.py serve_app/adapters/router.py
 )
 "$PY" -m ruff check .
 # follow-imports=silent: judge these files strictly, not everything they import.

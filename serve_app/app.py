@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import Depends, FastAPI
 
 from serve_app import playground
+from serve_app.adapters.router import router as adapters_router
 from serve_app.api import health, models
 from serve_app.chat import router as chat
 from serve_app.errors import install_error_handlers
@@ -20,7 +21,7 @@ from serve_app.text_guard import reject_invalid_text
 from serve_app.trusted_hosts import TrustedHosts
 
 ROUTERS = (health.router, models.router, images.router, chat.router, jobs.router, library_router, files_router,
-           admin_router, usage_router, playground.router)
+           admin_router, usage_router, adapters_router, playground.router)
 
 
 def create_app(services: Services) -> FastAPI:
@@ -30,7 +31,9 @@ def create_app(services: Services) -> FastAPI:
                   dependencies=[Depends(reject_invalid_text)])
     app.state.services = services
     install_error_handlers(app)
-    app.add_middleware(RequestGuard, max_body_bytes=services.config.limits.max_body_bytes)
+    # Adapter archives are the one upload: multipart, up to adapters.max_upload_mb (+ form overhead).
+    app.add_middleware(RequestGuard, max_body_bytes=services.config.limits.max_body_bytes,
+                       uploads={"/v1/adapters": services.config.adapters.max_upload_bytes + 64 * 1024})
     if services.config.trusted_hosts is not None:
         app.add_middleware(TrustedHosts, allowed_hosts=services.config.trusted_hosts)
     # Outermost: request id, root span, latency and access log also for what the guard rejects.

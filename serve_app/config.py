@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from deployments.diffusion.config import AdaptiveQualityConfig, BatchingConfig, DiffusionModelConfig, OptimizeConfig
 from deployments.llm.config import LLMModelConfig
+from serve_app.adapters.config import AdaptersConfig
 from serve_app.jobs.config import JobsConfig
 from serve_app.storage.config import StorageConfig
 from serve_app.tenancy.config import TenancyConfig
@@ -66,6 +67,7 @@ class AppConfig(_Strict):
     tenancy: TenancyConfig = Field(default_factory=TenancyConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    adapters: AdaptersConfig = Field(default_factory=AdaptersConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     work_dir: Path = Field(Path(".work"), description="Databases, results and caches (relative to cwd).")
     public_base_url: str = Field(

@@ -9,6 +9,7 @@ from typing import Any
 
 from ray import serve
 
+from serve_app.adapters.registry import build_registry
 from serve_app.app import create_app
 from serve_app.chat.service import resolve_llm
 from serve_app.config import AppConfig, load_app_config
@@ -28,7 +29,7 @@ def assemble_services(cfg: AppConfig, *, diffusion: dict[str, Any], llm: dict[st
                       storage: ResultStore, library: Library, webhooks: WebhookSender | None = None) -> Services:
     """Wire the feature services over their collaborators, once (tests pass their own)."""
     services = Services(config=cfg, diffusion=dict(diffusion), llm=dict(llm), tenancy=tenancy, storage=storage,
-                        library=library)
+                        library=library, adapters=build_registry(cfg, tenancy.engine, storage))
     services.images = ImagesService(config=cfg, diffusion=services.diffusion, tenancy=tenancy, library=library,
                                     storage=storage, resolve_llm=functools.partial(resolve_llm, services))
     services.jobs = Jobs(config=cfg.jobs, tenancy=tenancy, storage=storage, images=services.images,

@@ -19,14 +19,21 @@ class _TooLarge(APIError):
 class RequestGuard:
     """413 for bodies over `max_body_bytes` (declared or streamed); 400 for non-JSON API bodies."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, json_prefixes: tuple[str, ...] = ("/v1/", "/admin/")):
+    def __init__(self, app: ASGIApp, max_body_bytes: int, json_prefixes: tuple[str, ...] = ("/v1/", "/admin/"),
+                 uploads: dict[str, int] | None = None):
+        """`uploads`: exact paths that take multipart/form-data file uploads, with their own body
+        limit (`POST /v1/adapters`: an adapter archive)."""
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.json_prefixes = json_prefixes
+        self.uploads = dict(uploads or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
             return await self.app(scope, receive, send)
+        upload_limit = self.uploads.get(scope["path"])
+        if upload_limit is not None:
+            return await RequestGuard(self.app, upload_limit, json_prefixes=())(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, Request
 
 if TYPE_CHECKING:
+    from serve_app.adapters.registry import AdapterRegistry
     from serve_app.config import AppConfig
     from serve_app.images.service import ImagesService
     from serve_app.jobs.service import Jobs
@@ -33,6 +34,7 @@ class Services:
     library: Library | None = None
     images: ImagesService | None = None
     jobs: Jobs | None = None
+    adapters: AdapterRegistry | None = None
 
 
 async def get_services(request: Request) -> Services:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
+import serve_app.adapters.models  # noqa: F401 - registers the adapters table on Base.metadata
 import serve_app.jobs.models  # noqa: F401 - registers the jobs table on Base.metadata
 import serve_app.library.models  # noqa: F401
 import serve_app.webhooks.models  # noqa: F401

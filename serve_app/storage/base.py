@@ -100,6 +100,10 @@ class ResultStore(ABC):
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
+    def get(self, key: str) -> bytes:
+        """The object's bytes (used for stored LoRA adapters); FileNotFoundError if it is missing."""
+
+    @abstractmethod
     def delete(self, key: str) -> None:
         """Remove `key`; deleting a missing key is not an error."""
 

@@ -80,5 +80,8 @@ class LocalResultStore(ResultStore):
     def exists(self, key: str) -> bool:
         return self.path_of(key).is_file()
 
+    def get(self, key: str) -> bytes:
+        return self.path_of(key).read_bytes()
+
     def delete(self, key: str) -> None:
         self.path_of(key).unlink(missing_ok=True)

@@ -67,6 +67,15 @@ class S3ResultStore(ResultStore):
             raise
         return True
 
+    def get(self, key: str) -> bytes:
+        try:
+            body = self.client.get_object(Bucket=self.cfg.bucket, Key=self.object_key(key))["Body"]
+        except ClientError as e:
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                raise FileNotFoundError(key) from e
+            raise
+        return bytes(body.read())
+
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.cfg.bucket, Key=self.object_key(key))
 

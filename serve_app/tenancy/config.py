@@ -37,6 +37,10 @@ class PlanConfig(_Strict):
                                "prompt, seed and settings into result PNGs as text chunks (readable by anyone "
                                "holding a result URL, hence off by default).")
 
+    max_adapters: int | None = Field(10, ge=0, description="LoRA adapters a tenant may hold (private ones; "
+                                     "None: unlimited, 0: none).")
+    global_adapters: bool = Field(True, description="Whether the tenant may use global (admin-registered) adapters.")
+
     def allows(self, model: str) -> bool:
         return self.allowed_models == "*" or model in self.allowed_models
 
@@ -80,13 +84,13 @@ def _default_plans() -> list[PlanConfig]:
     return [
         PlanConfig(name="free", requests_per_minute=20, tokens_per_minute=10_000, images_per_minute=5,
                    max_concurrent_requests=2, max_image_side=1024, max_steps=30, monthly_budget_usd=5.0,
-                   priority=0),
+                   priority=0, max_adapters=2),
         PlanConfig(name="pro", requests_per_minute=300, tokens_per_minute=200_000, images_per_minute=60,
                    max_concurrent_requests=16, max_image_side=1536, max_steps=80, monthly_budget_usd=500.0,
-                   priority=1),
+                   priority=1, max_adapters=50),
         PlanConfig(name="enterprise", requests_per_minute=3000, tokens_per_minute=2_000_000,
                    images_per_minute=600, max_concurrent_requests=128, max_image_side=2048, max_steps=150,
-                   monthly_budget_usd=None, priority=2),
+                   monthly_budget_usd=None, priority=2, max_adapters=None),
     ]
 
 
