@@ -7,7 +7,7 @@ to replicas that hold it; it calls `evict` when it drops one. Eviction must not 
 under a running sequence, so an evicted adapter leaves the engine when its last request ends. A
 request for an adapter that is not loaded (a Server used without Serve, in tests; or one evicted
 and asked for again) loads it first. An adapter that comes without a local path is fetched by id
-from the replica's `AdapterSource` (the registry's store, bound into the deployment).
+from the replica's `AdapterSource` (deployments/adapters.py; the app binds the registry's store).
 """
 
 from __future__ import annotations
@@ -23,14 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from deployments.adapters import AdapterSource
 from deployments.llm.types import LLMRequestError, LoRAAdapter
-
-
-class AdapterSource(Protocol):
-    """Where a replica gets an adapter's files by id (serve_app/adapters/source.py's
-    `StoreAdapterSource`: download once from the result store, checked against the id's hash)."""
-
-    def fetch(self, adapter_id: str) -> Path: ...
 
 
 class AdapterEngine(Protocol):

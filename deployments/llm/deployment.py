@@ -31,7 +31,8 @@ from typing import Any
 
 from ray import serve
 
-from deployments.llm.adapters import AdapterSet, AdapterSource
+from deployments.adapters import AdapterSource
+from deployments.llm.adapters import AdapterSet
 from deployments.llm.config import LLMModelConfig
 from deployments.llm.server import LLMServer
 from deployments.llm.types import GenerationRequest, GenerationResult, LoRAAdapter, StreamItem

@@ -21,8 +21,9 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
+from deployments.adapters import AdapterSource
 from deployments.llm import prompt, share_clock
-from deployments.llm.adapters import AdapterSet, AdapterSource
+from deployments.llm.adapters import AdapterSet
 from deployments.llm.coalesce import coalesce
 from deployments.llm.config import LLMModelConfig
 from deployments.llm.engine import LLMEngine, engine_for
