@@ -16,7 +16,7 @@ STRICT=(
   deployments/diffusion/sdxl.py deployments/diffusion/img2img.py deployments/diffusion/ip_adapter.py deployments/diffusion/lora.py
   deployments/diffusion/previews.py serve_app/images/streaming.py serve_app/jobs/previews.py
   deployments/llm/server.py deployments/llm/deployment.py deployments/llm/engine.py deployments/llm/loading.py
-  deployments/llm/vllm_engine.py
+  deployments/llm/vllm_engine.py deployments/llm/adapters.py deployments/llm/peft_adapters.py
   telemetry/metrics.py telemetry/tracing.py
   serve_app/images/inputs.py serve_app/images/config.py serve_app/images/conditioning.py serve_app/images/edits.py
   serve_app/files/protocol.py serve_app/files/store.py serve_app/files/router.py

@@ -44,11 +44,17 @@ def build_tiny(out_dir: Path) -> None:
 
     built = build_all_tiny(out_dir)
     try:
-        from deployments.llm.tiny import build_tiny_llm
+        from deployments.llm.tiny import build_tiny_llm, build_tiny_llm_adapters
 
         built["llm-tiny"] = build_tiny_llm(out_dir / "llm-tiny")
     except ImportError:
         pass
+    else:
+        try:  # random LoRA adapters of the tiny LLM (needs peft)
+            for name, path in build_tiny_llm_adapters(out_dir / "llm-tiny-lora", built["llm-tiny"]).items():
+                built[f"llm-tiny-lora/{name}"] = path
+        except ImportError:
+            pass
     for name, path in built.items():
         click.echo(f"{name}: {path}")
 

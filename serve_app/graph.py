@@ -32,11 +32,15 @@ def _llm_apps(cfg: AppConfig, telemetry: TelemetryConfig) -> dict[str, Applicati
     if not cfg.llm_models:
         return {}
     from deployments.llm.deployment import LLMDeployment
+    from serve_app.adapters.registry import adapter_source
 
     # A model over several GPUs (tensor/pipeline parallel) gets a placement group of one GPU bundle per
     # engine worker (`LLMModelConfig.deployment_options`); one GPU or none: the Serve config places it.
+    # A model serving LoRA adapters fetches them by id from the registry's store (issue 21).
+    source = adapter_source(cfg) if any(m.lora.enabled for m in cfg.llm_models) else None
     return {m.name: LLMDeployment.options(name=m.deployment_name, **m.deployment_options())
-            .bind(m, work_dir=cfg.work_dir, telemetry=telemetry) for m in cfg.llm_models}
+            .bind(m, work_dir=cfg.work_dir, telemetry=telemetry, adapter_source=source if m.lora.enabled else None)
+            for m in cfg.llm_models}
 
 
 def build_app(args: dict[str, Any]) -> Application:

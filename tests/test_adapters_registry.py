@@ -26,7 +26,7 @@ from serve_app.storage.config import StorageConfig
 CFG = AppConfig(diffusion_models=[
     DiffusionModelConfig(name="sdxl-tiny", family="sdxl", model="none", aliases=["v6"]),
     DiffusionModelConfig(name="w-tiny", family="wuerstchen", model="none")],
-    llm_models=[LLMModelConfig(name="chat-tiny", model="none")])
+    llm_models=[LLMModelConfig(name="chat-tiny", model="none", lora={"enabled": True})])
 
 
 class FailingStore(LocalResultStore):

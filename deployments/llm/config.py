@@ -11,6 +11,43 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# vLLM sizes its LoRA buffers by max_lora_rank and accepts only these values.
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# engine_kwargs keys that `lora` owns (one place says how adapters are served).
+_LORA_ENGINE_KEYS = {"enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras"}
+
+
+class LoRAConfig(BaseModel):
+    """Per-request LoRA adapters on this model (docs/llm.md, "LoRA adapters")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    max_adapters_per_replica: int = Field(
+        8, ge=1, le=4096, description="Adapters one replica keeps loaded: Serve's multiplexing "
+        "`max_num_models_per_replica` (least recently used evicted; requests for an adapter go to replicas "
+        "that hold it). vLLM keeps as many in its CPU cache (`max_cpu_loras`).")
+    max_loras: int = Field(
+        4, ge=1, le=256, description="vLLM: distinct adapters in one batch (GPU slots). The transformers "
+        "engine runs one adapter per batch whatever this says.")
+    max_lora_rank: int = Field(
+        16, description=f"Largest adapter rank the replica loads; vLLM sizes its buffers by it (one of {LORA_RANKS}).")
+
+    @model_validator(mode="after")
+    def _check(self) -> LoRAConfig:
+        if self.max_lora_rank not in LORA_RANKS:
+            raise ValueError(f"lora.max_lora_rank must be one of {LORA_RANKS}, got {self.max_lora_rank}")
+        if self.max_loras > self.max_adapters_per_replica:
+            raise ValueError(f"lora.max_loras ({self.max_loras}) must be <= lora.max_adapters_per_replica "
+                             f"({self.max_adapters_per_replica}): a batch can only use adapters the replica holds")
+        return self
+
+    def vllm_kwargs(self) -> dict[str, Any]:
+        if not self.enabled:
+            return {}
+        return {"enable_lora": True, "max_loras": self.max_loras, "max_lora_rank": self.max_lora_rank,
+                "max_cpu_loras": self.max_adapters_per_replica}
+
 
 class LLMModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -48,6 +85,7 @@ class LLMModelConfig(BaseModel):
     placement_label_selector: dict[str, str] = Field(
         default_factory=dict, description="Node labels every GPU bundle of a multi-GPU replica must match (e.g. "
         "{genserve.io/pool: gpu-llm}); a one-GPU replica uses ray_actor_options.label_selector instead.")
+    lora: LoRAConfig = Field(default_factory=LoRAConfig, description="Per-request LoRA adapters (off by default).")
     aliases: list[str] = Field(default_factory=list)
     description: str = ""
 
@@ -62,6 +100,10 @@ class LLMModelConfig(BaseModel):
         if parallel:
             raise ValueError(f"engine_kwargs.{sorted(parallel)[0]}: set the model's own field of that name instead "
                              "(the graph sizes the replica's placement group from it)")
+        lora_keys = _LORA_ENGINE_KEYS & self.engine_kwargs.keys()
+        if lora_keys:
+            raise ValueError(f"engine_kwargs.{sorted(lora_keys)[0]}: set the model's `lora` block instead "
+                             "(lora.enabled, lora.max_loras, lora.max_lora_rank, lora.max_adapters_per_replica)")
         if self.num_gpus_per_replica > 1:
             if self.engine != "vllm":
                 raise ValueError(f"tensor_parallel_size ({self.tensor_parallel_size}) x pipeline_parallel_size "
@@ -78,9 +120,12 @@ class LLMModelConfig(BaseModel):
         """GPUs one engine spans (1: the Serve config's ray_actor_options.num_gpus places it)."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
-    def resolved_engine_kwargs(self) -> dict[str, Any]:
-        """`engine_kwargs` plus the parallelism of a multi-GPU engine (vLLM's names)."""
+    def resolved_engine_kwargs(self, kind: str = "vllm") -> dict[str, Any]:
+        """`engine_kwargs` plus the parallelism of a multi-GPU engine and, for `kind` vllm, the LoRA
+        settings (vLLM's names; the transformers engine loads adapters without any)."""
         kwargs = dict(self.engine_kwargs)
+        if kind == "vllm":
+            kwargs.update(self.lora.vllm_kwargs())
         if self.num_gpus_per_replica > 1:
             kwargs.update(tensor_parallel_size=self.tensor_parallel_size,
                           pipeline_parallel_size=self.pipeline_parallel_size, distributed_executor_backend="ray")

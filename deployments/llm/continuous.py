@@ -15,6 +15,11 @@ this project meets (5.17 on the GPU hosts, 5.19 here), it has no per-request see
 paged-attention kernels. This loop runs any decoder whose cache is made of plain `DynamicLayer`s
 (Llama, Qwen, Mistral without a sliding window...); `supports()` says whether a model qualifies,
 and the engine falls back to static batching when it does not.
+
+LoRA adapters (peft_adapters.py): one adapter (or none) per running batch. A sequence joins the
+batch only if it runs the batch's adapter; when the oldest waiting sequence wants another, the
+batch stops taking newcomers, drains, and the next batch starts with that adapter (FIFO, so no
+adapter starves). Adapters are loaded and unloaded on this thread between steps (`AdapterCommand`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from deployments.llm.peft_adapters import AdapterCommand, PeftAdapters
 from deployments.llm.sequence import Sequence
 
 logger = logging.getLogger("genserve.llm.continuous")
@@ -62,6 +68,9 @@ class ContinuousBatcher:
         self._mask: Any = None  # [rows, width] long: 1 = real token, 0 = left padding
         self._last: Any = None  # [rows] long: each row's newest token, the next step's input
         self._stopping = False
+        self.adapters = PeftAdapters(model)
+        self._active: str | None = None  # the running batch's adapter
+        self._commands: list[AdapterCommand] = []
         self._thread = threading.Thread(target=self._run, name="llm-continuous-batcher", daemon=True)
 
     # -- entry points (any thread) ------------------------------------------------------------
@@ -83,6 +92,10 @@ class ContinuousBatcher:
 
     def submit(self, seq: Sequence) -> None:
         self._inbox.put(seq)
+
+    def command(self, cmd: AdapterCommand) -> None:
+        """Load or unload an adapter between steps; `cmd.done` is called on the model thread."""
+        self._inbox.put(cmd)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """End the loop after its current step and wait for the thread: a thread left inside a
@@ -108,6 +121,7 @@ class ContinuousBatcher:
             with torch.inference_mode():
                 while not self._stopping:
                     self._collect(block=not self._rows and not self._waiting)
+                    self._run_commands()
                     newcomers = self._admit()
                     decoded = 0
                     try:
@@ -131,6 +145,9 @@ class ContinuousBatcher:
             gone = RuntimeError("the LLM engine stopped")
             for s in (*self._rows, *self._waiting):
                 s.fail(self.failure or gone)
+            for cmd in self._commands:  # nobody may wait forever on a load either
+                cmd.done(f"the LLM engine stopped: {self.failure!r}")
+            self._commands = []
             if self._on_step is not None:
                 self._on_step(0)
 
@@ -142,17 +159,42 @@ class ContinuousBatcher:
                 return
             if seq is None:
                 return
-            self._waiting.append(seq)
+            if isinstance(seq, AdapterCommand):
+                self._commands.append(seq)
+            else:
+                self._waiting.append(seq)
             block = False
+
+    def _run_commands(self) -> None:
+        if not self._commands:
+            return
+        deferred = []
+        for cmd in self._commands:
+            if cmd.op == "unload" and any(s.adapter == cmd.adapter_id for s in (*self._rows, *self._waiting)):
+                deferred.append(cmd)  # a sequence still runs it (e.g. aborted, not yet dropped)
+                continue
+            cmd.done(self.adapters.run(cmd))
+        self._commands = deferred
+        self.adapters.activate(self._active if self._rows else None)  # a load may have switched it
 
     def _admit(self) -> list[Sequence]:
         out: list[Sequence] = []
         while self._waiting and len(self._rows) + len(out) < self.max_batch:
-            seq = self._waiting.popleft()
+            seq = self._waiting[0]
             if seq.aborted:
-                seq.finish("abort")
-            else:
-                out.append(seq)
+                self._waiting.popleft().finish("abort")
+                continue
+            if self._rows or out:
+                if seq.adapter != self._active:
+                    break  # one adapter per batch: its turn comes when this batch drains
+            else:  # a new batch: it runs the oldest waiting sequence's adapter
+                try:
+                    self.adapters.activate(seq.adapter)
+                except Exception as exc:  # not loaded (or PEFT refused): this sequence fails, not the loop
+                    self._waiting.popleft().fail(exc)
+                    continue
+                self._active = seq.adapter
+            out.append(self._waiting.popleft())
         return out
 
     def _reset(self) -> None:

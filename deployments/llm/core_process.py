@@ -12,8 +12,10 @@ child process the model thread has an interpreter to itself; the replica keeps t
 The two sides talk over a socketpair wrapped in `multiprocessing.connection.Connection` (pickled
 tuples; the child's end is passed as an inherited fd, so nothing is reachable from outside):
 
-    replica -> core   ("init", kwargs)  ("add", rid, prompt_ids, SamplingParams)  ("abort", rid)  ("stop",)
+    replica -> core   ("init", kwargs)  ("add", rid, prompt_ids, SamplingParams, adapter_id | None)  ("abort", rid)
+                      ("load_adapter", adapter_id, path)  ("unload_adapter", adapter_id)  ("stop",)
     core -> replica   ("ready", info) | ("error" or "unsupported", text)   ("step", rows_decoded, [(rid, TokenDelta | str)])
+                      ("adapter", adapter_id, error text | None): a load or unload ran on the model thread
 
 One "step" message per model-loop iteration carries every delta it made (a str is a sequence's
 failure). Detokenization and stop strings stay in the core, next to the sampling, so a sequence
@@ -47,8 +49,10 @@ class EngineCoreClient:
     """The replica's side: starts the core process, sends it work, and hands each step's deltas
     to `on_step(rows_decoded, items)` on the event loop that called `start`."""
 
-    def __init__(self, on_step: Callable[[int, list], None], on_exit: Callable[[str], None]) -> None:
+    def __init__(self, on_step: Callable[[int, list], None], on_exit: Callable[[str], None],
+                 on_adapter: Callable[[str, str | None], None] | None = None) -> None:
         self._on_step = on_step
+        self._on_adapter = on_adapter
         self._on_exit = on_exit
         self._proc: subprocess.Popen | None = None
         self._conn: Connection | None = None
@@ -107,8 +111,11 @@ class EngineCoreClient:
             pass
 
     def _deliver(self, steps: list[tuple]) -> None:
-        for _, rows, items in steps:
-            self._on_step(rows, items)
+        for kind, *rest in steps:
+            if kind == "step":
+                self._on_step(*rest)
+            elif kind == "adapter" and self._on_adapter is not None:
+                self._on_adapter(*rest)
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         if self._proc is None:
@@ -136,6 +143,7 @@ def _serve(conn: Connection) -> None:
     from deployments.llm.continuous import ContinuousBatcher
     from deployments.llm.detok import IncrementalDetokenizer
     from deployments.llm.loading import load_model
+    from deployments.llm.peft_adapters import AdapterCommand
     from deployments.llm.sequence import Sequence, new_generator
 
     _, init = conn.recv()
@@ -175,6 +183,14 @@ def _serve(conn: Connection) -> None:
             except OSError:  # the replica is gone; the main thread stops the loop
                 pass
 
+    def reply_for(adapter_id: str) -> Callable[[str | None], None]:
+        def reply(error: str | None) -> None:  # on the model thread, the connection's only writer then
+            try:
+                conn.send(("adapter", adapter_id, error))
+            except OSError:
+                pass
+        return reply
+
     batcher = ContinuousBatcher(model, tokenizer, max_batch_size=init["max_batch_size"], on_step=flush)
     conn.send(("ready", {"device": str(model.device), "pid": os.getpid()}))
     batcher.start()
@@ -194,15 +210,19 @@ def _serve(conn: Connection) -> None:
         while True:
             msg = conn.recv()
             if msg[0] == "add":
-                _, rid, prompt_ids, sampling = msg
+                _, rid, prompt_ids, sampling, adapter = msg
                 seq = Sequence(rid, list(prompt_ids), sampling, IncrementalDetokenizer(tokenizer, sampling.stop),
-                           sink_for(rid), generator=new_generator(model.device, sampling.seed))
+                           sink_for(rid), generator=new_generator(model.device, sampling.seed), adapter=adapter)
                 live[rid] = seq
                 batcher.submit(seq)
             elif msg[0] == "abort":
                 aborting = live.get(msg[1])
                 if aborting is not None:
                     aborting.aborted = True  # the model thread ends it at its next step
+            elif msg[0] in ("load_adapter", "unload_adapter"):
+                adapter_id = msg[1]
+                batcher.command(AdapterCommand("load" if msg[0] == "load_adapter" else "unload", adapter_id,
+                                               msg[2] if len(msg) > 2 else "", reply_for(adapter_id)))
             elif msg[0] == "stop":
                 break
     except EOFError:  # the replica is gone

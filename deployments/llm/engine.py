@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from deployments.llm.config import LLMModelConfig
-from deployments.llm.types import SamplingParams, TokenDelta
+from deployments.llm.types import LoRAAdapter, SamplingParams, TokenDelta
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -35,10 +35,18 @@ class LLMEngine(Protocol):
         """Load the model; called once before any generate()."""
 
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, adapter: str | None = None
     ) -> AsyncGenerator[TokenDelta, None]:
-        """Stream one sequence. Closing the iterator early (cancel, aclose) aborts it."""
+        """Stream one sequence, with the loaded LoRA adapter of that id (None: the base model).
+        Closing the iterator early (cancel, aclose) aborts it."""
         ...
+
+    async def load_adapter(self, adapter: LoRAAdapter) -> None:
+        """Load a LoRA adapter (PEFT directory) under `adapter.id`; a no-op if it is loaded.
+        `LLMServer` (adapters.py) decides when, and unloads only adapters no sequence uses."""
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        """Free a loaded adapter; a no-op if it is not loaded."""
 
     async def abort(self, request_id: str) -> None:
         """Stop a running sequence; its stream ends with finish_reason "abort"."""
@@ -94,7 +102,7 @@ def build_engine(
 def engine_for(config: LLMModelConfig, *, work_dir: str | Path | None = None) -> LLMEngine:
     """Build (not start) the engine of one model's config; vLLM's caches go inside `work_dir`."""
     kind = resolve_engine_kind(config.engine)
-    kwargs = config.resolved_engine_kwargs()  # + tensor/pipeline parallel sizes
+    kwargs = config.resolved_engine_kwargs(kind)  # + tensor/pipeline parallel sizes, vLLM's LoRA settings
     if work_dir is not None and kind == "vllm":  # vLLM/inductor caches inside the work dir
         kwargs.setdefault("cache_dir", str(Path(work_dir) / "cache"))
     return build_engine(config.model, engine=kind, max_model_len=config.max_model_len, dtype=config.dtype,

@@ -28,6 +28,7 @@ class Sequence:
     detok: IncrementalDetokenizer
     sink: Callable[[TokenDelta | BaseException], None]
     generator: Any = None  # torch.Generator
+    adapter: str | None = None  # the LoRA adapter's id (None: the base model)
     aborted: bool = False
     finish_reason: FinishReason | None = None
 

@@ -7,6 +7,9 @@ context (prompt.py), fans `n` out into n engine sequences and merges their delta
 rest coalesced while the replica is busy (`generate_stream`, coalesce.py), traced. The first item
 of every stream is `Started`: a caller that awaits it knows the request was accepted (or gets the
 `LLMRequestError`) before it commits to an HTTP status.
+
+A request with a LoRA adapter (`req.adapter`) runs while `adapters` (adapters.py) holds that
+adapter loaded in the engine; loading it, when needed, happens before `Started`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
+from deployments.adapters import AdapterSource
 from deployments.llm import prompt, share_clock
+from deployments.llm.adapters import AdapterSet
 from deployments.llm.coalesce import coalesce
 from deployments.llm.config import LLMModelConfig
 from deployments.llm.engine import LLMEngine, engine_for
@@ -27,9 +32,11 @@ from deployments.llm.types import (
     ChoiceDelta,
     GenerationRequest,
     GenerationResult,
+    LLMRequestError,
     SamplingParams,
     Started,
     StreamItem,
+    TokenDelta,
 )
 from deployments.placement import current_assignment
 from telemetry import tracing
@@ -39,13 +46,14 @@ class LLMServer:
     """`LLMServer(config)` builds the engine the config names; `engine=` injects one (tests)."""
 
     def __init__(self, config: LLMModelConfig, *, engine: LLMEngine | None = None,
-                 work_dir: str | Path | None = None) -> None:
+                 work_dir: str | Path | None = None, adapter_source: AdapterSource | None = None) -> None:
         self.config = config
         self.engine = engine if engine is not None else engine_for(config, work_dir=work_dir)
         self.model_name = config.name
         self.default_max_tokens = config.default_max_tokens
         self._started = False
         self._open_streams = 0  # streams past `Started`: above `stream_coalesce_above` they coalesce
+        self.adapters = AdapterSet(self.engine, max_rank=config.lora.max_lora_rank, source=adapter_source)
 
     async def start(self) -> None:
         if not self._started:
@@ -53,6 +61,7 @@ class LLMServer:
             self._started = True
 
     async def shutdown(self) -> None:
+        await self.adapters.drain()
         await self.engine.shutdown()
 
     # -- prompt handling (prompt.py) ------------------------------------------------------
@@ -71,7 +80,21 @@ class LLMServer:
 
     async def stream(self, req: GenerationRequest) -> AsyncGenerator[StreamItem, None]:
         """Started, then ChoiceDeltas of all n choices as they come (each ends with a finish_reason).
-        Each delta carries the request's GPU-seconds so far (share_clock.py); the last one the total."""
+        Each delta carries the request's GPU-seconds so far (share_clock.py); the last one the total.
+        With an adapter, all of it runs while the adapter is held loaded."""
+        if req.adapter is None:
+            async with aclosing(self._stream(req, None)) as items:
+                async for item in items:
+                    yield item
+            return
+        if not self.config.lora.enabled:
+            raise LLMRequestError(400, f"The model {self.model_name!r} serves no LoRA adapters (lora.enabled is "
+                                  "off in its config).", param="model", code="model_not_supported")
+        async with self.adapters.use(req.adapter), aclosing(self._stream(req, req.adapter.id)) as items:
+            async for item in items:
+                yield item
+
+    async def _stream(self, req: GenerationRequest, adapter: str | None) -> AsyncGenerator[StreamItem, None]:
         ids = self.prompt_token_ids(req)
         params = self._sampling(req, len(ids))
         yield Started(req.request_id, len(ids), params[0].max_tokens)
@@ -80,7 +103,7 @@ class LLMServer:
         try:
             if len(params) == 1:
                 # aclosing: an early close must reach the engine now (abort), not at garbage collection.
-                async with aclosing(self.engine.generate(req.request_id, ids, params[0])) as deltas:
+                async with aclosing(self._generate(req.request_id, ids, params[0], adapter)) as deltas:
                     async for d in deltas:
                         if d.finish_reason is not None:
                             share.leave()  # the last delta carries the final figure
@@ -90,7 +113,7 @@ class LLMServer:
 
             async def pump(i: int, sp: SamplingParams) -> None:
                 try:
-                    async with aclosing(self.engine.generate(f"{req.request_id}-{i}", ids, sp)) as deltas:
+                    async with aclosing(self._generate(f"{req.request_id}-{i}", ids, sp, adapter)) as deltas:
                         async for d in deltas:
                             await queue.put(ChoiceDelta(i, d.text, len(d.token_ids), d.finish_reason))
                 except BaseException as exc:  # surfaced to the consumer, then re-raised there
@@ -115,6 +138,12 @@ class LLMServer:
                 await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             share.leave()
+
+    def _generate(self, rid: str, ids: list[int], sp: SamplingParams,
+                  adapter: str | None) -> AsyncGenerator[TokenDelta, None]:
+        if adapter is None:  # engines without adapters (test doubles) take three arguments
+            return self.engine.generate(rid, ids, sp)
+        return self.engine.generate(rid, ids, sp, adapter)
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
         """The whole result, aggregated from `stream` (so streamed and not agree by construction)."""
@@ -204,6 +233,8 @@ class LLMServer:
             out["scheduler"] = self.engine.scheduler
             out["engine_process"] = getattr(self.engine, "engine_process", None)  # the transformers engine's
         out["placement"] = current_assignment().as_dict()
+        if self.config.lora.enabled:
+            out["adapters"] = self.adapters.stats()
         return out
 
     async def check_health(self) -> None:

@@ -127,3 +127,60 @@ def build_tiny_llm(out_dir: Path, *, seed: int = 0) -> Path:
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+# -- tiny LoRA adapters -----------------------------------------------------------------------------
+# Their own version (not RECIPE_VERSION): bumping the base model's would rebuild llm-tiny, which
+# every LLM test shares, for no change of its weights.
+ADAPTER_RECIPE_VERSION = 1
+TINY_ADAPTERS = ("tiny-a", "tiny-b", "tiny-c")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_tiny_llm_adapter(out_dir: Path, base_dir: Path, *, seed: int, rank: int = 8) -> Path:
+    """Build (once) one random LoRA adapter for the tiny LLM as a PEFT directory. B is random, not
+    PEFT's zero init, so the adapter changes the model's outputs. Idempotent."""
+    out_dir = Path(out_dir)
+    if _is_adapter_built(out_dir, seed, rank):
+        return out_dir
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, init_lora_weights=False,
+                        task_type="CAUSAL_LM")
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(base, config)
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(tmp))
+    # Point at the base by its directory name only: the adapter travels (registry, S3) without it.
+    cfg_path = tmp / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = Path(base_dir).name
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    (tmp / "genserve_tiny.json").write_text(json.dumps({"version": ADAPTER_RECIPE_VERSION, "seed": seed,
+                                                        "rank": rank}))
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def _is_adapter_built(out_dir: Path, seed: int, rank: int) -> bool:
+    marker = out_dir / "genserve_tiny.json"
+    try:
+        got = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    return got == {"version": ADAPTER_RECIPE_VERSION, "seed": seed, "rank": rank}
+
+
+def build_tiny_llm_adapters(out_dir: Path, base_dir: Path, *, names: tuple[str, ...] = TINY_ADAPTERS,
+                            rank: int = 8) -> dict[str, Path]:
+    """The tiny LLM's random adapters, one directory each under `out_dir` (seed = position + 1)."""
+    return {name: build_tiny_llm_adapter(Path(out_dir) / name, base_dir, seed=i + 1, rank=rank)
+            for i, name in enumerate(names)}

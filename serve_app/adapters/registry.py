@@ -214,7 +214,7 @@ def base_models(cfg: AppConfig) -> dict[str, BaseModelInfo]:
         info = BaseModelInfo(d.name, "diffusion", lora=d.family == "sdxl")
         out.update({n: info for n in (d.name, *d.aliases)})
     for m in cfg.llm_models:
-        info = BaseModelInfo(m.name, "llm")
+        info = BaseModelInfo(m.name, "llm", lora=m.lora.enabled)  # its replicas load adapters only if enabled
         out.update({n: info for n in (m.name, *m.aliases)})
     return out
 

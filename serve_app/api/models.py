@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from serve_app.chat.adapters import adapter_models
 from serve_app.state import ServicesDep
 from serve_app.tenancy import CurrentTenant
 
@@ -14,7 +15,8 @@ _CREATED = 1_700_000_000  # models have no creation date here; OpenAI's field is
 
 @router.get("/v1/models")
 async def list_models(services: ServicesDep, ctx: CurrentTenant) -> dict:
-    """Only the models the caller's plan includes."""
+    """Only the models the caller's plan includes, then the LLM LoRA adapters it may use (each with
+    `parent`: its base model, as vLLM's OpenAI server lists them)."""
     cfg = services.config
     data = [
         {"id": m.name, "object": "model", "created": _CREATED, "owned_by": "genserve", "capability": "image",
@@ -26,4 +28,4 @@ async def list_models(services: ServicesDep, ctx: CurrentTenant) -> dict:
         for m in cfg.llm_models
     ]
     allowed = [m for m in data if ctx.plan.allows(m["id"]) or any(ctx.plan.allows(a) for a in m["aliases"])]
-    return {"object": "list", "data": allowed}
+    return {"object": "list", "data": allowed + await adapter_models(services, ctx)}

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Response
 
 from serve_app.chat import service, sse
+from serve_app.chat.adapters import resolve_chat_target
 from serve_app.chat.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -40,11 +41,11 @@ def _estimate_tokens(services: ServicesDep, model: str, prompt_chars: int, max_t
     return prompt_chars // 3 + 1 + out * n
 
 
-def _admission(services: ServicesDep, ctx: TenantContext, tenancy: TenancyDep, route: str, model: str | None,
-               prompt_chars: int, max_tokens: int | None, n: int) -> Awaitable[Admission]:
-    """The checks that need no database (the model exists, the plan allows it) now; the admission
-    itself (rate windows, slot, budget hold) as the returned awaitable."""
-    target = service.resolve_llm(services, model)
+def _admission(services: ServicesDep, ctx: TenantContext, tenancy: TenancyDep, route: str,
+               target: service.LLMTarget, prompt_chars: int, max_tokens: int | None, n: int) -> Awaitable[Admission]:
+    """The checks that need no database (the plan allows the model) now; the admission itself
+    (rate windows, slot, budget hold) as the returned awaitable. `target`: the model (and adapter)
+    `resolve_chat_target` found, before any GPU work (an unknown adapter is a 404 there)."""
     ensure_model_allowed(ctx, target.name, services.config.find_llm(target.name).aliases)
     return tenancy.admit(ctx, route=route, model=target.name,
                          est_tokens=_estimate_tokens(services, target.name, prompt_chars, max_tokens, n))
@@ -105,14 +106,15 @@ def _streaming(chunks, adm: Admission) -> MeteredStreamingResponse:  # type: ign
 async def create_chat_completion(body: ChatCompletionRequest, services: ServicesDep, ctx: CurrentTenant,
                                  tenancy: TenancyDep, response: Response):  # type: ignore[no-untyped-def]
     chars = sum(len(str(m.content or "")) for m in body.messages)
-    admission = _admission(services, ctx, tenancy, "chat", body.model, chars,
+    target = await resolve_chat_target(services, ctx, body.model)
+    admission = _admission(services, ctx, tenancy, "chat", target, chars,
                            body.max_tokens or body.max_completion_tokens, body.n)
     if body.stream:
         return await _admitted_stream(tenancy, ctx, admission,
-                                      functools.partial(service.chat_completion_stream, services, body))
+                                      functools.partial(service.chat_completion_stream, services, body, target=target))
     adm = await admission
     async with adm:
-        result = await service.chat_completion(services, body, meter=adm)
+        result = await service.chat_completion(services, body, meter=adm, target=target)
         adm.set_usage(result.usage.model_dump())
     response.headers.update(adm.headers())
     return result
@@ -121,14 +123,15 @@ async def create_chat_completion(body: ChatCompletionRequest, services: Services
 @router.post("/v1/completions", response_model=CompletionResponse)
 async def create_completion(body: CompletionRequest, services: ServicesDep, ctx: CurrentTenant,
                             tenancy: TenancyDep, response: Response):  # type: ignore[no-untyped-def]
-    admission = _admission(services, ctx, tenancy, "completions", body.model, len(body.prompt_text),
+    target = await resolve_chat_target(services, ctx, body.model)
+    admission = _admission(services, ctx, tenancy, "completions", target, len(body.prompt_text),
                            body.max_tokens, body.n)
     if body.stream:
         return await _admitted_stream(tenancy, ctx, admission,
-                                      functools.partial(service.completion_stream, services, body))
+                                      functools.partial(service.completion_stream, services, body, target=target))
     adm = await admission
     async with adm:
-        result = await service.completion(services, body, meter=adm)
+        result = await service.completion(services, body, meter=adm, target=target)
         adm.set_usage(result.usage.model_dump())
     response.headers.update(adm.headers())
     return result

@@ -15,7 +15,14 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from deployments.llm.types import ChoiceDelta, GenerationRequest, GenerationResult, LLMRequestError, Started
+from deployments.llm.types import (
+    ChoiceDelta,
+    GenerationRequest,
+    GenerationResult,
+    LLMRequestError,
+    LoRAAdapter,
+    Started,
+)
 from serve_app.chat.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -64,7 +71,17 @@ class _GpuMeter:
 class LLMTarget:
     name: str  # canonical model name (aliases resolved)
     max_model_len: int
-    handle: Any  # DeploymentHandle of the LLM deployment
+    handle: Any  # DeploymentHandle of the LLM deployment (with an adapter: its multiplexed model id set)
+    adapter: LoRAAdapter | None = None  # a LoRA adapter (chat/adapters.py resolves it)
+    served_as: str = ""  # what responses name as `model` (the adapter's form as asked); "" = `name`
+
+    @property
+    def response_model(self) -> str:
+        return self.served_as or self.name
+
+    def request(self, req: GenerationRequest) -> GenerationRequest:
+        """The request as the replica gets it: with this target's adapter."""
+        return req if self.adapter is None else dataclasses.replace(req, adapter=self.adapter)
 
 
 def resolve_llm(services: Services, model: str | None) -> LLMTarget:
@@ -161,16 +178,16 @@ async def _deltas(gen: Any) -> AsyncIterator[ChoiceDelta]:
 # -- chat -------------------------------------------------------------------------------------
 
 
-async def chat_completion(services: Services, body: ChatCompletionRequest,
-                          meter: Meter | None = None) -> ChatCompletionResponse:
-    target = resolve_llm(services, body.model)
+async def chat_completion(services: Services, body: ChatCompletionRequest, meter: Meter | None = None,
+                          target: LLMTarget | None = None) -> ChatCompletionResponse:
+    target = target or resolve_llm(services, body.model)
     _check_max_tokens(target, body.max_tokens or body.max_completion_tokens)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    result = await generate(target, body.to_generation_request(rid))
+    result = await generate(target, target.request(body.to_generation_request(rid)))
     if meter is not None:
         meter.add(gpu_seconds=result.gpu_seconds)
     return ChatCompletionResponse(
-        id=rid, model=target.name,
+        id=rid, model=target.response_model,
         choices=[ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
                             finish_reason=finish_reason_for_api(c.finish_reason)) for c in result.choices],
         usage=Usage.of(result.prompt_tokens, result.completion_tokens),
@@ -178,19 +195,20 @@ async def chat_completion(services: Services, body: ChatCompletionRequest,
 
 
 async def chat_completion_stream(services: Services, body: ChatCompletionRequest, meter: Meter | None = None,
-                                 gate: Awaitable[Any] | None = None) -> AsyncIterator[ChatCompletionChunk]:
-    target = resolve_llm(services, body.model)
+                                 gate: Awaitable[Any] | None = None,
+                                 target: LLMTarget | None = None) -> AsyncIterator[ChatCompletionChunk]:
+    target = target or resolve_llm(services, body.model)
     _check_max_tokens(target, body.max_tokens or body.max_completion_tokens)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     timer = StreamTimer(target.name)
-    started, gen = await open_stream(target, body.to_generation_request(rid), gate)
+    started, gen = await open_stream(target, target.request(body.to_generation_request(rid)), gate)
     if meter is not None:
         meter.add(prompt_tokens=started.prompt_tokens)
     gpu = _GpuMeter(meter)
 
     async def chunks() -> AsyncIterator[ChatCompletionChunk]:
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=rid, model=target.name, choices=choices, usage=usage)
+            return ChatCompletionChunk(id=rid, model=target.response_model, choices=choices, usage=usage)
 
         yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                      for i in range(body.n)])
@@ -213,16 +231,17 @@ async def chat_completion_stream(services: Services, body: ChatCompletionRequest
 # -- completions ------------------------------------------------------------------------------
 
 
-async def completion(services: Services, body: CompletionRequest, meter: Meter | None = None) -> CompletionResponse:
-    target = resolve_llm(services, body.model)
+async def completion(services: Services, body: CompletionRequest, meter: Meter | None = None,
+                     target: LLMTarget | None = None) -> CompletionResponse:
+    target = target or resolve_llm(services, body.model)
     _check_max_tokens(target, body.max_tokens)
     rid = f"cmpl-{uuid.uuid4().hex}"
-    result = await generate(target, body.to_generation_request(rid))
+    result = await generate(target, target.request(body.to_generation_request(rid)))
     if meter is not None:
         meter.add(gpu_seconds=result.gpu_seconds)
     prefix = body.prompt_text if body.echo else ""
     return CompletionResponse(
-        id=rid, model=target.name,
+        id=rid, model=target.response_model,
         choices=[CompletionChoice(index=c.index, text=prefix + c.text,
                                   finish_reason=finish_reason_for_api(c.finish_reason)) for c in result.choices],
         usage=Usage.of(result.prompt_tokens, result.completion_tokens),
@@ -230,19 +249,20 @@ async def completion(services: Services, body: CompletionRequest, meter: Meter |
 
 
 async def completion_stream(services: Services, body: CompletionRequest, meter: Meter | None = None,
-                            gate: Awaitable[Any] | None = None) -> AsyncIterator[CompletionResponse]:
-    target = resolve_llm(services, body.model)
+                            gate: Awaitable[Any] | None = None,
+                            target: LLMTarget | None = None) -> AsyncIterator[CompletionResponse]:
+    target = target or resolve_llm(services, body.model)
     _check_max_tokens(target, body.max_tokens)
     rid = f"cmpl-{uuid.uuid4().hex}"
     timer = StreamTimer(target.name)
-    started, gen = await open_stream(target, body.to_generation_request(rid), gate)
+    started, gen = await open_stream(target, target.request(body.to_generation_request(rid)), gate)
     if meter is not None:
         meter.add(prompt_tokens=started.prompt_tokens)
     gpu = _GpuMeter(meter)
 
     async def chunks() -> AsyncIterator[CompletionResponse]:
         def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
-            return CompletionResponse(id=rid, model=target.name, choices=choices, usage=usage)
+            return CompletionResponse(id=rid, model=target.response_model, choices=choices, usage=usage)
 
         if body.echo:
             yield chunk([CompletionChoice(index=i, text=body.prompt_text, finish_reason=None)
