@@ -235,6 +235,8 @@ class DiffusionModelConfig(_Strict):
     def has_draft_tier(self) -> bool:
         """Whether `quality: "draft"` means anything here (the draft tier is SDXL's split UNet)."""
         return self.family == "sdxl" and self.optimize.draft.enabled
+
+    @property
     def serves_loras(self) -> bool:
         """Whether replicas of this model load adapters (see LoraServingConfig)."""
         return (self.lora.enabled and self.family == "sdxl"
