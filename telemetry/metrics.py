@@ -70,19 +70,29 @@ def _inc(name: str, value: float, tags: dict[str, str]) -> None:
 
 # -- ingress ----------------------------------------------------------------------------------
 
-_labeler = TenantLabeler()
+class _ProcessTenantLabels:
+    """This process's tenant labelling: one labeler, replaced (not mutated) when the config changes,
+    so a label computed under the old config is never mixed with the new config's counts."""
+
+    def __init__(self) -> None:
+        self.labeler = TenantLabeler()
+
+    def configure(self, config: TenantLabelConfig) -> None:
+        if self.labeler.config != config:
+            self.labeler = TenantLabeler(config)
+
+
+_tenant_labels = _ProcessTenantLabels()
 
 
 def configure_tenant_labels(config: TenantLabelConfig) -> None:
     """This process's tenant labelling (setup_telemetry calls it with the app's config)."""
-    global _labeler
-    if _labeler.config != config:
-        _labeler = TenantLabeler(config)
+    _tenant_labels.configure(config)
 
 
 def tenant_label(tenant: str | None, plan: str | None) -> str:
     """The bounded `tenant` tag value of a tenant on `plan` (telemetry/tenant_label.py)."""
-    return _labeler.label(tenant, plan)
+    return _tenant_labels.labeler.label(tenant, plan)
 
 
 def record_request(route: str, model: str | None, status: int, seconds: float, tenant: str = "") -> None:
