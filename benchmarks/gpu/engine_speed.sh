@@ -8,13 +8,7 @@
 #   usage: bash benchmarks/gpu/engine_speed.sh NAME [engine_speed args...]   (writes $OUT/NAME.json)
 set -uo pipefail
 name=$1; shift
-echo "host torchao: $(python3 -c 'import torchao; print(torchao.__version__)' 2>&1 | tail -1)"
 # pydantic (+ its core and helpers) for the typed configs: the host has none.
-whl=(.gpuwhl/diffusers-*.whl .gpuwhl/importlib_metadata-*.whl .gpuwhl/pydantic-*.whl .gpuwhl/pydantic_core-*.whl
-     .gpuwhl/annotated_types-*.whl .gpuwhl/typing_inspection-*.whl .gpuwhl/typing_extensions-*.whl)
-python3 -c 'import torchao' 2>/dev/null || whl+=(.gpuwhl/torchao-*.whl)
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${whl[@]}" 2>&1 | tail -2
-export PYTHONPATH=/tmp/site:$PWD GENSERVE_WORK=/tmp/gw
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+source benchmarks/gpu/diffusers_env.sh
 python3 -m benchmarks.engine_speed --out "$OUT/$name.json" "$@" 2>&1 | grep -v "^W1207\|UserWarning\|warnings.warn"
 du -sh /tmp/gw/compile-cache 2>/dev/null

@@ -8,9 +8,5 @@
 #   then:  cp $files_at/NAME.json benchmarks/results/gpu/
 set -uo pipefail
 name=$1; shift
-whl=(.gpuwhl/diffusers-*.whl .gpuwhl/importlib_metadata-*.whl .gpuwhl/pydantic-*.whl .gpuwhl/pydantic_core-*.whl
-     .gpuwhl/annotated_types-*.whl .gpuwhl/typing_inspection-*.whl .gpuwhl/typing_extensions-*.whl)
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${whl[@]}" 2>&1 | tail -2
-export PYTHONPATH=/tmp/site:$PWD GENSERVE_WORK=/tmp/gw
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+source benchmarks/gpu/diffusers_env.sh
 python3 -m benchmarks.partial_images --out "$OUT/$name.json" --reps 5 "$@" 2>&1 | grep -v "^W1207\|UserWarning\|warnings.warn"
