@@ -166,7 +166,9 @@ def test_variations_refuse_stream_and_partial_images(genserve_url: str, auth: di
                           ({"stream": "true", "partial_images": "2"}, "stream"),
                           ({"partial_images": "2"}, "partial_images")]:
         r = httpx.post(variations, headers=auth, data={"size": "32x32", **fields}, files=image, timeout=60)
-        assert r.status_code == 400 and r.json()["error"]["param"] == param, (fields, r.text)
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == param, (fields, r.text)
+        assert err["code"] == ("unsupported" if param == "stream" else "unknown_field"), err
     r = httpx.post(variations, headers=auth, data={"size": "32x32", "stream": "false"}, files=image, timeout=60)
     assert r.status_code == 200 and len(r.json()["data"]) == 1, r.text
 

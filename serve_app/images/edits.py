@@ -101,7 +101,7 @@ async def variation_form(form: FormData, strength: float) -> tuple[ImageGenerati
     if "stream" in form and str(form["stream"]).strip().lower() not in ("false", "0"):
         raise bad_request("/v1/images/variations does not stream (OpenAI's variations don't either); drop `stream`, "
                           "or stream an edit of the image (POST /v1/images/edits).", param="stream",
-                          code="unsupported_on_route")
+                          code="unsupported")
     _check_fields(form, VARIATION_FIELDS | {"stream"})
     if "strength" in form:
         raise bad_request("Unknown field 'strength'.", param="strength", code="unknown_field")
