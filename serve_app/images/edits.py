@@ -5,6 +5,10 @@
 An `image` (or `image[]`, the openai client's name for a list) part is either a file or a text
 value naming an image: an http(s) URL, a `data:image/...;base64,` URL or a `file-...` upload id.
 `mask` likewise. Unknown fields are 400 (a typo must not silently do nothing).
+
+`stream` and `partial_images` go to the same `ImageGenerationRequest` fields as the JSON route's, so
+their limits and errors are one rule (400 naming the field); edits stream `image_edit.*` events.
+Variations don't stream (OpenAI's don't either): `stream` there is a 400 naming it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from serve_app.images.protocol import ImageGenerationRequest
 # Fields passed on to ImageGenerationRequest (validated there), per route.
 _COMMON = {"n", "size", "response_format", "user", "model", "quality", "seed", "negative_prompt", "steps",
            "guidance_scale", "metadata"}
-EDIT_FIELDS = _COMMON | {"prompt", "template", "template_version", "enhance"}
+EDIT_FIELDS = _COMMON | {"prompt", "template", "template_version", "enhance", "stream", "partial_images"}
 VARIATION_FIELDS = _COMMON
 _IMAGE_FIELDS = {"image", "image[]"}
 
@@ -46,12 +50,10 @@ def _request(fields: dict[str, Any]) -> ImageGenerationRequest:
 
 def _check_fields(form: FormData, allowed: set[str]) -> None:
     for key in form:
-        if key not in allowed and key not in _IMAGE_FIELDS | {"mask", "output_format", "stream", "strength"}:
+        if key not in allowed and key not in _IMAGE_FIELDS | {"mask", "output_format", "strength"}:
             raise bad_request(f"Unknown field {key!r}.", param=key, code="unknown_field")
     if form.get("output_format", "png") != "png":
         raise bad_request("output_format must be `png` (genserve draws PNGs).", param="output_format")
-    if str(form.get("stream", "false")).lower() not in ("false", "0"):
-        raise bad_request("stream is not supported on this route yet.", param="stream", code="unsupported")
 
 
 def _text(form: FormData, key: str) -> str:
@@ -96,10 +98,14 @@ async def edit_form(form: FormData) -> tuple[ImageGenerationRequest, SentImages]
 async def variation_form(form: FormData, strength: float) -> tuple[ImageGenerationRequest, SentImages]:
     """`/v1/images/variations`: one `image`, no prompt: img2img at `strength` (the config's
     `image_inputs.variation_strength`) with an empty prompt."""
-    _check_fields(form, VARIATION_FIELDS)
+    if "stream" in form and str(form["stream"]).strip().lower() not in ("false", "0"):
+        raise bad_request("/v1/images/variations does not stream (OpenAI's variations don't either); drop `stream`, "
+                          "or stream an edit of the image (POST /v1/images/edits).", param="stream",
+                          code="unsupported")
+    _check_fields(form, VARIATION_FIELDS | {"stream"})
     if "strength" in form:
         raise bad_request("Unknown field 'strength'.", param="strength", code="unknown_field")
-    fields = {k: _text(form, k) for k in VARIATION_FIELDS if k in form}
+    fields = {k: _text(form, k) for k in VARIATION_FIELDS if k in form}  # `stream` (false) is not passed on
     images = await _images(form)
     if len(images) != 1:
         raise bad_request(f"A variation takes one `image`, got {len(images)}.", param="image", code="too_many_images")

@@ -41,7 +41,7 @@ class ImageGenerationRequest(BaseModel):
     quality: str | None = Field(None, max_length=32)
     style: Style | None = Field(None, description=STYLE_DOC)
     stream: bool = Field(False, description="Server-sent events: `image_generation.partial_image` previews, then "
-                         "`image_generation.completed` per image (docs/streaming-images.md).")
+                         "`image_generation.completed` per image (`image_edit.*` on edits; docs/streaming-images.md).")
     partial_images: int = Field(0, ge=0, le=MAX_PARTIAL_IMAGES, description="Previews per image while it "
                                 "denoises (0-3; may be fewer on short step counts): streamed with `stream`, and "
                                 "the latest one at `GET /v1/jobs/{id}/preview` for jobs.")

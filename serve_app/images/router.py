@@ -12,7 +12,7 @@ from serve_app.images.conditioning import SentImages
 from serve_app.images.edits import edit_form, variation_form
 from serve_app.images.protocol import ImageGenerationRequest, ImageGenerationResponse, PromptRenderRequest
 from serve_app.images.service import ImagesService
-from serve_app.images.streaming import check_request, stream_images
+from serve_app.images.streaming import Kind, check_request, stream_images
 from serve_app.state import ServicesDep
 from serve_app.tenancy import CurrentTenant, Tenancy, TenancyDep, TenantContext
 
@@ -43,12 +43,12 @@ async def render_prompt(body: PromptRenderRequest, images: ImagesDep, ctx: Curre
 
 
 async def _generate(body: ImageGenerationRequest, sent: SentImages | None, images: ImagesService,
-                    ctx: TenantContext, tenancy: Tenancy,
-                    response: Response) -> ImageGenerationResponse | StreamingResponse:
+                    ctx: TenantContext, tenancy: Tenancy, response: Response,
+                    kind: Kind = "image_generation") -> ImageGenerationResponse | StreamingResponse:
     prepared = await images.prepare(body, ctx, sent)  # everything that can refuse it runs before quota is taken
     admission = await tenancy.admit(ctx, route="images", model=prepared.spec.model, images=prepared.spec.n)
-    if body.stream:  # SSE: partial images, then each image (images/streaming.py); edits refuse it for now
-        return await stream_images(images, prepared, admission, quality=body.quality)
+    if body.stream:  # SSE: partial images, then each image (images/streaming.py); `kind` names the events
+        return await stream_images(images, prepared, admission, kind=kind, quality=body.quality)
     async with admission:
         answer = await images.generate(prepared, admission, urls=body.response_format == "url")
     response.headers.update(admission.headers())
@@ -60,12 +60,13 @@ async def edit_image(request: Request, images: ImagesDep, ctx: CurrentTenant, te
                      response: Response) -> ImageGenerationResponse | StreamingResponse:
     """OpenAI's edits (multipart): img2img from `image`, inpainting with `mask` (docs/api-images.md)."""
     body, sent = await edit_form(await request.form())
-    return await _generate(body, sent, images, ctx, tenancy, response)
+    check_request(body, route="/v1/images/edits")
+    return await _generate(body, sent, images, ctx, tenancy, response, kind="image_edit")
 
 
 @router.post("/v1/images/variations", response_model=ImageGenerationResponse, response_model_exclude_none=True)
 async def create_variation(request: Request, images: ImagesDep, ctx: CurrentTenant, tenancy: TenancyDep,
                            response: Response) -> ImageGenerationResponse | StreamingResponse:
-    """OpenAI's variations (multipart): img2img from `image`, empty prompt, a fixed strength."""
+    """OpenAI's variations (multipart): img2img from `image`, empty prompt, a fixed strength; no `stream`."""
     body, sent = await variation_form(await request.form(), images.config.image_inputs.variation_strength)
     return await _generate(body, sent, images, ctx, tenancy, response)

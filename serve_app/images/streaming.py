@@ -107,18 +107,20 @@ async def stream_images(images: ImagesService, prepared: PreparedImages, admissi
                         kind: Kind = "image_generation", quality: str | None = None) -> MeteredStreamingResponse:
     """The SSE response of a request that passed `prepare` and its admission (settled by the
     response however it ends; settled here if the stream can't start)."""
+    stream_id = uuid.uuid4().hex[:16]
     try:
         prepared = await images.enhance(prepared)  # a 429 for its tokens is still an HTTP status
-        handle = images.diffusion.get(prepared.spec.model)
+        spec = prepared.spec
+        handle = images.diffusion.get(spec.model)
         if handle is None:
-            raise unavailable(f"Model {prepared.spec.model!r} has no running deployment.")
+            raise unavailable(f"Model {spec.model!r} has no running deployment.")
+        # The input images (an edit's, an image prompt's) ride in the tasks, as on the unstreamed route.
+        tasks = spec.tasks([f"stream-{stream_id}:{i}" for i in range(spec.n)], trace_context=tracing.outgoing(),
+                           images=prepared.images)
     except BaseException as e:
         admission.refund_request = is_server_fault(e)
         await admission.settle(status_of(e))
         raise
-    stream_id = uuid.uuid4().hex[:16]
-    spec = prepared.spec
-    tasks = spec.tasks([f"stream-{stream_id}:{i}" for i in range(spec.n)], trace_context=tracing.outgoing())
     common = {"size": f"{spec.width}x{spec.height}", "quality": quality if quality in QUALITIES else "auto",
               "background": "opaque", "output_format": "png"}
 
