@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 import zipfile
 from pathlib import Path
@@ -137,3 +138,20 @@ def test_openai_client_passes_loras_in_extra_body(genserve_url: str, api_key: st
     direct = png(image(genserve_url, {"Authorization": f"Bearer {api_key}"},
                        {"prompt": "a tree", "loras": [{"name": "t-ink", "weight": 1.0}]}))
     assert base64.b64decode(with_lora.data[0].b64_json or "") == direct
+
+
+def test_a_streamed_request_with_loras_draws_the_unstreamed_image(genserve_url: str, auth: dict, loras: dict) -> None:
+    """The stream goes through the same handle as unstreamed calls (`ImagesService.handle_for`:
+    multiplexed by adapter set), and its adapters apply."""
+    body = {"prompt": "a red boat", "loras": [{"name": "t-ink", "weight": 0.7}]}
+    direct = png(image(genserve_url, auth, body))
+    assert direct != png(image(genserve_url, auth, {"prompt": "a red boat"}))
+    completed = []
+    with httpx.stream("POST", genserve_url + "/v1/images/generations", headers=auth, timeout=120,
+                      json={"seed": 21, "stream": True, **body}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"image_generation.completed"' in line:
+                completed.append(json.loads(line[len("data: "):]))
+    assert len(completed) == 1
+    assert base64.b64decode(completed[0]["b64_json"]) == direct

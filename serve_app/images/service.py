@@ -234,19 +234,23 @@ class ImagesService:
 
     # -- the steps a job runs too -----------------------------------------------------------------
 
+    def handle_for(self, spec: ImageSpec) -> Any:
+        """The model's deployment handle (503 if none runs); with adapters, Serve routes the call by
+        the adapter set to replicas that already hold it (multiplexing)."""
+        handle = self.diffusion.get(spec.model)
+        if handle is None:
+            raise unavailable(f"Model {spec.model!r} has no running deployment.")
+        return handle.options(multiplexed_model_id=spec.adapter_set) if spec.loras else handle
+
     async def run(self, spec: ImageSpec, *, task_ids: list[str] | None = None,
                   on_progress: OnProgress | None = None, on_preview: OnPreview | None = None,
                   images: dict[str, InputImage] | None = None) -> list[ImageResult]:
         """All images of `spec`, in order; each its own Serve request, so batches mix users. With
         `on_progress`, each image streams its steps (a job's progress) and leaving cancels its call.
         Errors are raised as the handle raised them (a job decides from them: retry or fail)."""
-        handle = self.diffusion.get(spec.model)
-        if handle is None:
-            raise unavailable(f"Model {spec.model!r} has no running deployment.")
+        handle = self.handle_for(spec)
         with tracing.span("diffusion.call", kind=tracing.SpanKind.CLIENT, model=spec.model, images=spec.n):
             tasks = spec.tasks(task_ids, trace_context=tracing.outgoing(), images=images)
-            if spec.loras:  # Serve routes the adapter set to replicas that already hold it
-                handle = handle.options(multiplexed_model_id=spec.adapter_set)
             if on_progress is None:
                 return list(await asyncio.gather(*(handle.generate.remote(t) for t in tasks)))
             return await _streamed(handle, tasks, on_progress, on_preview)

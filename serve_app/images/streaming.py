@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from deployments.diffusion.types import ImageResult, ImageTask, PartialImage
 from serve_app.chat.sse import HEADERS, MEDIA_TYPE
-from serve_app.errors import APIError, bad_request, is_server_fault, unavailable
+from serve_app.errors import APIError, bad_request, is_server_fault
 from serve_app.images.service import gpu_seconds, map_backend_error
 from serve_app.tenancy import MeteredStreamingResponse
 from serve_app.tenancy.service import status_of
@@ -111,9 +111,7 @@ async def stream_images(images: ImagesService, prepared: PreparedImages, admissi
     try:
         prepared = await images.enhance(prepared)  # a 429 for its tokens is still an HTTP status
         spec = prepared.spec
-        handle = images.diffusion.get(spec.model)
-        if handle is None:
-            raise unavailable(f"Model {spec.model!r} has no running deployment.")
+        handle = images.handle_for(spec)  # multiplexed by adapter set, as unstreamed calls are
         # The input images (an edit's, an image prompt's) ride in the tasks, as on the unstreamed route.
         tasks = spec.tasks([f"stream-{stream_id}:{i}" for i in range(spec.n)], trace_context=tracing.outgoing(),
                            images=prepared.images)
