@@ -4,6 +4,7 @@ gallery, rating, streamed chat. Screenshots go to tests/artifacts/."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import shutil
@@ -286,7 +287,13 @@ def test_playground_image_prompt_upload_refusals_and_lora(genserve_url: str, api
     expect(page.locator("#image-name")).to_contain_text("red.png · 96×64 · file-")
     page.get_by_role("button", name="Remove image").click()
     expect(page.locator("#image-chosen")).to_be_hidden()
-    chooser.set_input_files({"name": "blue.png", "mimeType": "image/png", "buffer": _png(color=(20, 40, 220))})
+    # Dropped this time: a DragEvent carrying the file, as a drag from the desktop delivers it.
+    page.evaluate("""(b64) => { const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer(); dt.items.add(new File([bytes], 'blue.png', {type: 'image/png'}));
+        const zone = document.getElementById('drop-zone');
+        for (const type of ['dragenter', 'dragover', 'drop'])
+          zone.dispatchEvent(new DragEvent(type, {dataTransfer: dt, bubbles: true, cancelable: true})); }""",
+                  base64.b64encode(_png(color=(20, 40, 220))).decode())
     expect(page.locator("#image-name")).to_contain_text("blue.png · 64×64 · file-")
     file_id = (page.locator("#image-name").text_content() or "").split(" · ")[-1]
     stored = httpx.get(f"{genserve_url}/v1/files/{file_id}", headers=auth).json()
