@@ -114,7 +114,7 @@ class GenserveBot:
         body: dict[str, Any] = {"prompt": with_aspect(prompt, prefs.aspect)}
         await self.generate(message.bot, message.chat.id, user_id, body)
 
-    async def on_photo(self, message: Message, state: FSMContext) -> None:
+    async def on_photo(self, message: Message, state: FSMContext, bot: Bot) -> None:
         """A photo with a caption: the caption is the prompt, the photo its image prompt (img2img
         from it, Midjourney's form: `file-... caption --iw W`). Without a caption: how to do it."""
         await state.clear()
@@ -126,7 +126,7 @@ class GenserveBot:
         largest = max(message.photo or [], key=lambda p: (p.width * p.height, p.file_size or 0))
         user_id = message.from_user.id if message.from_user else message.chat.id
         body: dict[str, Any] = {"prompt": with_aspect(caption, self.prefs_of(user_id).aspect)}
-        await self.generate(message.bot, message.chat.id, user_id, body, photo=largest)
+        await self.generate(bot, message.chat.id, user_id, body, photo=largest)
 
     async def templates(self, message: Message) -> None:
         try:
@@ -297,12 +297,13 @@ class GenserveBot:
     async def _download(bot: Bot, photo: PhotoSize) -> bytes | None:
         """The photo's bytes through the Bot API (getFile, then the file URL); None if Telegram
         refuses (a file over the Bot API's 20 MB download limit, an expired file id) or fails."""
+        buf = io.BytesIO()
         try:
-            buf = await bot.download(photo.file_id, destination=io.BytesIO())
+            await bot.download(photo.file_id, destination=buf)
         except (TelegramAPIError, aiohttp.ClientError, TimeoutError) as e:
             logger.warning("could not download photo %s: %s", photo.file_unique_id, e)
             return None
-        return buf.getvalue() if buf is not None else None
+        return buf.getvalue()
 
 
 async def on_error(event: ErrorEvent) -> bool:
