@@ -4,10 +4,14 @@ gallery, rating, streamed chat. Screenshots go to tests/artifacts/."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import shutil
 import uuid
+import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -191,6 +195,147 @@ def test_playground_shows_the_live_preview_while_a_job_runs(genserve_url: str, t
         expect(page.locator("#gallery li").first).to_be_visible(timeout=120_000)
         steps = [int(s) for s in page.evaluate("window.__steps")]
         assert steps and steps == sorted(steps) and set(steps) <= {100, 200, 300}, steps
+
+        # The same with an image prompt: img2img starts part-way (--iw 0.75 → strength 0.75: 375 of
+        # 500 steps run), and the preview follows that loop.
+        page.get_by_label("Drop an image here or choose one").set_input_files(
+            {"name": "start.png", "mimeType": "image/png", "buffer": _png((48, 48))})
+        expect(page.locator("#image-name")).to_contain_text("start.png · 48×48 · file-")
+        page.get_by_label("Image weight").fill("0.75")
+        page.get_by_label("Steps").fill("500")
+        page.evaluate("window.__steps = []")
+        page.get_by_role("button", name="Generate").click()
+        expect(page.locator("#live-preview-caption")).to_contain_text("of 375", timeout=90_000)
+        page.wait_for_function("() => { const i = document.getElementById('live-preview-img');"
+                               " return i.complete && i.naturalWidth === 48; }")
+        assert page.locator("#gallery li").count() == 1  # the first job's card only: this one still runs
+        expect(page.locator("#gallery li")).to_have_count(2, timeout=120_000)
+        steps = [int(s) for s in page.evaluate("window.__steps")]
+        assert steps and set(steps) <= {94, 188, 281}, steps  # preview_steps(375, 3)
+        job = httpx.get(f"{app.url}/v1/jobs/{page.locator('#gallery li').first.get_attribute('data-job')}",
+                        headers=app.auth("alice")).json()
+        assert job["params"]["init_image"]["source"].startswith("file-") and job["params"]["strength"] == pytest.approx(0.75), job
         context.close()
     finally:
         app.delete()
+
+
+def _png(size: tuple[int, int] = (64, 64), color: tuple[int, int, int] = (200, 60, 30)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _zipped_adapter(d: Path) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for f in sorted(d.iterdir()):
+            if f.name.startswith("adapter_"):
+                zf.write(f, f"{d.name}/{f.name}")
+    return buf.getvalue()
+
+
+def _login(page, url: str, key: str) -> None:
+    page.goto(url + "/")
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Save key").click()
+    playwright_sync.expect(page.locator("#key-status")).to_contain_text("accepted")
+
+
+def test_playground_image_prompt_upload_refusals_and_lora(genserve_url: str, api_key: str, auth: dict,
+                                                         tiny_models_dir: Path, browser) -> None:
+    """Drop an image (the file input, as a drop sets it): it is uploaded to /v1/files and starts the
+    prompt; the server's 422/413 for a bad or huge file are shown; a LoRA picked with its slider
+    reaches the job. Asserted on the server's job record, not only on the page."""
+    expect = playwright_sync.expect
+    r = httpx.post(genserve_url + "/v1/adapters", headers=auth, data={"name": "pg-ink", "base_model": "sdxl-tiny"},
+                   files={"file": ("ink.zip", _zipped_adapter(tiny_models_dir / "sdxl-tiny-loras" / "ink"))},
+                   timeout=60)
+    if r.status_code == 409:  # a rerun on the same session's database
+        r = httpx.get(f"{genserve_url}/v1/adapters/pg-ink", headers=auth)
+    assert r.status_code in (200, 201), r.text
+    adapter_id = r.json()["id"]
+
+    context = browser.new_context(viewport={"width": 1200, "height": 1100})
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" and not any(
+        s in m.text for s in ("status of 413", "status of 422", "status of 404")) else None)
+    sent: list[dict] = []
+    page.on("request", lambda q: sent.append(json.loads(q.post_data or "{}"))
+            if q.method == "POST" and q.url.endswith("/v1/jobs") else None)
+    _login(page, genserve_url, api_key)
+
+    # Refusals come from the server, worded by it, shown beside the drop zone.
+    chooser = page.get_by_label("Drop an image here or choose one")
+    chooser.set_input_files({"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image at all"})
+    status = page.locator("#image-status")
+    expect(status).to_contain_text("Upload refused: file: not a PNG, JPEG or WebP image. (file)")
+    expect(status).to_have_attribute("role", "alert")
+    huge = b"\x89PNG\r\n\x1a\n" + b"\0" * (8 * 1024 * 1024 + 16)  # over image_inputs.max_bytes (8 MiB)
+    chooser.set_input_files({"name": "huge.png", "mimeType": "image/png", "buffer": huge})
+    expect(status).to_contain_text("the limit is 8388608", timeout=30_000)
+    expect(page.locator("#image-chosen")).to_be_hidden()
+
+    # A real image: thumbnail, name and id; removing it takes it out of the request.
+    chooser.set_input_files({"name": "red.png", "mimeType": "image/png", "buffer": _png((96, 64))})
+    expect(page.locator("#image-chosen")).to_be_visible()
+    page.wait_for_function("() => document.getElementById('image-thumb').naturalWidth === 96")
+    expect(page.locator("#image-name")).to_contain_text("red.png · 96×64 · file-")
+    page.get_by_role("button", name="Remove image").click()
+    expect(page.locator("#image-chosen")).to_be_hidden()
+    # Dropped this time: a DragEvent carrying the file, as a drag from the desktop delivers it.
+    page.evaluate("""(b64) => { const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer(); dt.items.add(new File([bytes], 'blue.png', {type: 'image/png'}));
+        const zone = document.getElementById('drop-zone');
+        for (const type of ['dragenter', 'dragover', 'drop'])
+          zone.dispatchEvent(new DragEvent(type, {dataTransfer: dt, bubbles: true, cancelable: true})); }""",
+                  base64.b64encode(_png(color=(20, 40, 220))).decode())
+    expect(page.locator("#image-name")).to_contain_text("blue.png · 64×64 · file-")
+    file_id = (page.locator("#image-name").text_content() or "").split(" · ")[-1]
+    stored = httpx.get(f"{genserve_url}/v1/files/{file_id}", headers=auth).json()
+    assert stored["width"] == 64 and stored["purpose"] == "vision", stored
+
+    # LoRA: the key's adapters are listed; pick one, weight 0.5 with its slider.
+    ink = page.get_by_role("checkbox", name="pg-ink")
+    ink.check()
+    page.get_by_label("pg-ink weight").fill("0.5")
+    expect(page.locator("#lora-list .lora-row:has([data-lora='pg-ink']) output")).to_have_text("0.5")
+    page.get_by_label("Image weight").fill("1.5")
+
+    page.get_by_label("Prompt").fill("a lighthouse at dawn --seed 11")
+    page.get_by_label("Size").fill("64x64")
+    page.get_by_label("Steps").fill("6")
+    parsed = page.locator("#parsed")
+    expect(parsed.locator("[data-param=image_prompts]")).to_have_text(f"{file_id} (--iw 1.5)")
+    expect(parsed.locator("[data-param=loras]")).to_have_text("pg-ink × 0.5")
+    page.get_by_role("button", name="Generate").click()
+    card = page.locator("#gallery li").first
+    expect(card).to_be_visible(timeout=120_000)
+    page.wait_for_function("() => { const i = document.querySelector('#gallery img'); return i && i.complete && i.naturalWidth === 64; }")
+    expect(card.locator(".meta")).to_contain_text(f"from image {file_id}")
+    expect(card.locator(".meta")).to_contain_text("LoRA: pg-ink × 0.5")
+    page.screenshot(path=str(ARTIFACTS / "playground-image-prompt.png"), full_page=True)
+
+    # What the page sent, and what the server stored for the job.
+    body = sent[-1]
+    assert body["prompt"] == f"{file_id} a lighthouse at dawn --seed 11 --iw 1.5", body
+    assert body["loras"] == [{"name": "pg-ink", "weight": 0.5}], body
+    job = httpx.get(f"{genserve_url}/v1/jobs/{card.get_attribute('data-job')}", headers=auth).json()
+    assert job["status"] == "succeeded", job
+    p = job["params"]
+    assert (p["init_image"]["source"], p["init_image"]["sha256"]) == (file_id, stored["sha256"]), p
+    assert p["strength"] == pytest.approx(0.5), p  # --iw 1.5 → 1 − 1.5/3
+    assert p["loras"] == [{"name": "pg-ink", "id": adapter_id, "weight": 0.5}], p
+
+    # Without the image (removed) and without the LoRA, the next request carries neither.
+    page.get_by_role("button", name="Remove image").click()
+    ink.uncheck()
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#gallery li")).to_have_count(2, timeout=120_000)
+    assert sent[-1]["prompt"] == "a lighthouse at dawn --seed 11" and "loras" not in sent[-1], sent[-1]
+    assert not problems, problems
+    context.close()

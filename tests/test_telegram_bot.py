@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 import uuid
@@ -51,6 +52,8 @@ class FakeTelegram:
         self._new_update = asyncio.Event()
         self._new_call = asyncio.Event()
         self.messages: dict[int, dict[str, Any]] = {}  # what the bot sent, by message_id
+        self.files: dict[str, bytes] = {}  # the user's photos, by file_id (getFile + the file URL)
+        self.downloads: list[str] = []  # file paths the bot fetched
         self.cursor = 0  # calls before this index were already looked at by `expect`
 
     # -- the server side --------------------------------------------------------------------
@@ -72,6 +75,14 @@ class FakeTelegram:
         self.calls.append(call)
         self._new_call.set()
         return self._ok(call.result)
+
+    async def download(self, request: web.Request) -> web.Response:
+        """`GET /file/bot<token>/<file_path>`: the Bot API's file download URL."""
+        assert request.match_info["token"] == TOKEN, request.match_info["token"]
+        path = request.match_info["path"]
+        self.downloads.append(path)
+        data = self.files.get(path.removeprefix("photos/"))
+        return web.Response(body=data) if data is not None else web.Response(status=404)
 
     async def _get_updates(self, offset: int, timeout: float) -> list[dict[str, Any]]:
         self._updates = [u for u in self._updates if u["update_id"] >= offset]
@@ -106,6 +117,10 @@ class FakeTelegram:
             if "reply_markup" in fields:
                 msg["reply_markup"] = json.loads(fields["reply_markup"])
             return msg
+        if method == "getFile":
+            data = self.files[fields["file_id"]]
+            return {"file_id": fields["file_id"], "file_unique_id": f"u-{fields['file_id']}", "file_size": len(data),
+                    "file_path": f"photos/{fields['file_id']}"}
         return True  # answerCallbackQuery, setMyCommands, sendChatAction, ...
 
     @staticmethod
@@ -125,6 +140,19 @@ class FakeTelegram:
                                "from": USER, "text": text}
         if text.startswith("/"):
             msg["entities"] = [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]
+        self._push({"message": msg})
+
+    def send_photo(self, sizes: dict[str, tuple[int, int, bytes]], caption: str | None = None) -> None:
+        """A photo message: Telegram's sizes of one photo (file_id -> width, height, bytes)."""
+        photo = []
+        for file_id, (w, h, data) in sizes.items():
+            self.files[file_id] = data
+            photo.append({"file_id": file_id, "file_unique_id": f"u-{file_id}", "width": w, "height": h,
+                          "file_size": len(data)})
+        msg: dict[str, Any] = {"message_id": 10_000 + self._next_update, "date": int(time.time()), "chat": CHAT,
+                               "from": USER, "photo": photo}
+        if caption is not None:
+            msg["caption"] = caption
         self._push({"message": msg})
 
     def press(self, message_id: int, data: str) -> None:
@@ -161,6 +189,7 @@ async def running_bot(genserve_url: str, api_key: str, **overrides: Any) -> Asyn
     tg = FakeTelegram()
     web_app = web.Application()
     web_app.router.add_post("/bot{token}/{method}", tg.handle)
+    web_app.router.add_get("/file/bot{token}/{path:.+}", tg.download)
     runner = web.AppRunner(web_app)
     await runner.setup()
     port = free_port()
@@ -388,3 +417,62 @@ def test_user_rate_limiter_slides() -> None:
     assert lim.try_acquire(1) is None and lim.try_acquire(1) is not None
     now[0] = 10.0
     assert lim.try_acquire(1) is None
+
+
+def jpeg(size: tuple[int, int], color: tuple[int, int, int]) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.ray
+async def test_photo_with_caption_is_an_image_prompt(genserve_url: str) -> None:
+    """A photo + caption: the bot fetches the largest size through the Bot API, uploads it to
+    /v1/files and the job starts from it (its init image is that upload); no caption: a hint."""
+    key = new_tenant_key(genserve_url, plan="pro")
+    auth = {"Authorization": f"Bearer {key}"}
+    big = jpeg((64, 48), (30, 60, 220))
+    async with running_bot(genserve_url, key) as tg:
+        tg.send_photo({"thumb": (32, 24, jpeg((32, 24), (220, 30, 30)))})
+        hint = await tg.expect("sendMessage")
+        assert "with a caption" in hint.text and "--iw" in hint.text, hint.text
+        assert not tg.downloads and not [c for c in tg.calls if c.method == "getFile"]
+
+        tg.send_photo({"small": (32, 24, jpeg((32, 24), (220, 30, 30))), "large": (64, 48, big)},
+                      caption="the same harbour as a watercolor --seed 9 --iw 1.5")
+        status = await tg.expect("sendMessage", lambda c: "sending" in c.text)
+        edits, photo = await expect_photo(tg, tg.cursor)
+        assert [e.text for e in edits][0] == "⏳ uploading your photo…", [e.text for e in edits]
+        assert {e.fields["message_id"] for e in edits} == {str(status.result["message_id"])}
+        assert_png(photo)
+        assert "the same harbour as a watercolor" in photo.fields["caption"] and "seed 9" in photo.fields["caption"]
+    assert tg.downloads == ["photos/large"], tg.downloads  # only the largest size, once
+
+    # genserve's side: the job's init image is the uploaded photo, at the weight the caption gave.
+    (job,) = httpx.get(f"{genserve_url}/v1/jobs?limit=1", headers=auth).json()["data"]
+    init = job["params"]["init_image"]
+    assert init["source"].startswith("file-") and job["params"]["strength"] == pytest.approx(0.5), job["params"]
+    upload = httpx.get(f"{genserve_url}/v1/files/{init['source']}", headers=auth).json()
+    assert (upload["width"], upload["height"], upload["sha256"]) == (64, 48, init["sha256"]), upload
+    assert upload["filename"] == "telegram-u-large.jpg", upload
+
+
+@pytest.mark.ray
+async def test_too_large_photo_relays_the_server_error(genserve_url: str) -> None:
+    """A photo over genserve's image_inputs.max_bytes (8 MiB): its 413 is told to the user in the
+    status message, nothing is generated, and the bot keeps answering."""
+    key = new_tenant_key(genserve_url)
+    huge = b"\xff\xd8\xff\xe0" + b"\0" * (8 * 1024 * 1024 + 16)
+    async with running_bot(genserve_url, key, user_jobs_per_window=1, user_window_s=60) as tg:
+        tg.send_photo({"huge": (4000, 3000, huge)}, caption="make it brighter")
+        err = await tg.expect("editMessageText", lambda c: c.text.startswith("⚠️"), timeout=60)
+        assert "file: the image is" in err.text and "the limit is 8388608" in err.text, err.text
+        # The refusal gave the user's turn back (1 per window here): a text prompt still draws.
+        tg.say("/txt2img a small boat --seed 3")
+        _, photo = await expect_photo(tg, tg.cursor)
+        assert_png(photo)
+        assert len([c for c in tg.calls if c.method == "sendPhoto"]) == 1
+        assert not any("Something went wrong" in c.text or "Traceback" in c.text for c in tg.calls)
+    assert httpx.get(f"{genserve_url}/v1/files", headers={"Authorization": f"Bearer {key}"}).json()["data"] == []

@@ -1,4 +1,4 @@
-"""A small async client of genserve's public HTTP API (jobs, models, templates), over httpx."""
+"""A small async client of genserve's public HTTP API (jobs, models, templates, file uploads), over httpx."""
 
 from __future__ import annotations
 
@@ -62,6 +62,12 @@ class GenserveClient:
 
     async def template(self, name: str) -> dict[str, Any]:
         return await self._call("GET", f"/v1/templates/{quote(name, safe='')}")
+
+    async def upload_image(self, data: bytes, filename: str) -> dict[str, Any]:
+        """`POST /v1/files` (purpose `vision`): the server checks the image (413/422 naming `file`)
+        and answers its file object; the `id` (`file-...`) can start a prompt as an image prompt."""
+        return await self._call("POST", "/v1/files", data={"purpose": "vision"},
+                                files={"file": (filename, data, "application/octet-stream")})
 
     async def submit_job(self, body: dict[str, Any]) -> dict[str, Any]:
         return await self._call("POST", "/v1/jobs", json=body)

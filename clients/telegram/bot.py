@@ -1,4 +1,6 @@
-"""The Telegram bot: handlers for /start, /help, /txt2img, /templates, /settings, /cancel.
+"""The Telegram bot: handlers for /start, /help, /txt2img, /templates, /settings, /cancel, and
+photos with a caption (an image prompt: the photo goes to genserve's `/v1/files`, its file id starts
+the prompt, the caption is the text; docs/telegram-bot.md).
 
 Every image is an async job at genserve (`POST /v1/jobs`); the bot polls it, edits one status
 message with the progress, then uploads the picture. All users share the bot's API key (one
@@ -8,11 +10,13 @@ genserve tenant); an in-bot limit per Telegram user keeps one chat from using up
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import re
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from aiogram import Bot, Dispatcher, F, Router
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
@@ -29,6 +33,7 @@ from aiogram.types import (
     InlineKeyboardButton,
     InlineKeyboardMarkup,
     Message,
+    PhotoSize,
 )
 
 from clients.telegram import texts
@@ -108,6 +113,20 @@ class GenserveBot:
         prefs = self.prefs_of(user_id)
         body: dict[str, Any] = {"prompt": with_aspect(prompt, prefs.aspect)}
         await self.generate(message.bot, message.chat.id, user_id, body)
+
+    async def on_photo(self, message: Message, state: FSMContext, bot: Bot) -> None:
+        """A photo with a caption: the caption is the prompt, the photo its image prompt (img2img
+        from it, Midjourney's form: `file-... caption --iw W`). Without a caption: how to do it."""
+        await state.clear()
+        caption = (message.caption or "").strip()
+        if not caption:
+            await message.answer(texts.PHOTO_NEEDS_CAPTION)
+            return
+        # Telegram sends each photo in several sizes; the largest is the one the user took.
+        largest = max(message.photo or [], key=lambda p: (p.width * p.height, p.file_size or 0))
+        user_id = message.from_user.id if message.from_user else message.chat.id
+        body: dict[str, Any] = {"prompt": with_aspect(caption, self.prefs_of(user_id).aspect)}
+        await self.generate(bot, message.chat.id, user_id, body, photo=largest)
 
     async def templates(self, message: Message) -> None:
         try:
@@ -215,7 +234,9 @@ class GenserveBot:
 
     # -- one generation ---------------------------------------------------------------------
 
-    async def generate(self, bot: Bot, chat_id: int, user_id: int, body: dict[str, Any]) -> None:
+    async def generate(self, bot: Bot, chat_id: int, user_id: int, body: dict[str, Any], *,
+                       photo: PhotoSize | None = None) -> None:
+        """One job from `body`; with `photo`, the photo is uploaded first and becomes the image prompt."""
         wait = self.limiter.try_acquire(user_id)
         if wait is not None:
             await bot.send_message(chat_id, texts.slow_down(wait))
@@ -240,6 +261,16 @@ class GenserveBot:
                 logger.warning("could not edit the status message: %s", e)
 
         try:
+            if photo is not None:
+                await show("⏳ uploading your photo…")
+                data = await self._download(bot, photo)
+                if data is None:
+                    self.limiter.refund(user_id)
+                    await show(texts.PHOTO_DOWNLOAD_FAILED)
+                    return
+                # genserve checks it (size, format, pixels) and answers 413/422 naming `file`.
+                uploaded = await self.client.upload_image(data, f"telegram-{photo.file_unique_id}.jpg")
+                body = {**body, "prompt": f"{uploaded['id']} {body['prompt']}"}
             job = await self.client.submit_job(body)
             deadline = asyncio.get_running_loop().time() + self.settings.job_timeout_s
             while job["status"] in ("queued", "running"):
@@ -261,6 +292,18 @@ class GenserveBot:
             if e.status in (400, 404, 409, 413, 422):  # a typo in the prompt shouldn't use up the user's turn
                 self.limiter.refund(user_id)
             await show(texts.friendly_error(e))
+
+    @staticmethod
+    async def _download(bot: Bot, photo: PhotoSize) -> bytes | None:
+        """The photo's bytes through the Bot API (getFile, then the file URL); None if Telegram
+        refuses (a file over the Bot API's 20 MB download limit, an expired file id) or fails."""
+        buf = io.BytesIO()
+        try:
+            await bot.download(photo.file_id, destination=buf)
+        except (TelegramAPIError, aiohttp.ClientError, TimeoutError) as e:
+            logger.warning("could not download photo %s: %s", photo.file_unique_id, e)
+            return None
+        return buf.getvalue()
 
 
 async def on_error(event: ErrorEvent) -> bool:
@@ -285,6 +328,7 @@ def build_dispatcher(settings: BotSettings, client: GenserveClient | None = None
     router.message.register(app.txt2img, Command("txt2img"))
     router.message.register(app.templates, Command("templates"))
     router.message.register(app.settings_menu, Command("settings"))
+    router.message.register(app.on_photo, F.photo)  # in any state: a photo starts its own request
     router.message.register(app.on_prompt, StateFilter(Flow.prompt), F.text)
     router.message.register(app.on_variable, StateFilter(Flow.variable), F.text)
     router.message.register(app.fallback)

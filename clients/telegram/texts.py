@@ -13,11 +13,18 @@ HELP = (
     "/templates: start from a ready-made prompt template\n"
     "/settings: choose the model, the aspect ratio, and whether to enhance prompts\n"
     "/cancel: stop what you are doing\n\n"
+    "Send a photo with a caption to draw from that photo: the caption is the prompt and the picture "
+    "starts from your photo (add --iw 0-3 to the caption: higher keeps more of the photo).\n\n"
     "Write descriptions in English. Parameters work too, e.g.\n"
     "a lighthouse at dawn --ar 16:9 --no people --seed 7\n"
     "Add --enhance to have the prompt expanded by the language model first."
 )
 ASK_PROMPT = "Describe the image (in English). Parameters like --ar 3:2 or --no text are welcome."
+PHOTO_NEEDS_CAPTION = (
+    "Nice photo! To draw from it, send it again with a caption that describes the picture you want, "
+    "e.g. \"the same scene as a watercolor --iw 1.5\" (--iw 0-3: higher keeps more of the photo)."
+)
+PHOTO_DOWNLOAD_FAILED = "😕 I couldn't fetch your photo from Telegram. Please send it again."
 CAPTION_LIMIT = 1024  # Telegram's caption limit
 
 

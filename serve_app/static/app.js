@@ -37,11 +37,14 @@ function apiKey() { return localStorage.getItem(KEY_STORAGE) || ""; }
 
 async function api(method, path, body, { raw = false, signal } = {}) {
   const headers = { Authorization: `Bearer ${apiKey()}` };
-  if (body !== undefined) headers["Content-Type"] = "application/json";
+  // A FormData body (uploads) sets its own multipart Content-Type with the boundary.
+  const form = body instanceof FormData;
+  if (body !== undefined && !form) headers["Content-Type"] = "application/json";
+  const payload = body === undefined || form ? body : JSON.stringify(body);
   let r;
   try {
     // Relative to the page: the playground also works under a route prefix (`/app/`).
-    r = await fetch(path.replace(/^\//, ""), { method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal });
+    r = await fetch(path.replace(/^\//, ""), { method, headers, body: payload, signal });
   } catch (e) {
     if (e.name === "AbortError") throw e;
     throw new ApiError(0, String(e));
@@ -56,7 +59,9 @@ async function api(method, path, body, { raw = false, signal } = {}) {
 
 // ---- key, models, templates --------------------------------------------------------------
 
-const state = { templates: new Map(), chat: [], renderSeq: 0, renderAbort: null };
+// `image`: the uploaded image prompt ({id, width, height, filename, thumb}); `adapters`: the LoRA
+// adapters this key may use (GET /v1/adapters), by name.
+const state = { templates: new Map(), chat: [], renderSeq: 0, renderAbort: null, image: null, adapters: [] };
 
 function setStatus(node, text, kind = "") {
   node.textContent = text;
@@ -69,6 +74,7 @@ async function loadLists() {
     const [models, templates] = await Promise.all([api("GET", "/v1/models"), api("GET", "/v1/templates?limit=200")]);
     fillModels(models.data);
     fillTemplates(templates.data);
+    await loadAdapters();
     setStatus($("key-status"), "Key saved and accepted.", "ok");
     schedulePreview();
   } catch (e) {
@@ -112,6 +118,113 @@ function renderTemplateVars() {
   }
 }
 
+// ---- LoRA adapters: GET /v1/adapters, a checkbox and a weight slider each -------------------
+
+async function loadAdapters() {
+  const list = $("lora-list");
+  let adapters;
+  try {
+    adapters = (await api("GET", "/v1/adapters")).data.filter((a) => a.kind === "diffusion");
+  } catch (e) {
+    list.replaceChildren(el("p", { class: "error small", role: "alert", text: `Adapters: ${e.friendly ? e.friendly() : e}` }));
+    return;
+  }
+  const before = new Map(chosenLoras().map((l) => [l.name, l.weight]));  // kept across a reload of the list
+  state.adapters = adapters;
+  list.replaceChildren();
+  if (!adapters.length) {
+    list.append(el("p", { class: "muted small", text: "None available to this key." }));
+    return;
+  }
+  adapters.forEach((a, i) => {
+    const id = `lora-${i}`;
+    const box = el("input", { type: "checkbox", id, "data-lora": a.name });
+    const label = el("label", { for: id, class: "check", title: `${a.id} · rank ${a.rank} · ${a.owned_by}` }, box,
+                     ` ${a.name} `, el("span", { class: "hint", text: a.base_model }));
+    const slider = el("input", { type: "range", id: `${id}-weight`, min: "-2", max: "2", step: "0.05", value: "1",
+                                 "aria-label": `${a.name} weight`, "data-lora-weight": a.name, disabled: "" });
+    const out = el("output", { for: slider.id, text: "1" });
+    if (before.has(a.name)) {
+      box.checked = true;
+      slider.disabled = false;
+      slider.value = String(before.get(a.name));
+      out.textContent = slider.value;
+    }
+    box.addEventListener("change", () => { slider.disabled = !box.checked; schedulePreview(); });
+    slider.addEventListener("input", () => { out.textContent = slider.value; schedulePreview(); });
+    list.append(el("div", { class: "lora-row" }, label, slider, out));
+  });
+}
+
+function chosenLoras() {
+  return [...document.querySelectorAll("[data-lora]:checked")].map((box) => {
+    const slider = document.querySelector(`[data-lora-weight="${CSS.escape(box.dataset.lora)}"]`);
+    return { name: box.dataset.lora, weight: Number(slider.value) };
+  });
+}
+
+// ---- image prompt: drop or choose a file, POST /v1/files, then its id starts the prompt -----
+
+async function useImage(file) {
+  if (!file) return;
+  const status = $("image-status");
+  setStatus(status, `Uploading ${file.name}…`);
+  status.setAttribute("role", "status");
+  const form = new FormData();
+  form.append("file", file, file.name || "image");
+  form.append("purpose", "vision");
+  let uploaded;
+  try {
+    uploaded = await api("POST", "/v1/files", form);
+  } catch (e) {
+    // The server's refusal (413 too large, 422 not an image, ...) as it worded it.
+    const where = e.param ? ` (${e.param})` : "";
+    setStatus(status, `Upload refused: ${e.friendly ? e.friendly() : e}${where}`, "error");
+    status.setAttribute("role", "alert");
+    return;
+  }
+  clearImage();
+  state.image = { ...uploaded, thumb: URL.createObjectURL(file) };
+  $("image-thumb").src = state.image.thumb;
+  $("image-name").textContent = `${uploaded.filename} · ${uploaded.width}×${uploaded.height} · ${uploaded.id}`;
+  $("image-chosen").hidden = false;
+  setStatus(status, "Uploaded: the prompt starts from this image.", "ok");
+  status.setAttribute("role", "status");
+  schedulePreview();
+}
+
+function clearImage() {
+  if (state.image) URL.revokeObjectURL(state.image.thumb);
+  state.image = null;
+  $("image-chosen").hidden = true;
+  $("image-thumb").removeAttribute("src");
+  $("image-file").value = "";
+}
+
+function initImageDrop() {
+  const zone = $("drop-zone");
+  $("image-file").addEventListener("change", (e) => useImage(e.target.files[0]));
+  for (const type of ["dragenter", "dragover"]) {
+    zone.addEventListener(type, (e) => { e.preventDefault(); zone.classList.add("over"); });
+  }
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("over");
+    useImage(e.dataTransfer.files[0]);
+  });
+  $("image-remove").addEventListener("click", () => {
+    // Only the form forgets it: the upload stays in /v1/files (a queued job may still read it).
+    clearImage();
+    setStatus($("image-status"), "Image removed.");
+    schedulePreview();
+  });
+  $("image-weight").addEventListener("input", () => {
+    $("image-weight-value").textContent = $("image-weight").value;
+    schedulePreview();
+  });
+}
+
 // ---- the request both preview and generate send -------------------------------------------
 
 function requestBody() {
@@ -132,6 +245,13 @@ function requestBody() {
     // A request needs prompt text; a template that doesn't use {prompt} ignores it.
     if (!body.prompt) body.prompt = template;
   }
+  if (state.image) {
+    // Midjourney's form: the image (an upload's id) first, its weight as --iw unless typed already.
+    const iw = /(^|\s)--iw(\s|$)/.test(body.prompt) ? "" : ` --iw ${$("image-weight").value}`;
+    body.prompt = `${state.image.id} ${body.prompt}${iw}`.trim();
+  }
+  const loras = chosenLoras();
+  if (loras.length) body.loras = loras;
   return body;
 }
 
@@ -173,6 +293,11 @@ async function preview() {
     if (f.seed !== null) add("--seed", f.seed, "seed");
     else add("seed", body.seed !== undefined ? body.seed : "random", "seed");
     if (r.tile) add("--tile", "on", "tile");
+    // A dry run doesn't fetch images: it shows the image prompt as written and its --iw.
+    if (f.image_prompts && f.image_prompts.length) {
+      add("image", `${f.image_prompts.join(", ")} (--iw ${f.image_weight !== null ? f.image_weight : 1})`, "image_prompts");
+    }
+    if (r.loras) add("LoRA", r.loras.map((l) => `${l.name} × ${l.weight}`).join(", "), "loras");
     if (r.weighted_prompts.length) {
       const dd = el("dd", { "data-param": "weights" });
       for (const w of r.weighted_prompts) dd.append(el("span", { class: "chip", text: `${w.text} × ${w.weight}` }));
@@ -279,6 +404,8 @@ function addToGallery(job) {
     const g = Array.isArray(p.guidance_scale) ? p.guidance_scale[i] : p.guidance_scale;
     meta.append(el("p", { class: "muted", text: `${job.model} · ${p.width}×${p.height} · ${p.steps} steps · guidance ${g} · seed ${res.seed}` }));
     if (p.negative_prompt) meta.append(el("p", { class: "muted", text: `no: ${p.negative_prompt}` }));
+    if (p.init_image) meta.append(el("p", { class: "muted", text: `from image ${p.init_image.source} · strength ${fmt(p.strength)}` }));
+    if (p.loras) meta.append(el("p", { class: "muted", text: `LoRA: ${p.loras.map((l) => `${l.name} × ${l.weight}`).join(", ")}` }));
     if (job.generation_id) meta.append(ratingControl(job.generation_id, `${job.id}-${i}`));
     item.append(meta);
     $("gallery").prepend(item);
@@ -401,6 +528,7 @@ function initTabs() {
 
 function init() {
   initTabs();
+  initImageDrop();
   $("api-key").value = apiKey();
   $("key-form").addEventListener("submit", (e) => {
     e.preventDefault();
