@@ -150,12 +150,8 @@ class AdapterRegistry:
             raise
 
     def _drop_orphan(self, key: str, stored_new: bool) -> None:
-        if not stored_new:
-            return
-        with read_tx(self.engine) as conn:
-            used = conn.execute(select(func.count()).select_from(AD).where(AD.c.storage_key == key)).scalar_one()
-        if not used:
-            self.store.delete(key)
+        if stored_new:  # under the object's lock: a concurrent upload of the same archive keeps it
+            self._drop_unused(key)
 
     def delete(self, owner: int | None, name_or_id: str) -> Adapter:
         """Delete the owner's own adapter (global ones only with owner None). 404 otherwise."""
