@@ -1,6 +1,7 @@
 """A whole genserve app on a private local Ray cluster, for benchmarks that compare two settings
-in ONE run: tiny SDXL on CPU, one ingress and ONE diffusion replica (no autoscaling, so the
-comparison is not decided by when a second replica starts), plans and tenants of the caller's.
+in ONE run: tiny SDXL on CPU, one ingress and ONE diffusion replica unless `replicas=` says more
+(a fixed number, no autoscaling, so the comparison is not decided by when a replica starts),
+plans and tenants of the caller's.
 
     with local_app.serve_app(models_dir, plans=[...], tenants={"a": "plan"}, model={...}) as app:
         httpx.post(app.url + "/v1/images/generations", headers=app.auth("a"), json=...)
@@ -57,7 +58,7 @@ def default_models_dir() -> Path:
 
 
 def app_doc(models_dir: Path, work: Path, port: int, *, plans: list[dict], model: dict | None = None,
-            max_ongoing_requests: int = 32) -> dict:
+            max_ongoing_requests: int = 32, replicas: int = 1) -> dict:
     entry = {"name": MODEL, "family": "sdxl", "model": str(models_dir / "sdxl-tiny"), "device": "cpu",
              "native_resolution": 64, "size_multiple": 8, "min_side": 32, "max_side": 128,
              "default_steps": 8, "max_steps": 50, **(model or {})}
@@ -72,7 +73,7 @@ def app_doc(models_dir: Path, work: Path, port: int, *, plans: list[dict], model
                  "ray_actor_options": {"num_cpus": 0.5}},
                 # Serve's router queue in front of the replica is FIFO: only what the replica holds
                 # (max_ongoing_requests) is reordered by priority or counted as its load.
-                {"name": f"Diffusion-{MODEL}", "num_replicas": 1, "max_ongoing_requests": max_ongoing_requests,
+                {"name": f"Diffusion-{MODEL}", "num_replicas": replicas, "max_ongoing_requests": max_ongoing_requests,
                  "max_queued_requests": 4096, "ray_actor_options": {"num_cpus": 1}},
             ],
         }],
@@ -97,7 +98,7 @@ def _create_tenants(doc: dict, tenants: dict[str, str]) -> dict[str, str]:
 
 @contextlib.contextmanager
 def serve_app(models_dir: Path, *, plans: list[dict], tenants: dict[str, str], model: dict | None = None,
-              max_ongoing_requests: int = 32) -> Iterator[LocalApp]:
+              max_ongoing_requests: int = 32, replicas: int = 1) -> Iterator[LocalApp]:
     import ray
     from ray import serve
 
@@ -107,7 +108,8 @@ def serve_app(models_dir: Path, *, plans: list[dict], tenants: dict[str, str], m
     build_all_tiny(models_dir)
     work = Path(tempfile.mkdtemp(prefix="gs-bench-"))
     port = _free_port()
-    doc = app_doc(models_dir, work, port, plans=plans, model=model, max_ongoing_requests=max_ongoing_requests)
+    doc = app_doc(models_dir, work, port, plans=plans, model=model, max_ongoing_requests=max_ongoing_requests,
+                  replicas=replicas)
     keys = _create_tenants(doc, tenants)
     env = {k: v for k, v in os.environ.items() if k in ("PYTHONPATH", "PATH", "HF_HUB_OFFLINE")}
     ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False,

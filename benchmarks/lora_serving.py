@@ -13,7 +13,7 @@ policy (an OrderedDict of held sets; evicting calls the set's `__del__`), since 
 replica, not routing. Reported: images/s with and without adapters and their ratio (target
 >= 0.9), the adapter cold load p95 (fetch from local disk + load into the pipeline) and the warm
 switch p95 (`set_adapters` among loaded adapters; target <= 200 ms), slot loads/unloads.
-Not measured here: the multiplexed routing hit rate over 2 replicas (needs a Serve cluster).
+The multiplexed routing hit rate over 2 replicas is benchmarks/lora_routing.py's (a Serve cluster).
 """
 
 from __future__ import annotations

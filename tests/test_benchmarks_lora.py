@@ -1,4 +1,5 @@
-"""benchmarks/lora_serving.py end to end on the tiny model on CPU (the GPU run is the lead's)."""
+"""benchmarks/lora_serving.py end to end on the tiny model on CPU (the GPU run is the lead's), and
+benchmarks/lora_routing.py (Serve's multiplexed routing over replicas, its own local cluster)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,28 @@ def test_lora_serving_smoke(tmp_path: Path) -> None:
     assert r["cold_load_ms"]["n"] >= 2 and r["cold_load_ms"]["p95"] > 0
     assert r["slot_loads"] >= 3 and r["slot_unloads"] >= 1 and sum(r["zipf_counts"].values()) == 16
     assert r["warm_switch_ms"]["n"] >= 1
+
+
+def test_lora_routing_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "routing.json"
+    # One client: requests reach the replicas in the order sent, so one replica's hits must equal
+    # an LRU of --slots simulated on the same sequence, exactly.
+    cmd = [sys.executable, "-m", "benchmarks.lora_routing", "--replicas", "2,1", "--slots", "2", "--adapters", "4",
+           "--requests", "16", "--concurrency", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    two, one = r["runs"]
+    assert (two["replicas"], len(two["per_replica"]), one["replicas"], len(one["per_replica"])) == (2, 2, 1, 1)
+    for run in (two, one):
+        assert run["statuses"] == {"200": 16} and run["requests"] == 16
+        for p in run["per_replica"]:
+            # Counted by the replicas: every request a hit or a load, images match requests, and
+            # Serve's LRU evicts exactly what exceeds the slots.
+            assert p["hits"] + p["loads"] == p["requests"] == p["images_done"]
+            assert p["evictions"] == max(0, p["loads"] - 2)
+        assert run["loads"] >= r["compulsory_misses"]  # every adapter used was loaded somewhere
+    assert one["hits"] == r["simulated_hits"]["lru_n_slots"]
+    sim = r["simulated_hits"]
+    assert sim["oracle_belady_2n_slots"] >= sim["lru_2n_slots"] >= sim["lru_n_slots"]
+    assert sim["oracle_belady_2n_slots"] <= 16 - r["compulsory_misses"]

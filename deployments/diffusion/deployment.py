@@ -15,6 +15,7 @@ from contextlib import aclosing
 from typing import Any
 
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from deployments.adapters import AdapterSource, multiplexed_id
 from deployments.diffusion.config import DiffusionModelConfig
@@ -52,6 +53,7 @@ class DiffusionDeployment:
 
     async def _with_adapters(self, task: ImageTask) -> None:
         if task.loras:
+            self.server.lora_set_requests += 1
             await self._adapter_set(serve.get_multiplexed_model_id() or multiplexed_id(
                 tuple(u.adapter_id for u in task.loras)))
 
@@ -80,7 +82,13 @@ class DiffusionDeployment:
         self.server.cancel(task_id)
 
     async def stats(self) -> dict[str, Any]:
-        return self.server.stats()
+        # Which replica answered: a caller polling the handle tells replicas apart by it
+        # (benchmarks/lora_routing.py sums the multiplexed hits per replica).
+        try:
+            replica: str | None = serve.get_replica_context().replica_id.unique_id
+        except RayServeException:  # not inside a Serve replica (a local test calling it directly)
+            replica = None
+        return {**self.server.stats(), "replica": replica}
 
     def check_health(self) -> None:
         self.server.check_health()

@@ -92,10 +92,14 @@ class LoraManager:
         self.load_s: deque[float] = deque(maxlen=1000)
         self.switch_s: deque[float] = deque(maxlen=1000)
         self.loads = self.unloads = 0
+        # Adapter sets Serve's multiplexed LRU staged (its cache misses) and released (its evictions).
+        self.sets_staged = self.sets_released = 0
 
     # -- from Serve's multiplexed loader (worker thread) ---------------------------------------
 
     def stage(self, adapter_ids: tuple[str, ...]) -> None:
+        with self._lock:
+            self.sets_staged += 1
         for aid in adapter_ids:
             with self._lock:
                 have = aid in self._staged
@@ -107,6 +111,7 @@ class LoraManager:
 
     def release(self, adapter_ids: tuple[str, ...]) -> None:
         with self._lock:
+            self.sets_released += 1
             for aid in adapter_ids:
                 self._holds[aid] -= 1
                 if self._holds[aid] <= 0:
@@ -187,4 +192,5 @@ class LoraManager:
 
     def stats(self) -> dict[str, Any]:
         return {"lora_loaded": len(self._loaded), "lora_staged": len(self._staged), "lora_loads": self.loads,
-                "lora_unloads": self.unloads}
+                "lora_unloads": self.unloads, "lora_sets_staged": self.sets_staged,
+                "lora_sets_released": self.sets_released}

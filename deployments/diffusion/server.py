@@ -57,6 +57,7 @@ class DiffusionServer:
             warm_up(engine, config)  # compile the size buckets now: no request pays a compile
         self.engine = engine
         self.loras: LoraManager | None = None
+        self.lora_set_requests = 0  # requests that named an adapter set (the multiplexed hit-rate denominator)
         if adapters is not None and config.serves_loras:
             from deployments.diffusion.lora import LoraManager
 
@@ -191,7 +192,7 @@ class DiffusionServer:
                 "max_batch_size": b.max_batch_size, "batch_wait_timeout_s": b.batch_wait_timeout_s,
                 "max_batch_megapixels": b.max_batch_megapixels, "queued": self.batcher.queued,
                 "running": self.batcher.running, "load": round(self.load(), 3), "degraded": self.quality.degraded,
-                **(self.loras.stats() if self.loras is not None else {})}
+                **({**self.loras.stats(), "lora_set_requests": self.lora_set_requests} if self.loras is not None else {})}
 
 
 class AdapterSet:

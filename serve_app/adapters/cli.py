@@ -1,4 +1,4 @@
-"""`genserve adapters add|list|show|delete`, straight against the app database and result store.
+"""`genserve adapters add|list|delete|delete-tenant|gc`, straight against the app database and result store.
 
 `--config PATH` (a Serve YAML, default configs/local.yaml) gives the database, the store and the
 models; `--tenant NAME` acts on that tenant's adapters, without it on the global ones.
@@ -97,3 +97,26 @@ def delete(name: str, tenant: str | None, config_path: Path) -> None:
     with _registry(config_path) as reg:
         a = reg.delete(_tenant_id(reg, tenant), name)
     click.echo(f"deleted {a.name} ({a.id})")
+
+
+@adapters.command("delete-tenant", help="Delete every private adapter of tenant NAME: rows, then the stored archives "
+                  "no other tenant or global adapter shares. The step a tenant's removal needs first.")
+@click.argument("tenant")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=Path("configs/local.yaml"), show_default=True, help="Serve config YAML.")
+def delete_tenant(tenant: str, config_path: Path) -> None:
+    with _registry(config_path) as reg:
+        tid = _tenant_id(reg, tenant)
+        assert tid is not None
+        removed = reg.delete_tenant_adapters(tid)
+    click.echo(f"deleted the adapters of tenant {tenant}; {len(removed)} stored archive(s) removed")
+
+
+@adapters.command("gc", help="Delete stored adapter archives no row names (left by a crash or a store failure "
+                  "during a delete).")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=Path("configs/local.yaml"), show_default=True, help="Serve config YAML.")
+def gc(config_path: Path) -> None:
+    with _registry(config_path) as reg:
+        removed = reg.sweep_orphans()
+    click.echo(f"removed {len(removed)} orphaned archive(s)" + "".join(f"\n  {k}" for k in removed))

@@ -8,18 +8,24 @@ Nothing half-written: an upload inserts its row and stores its object inside one
 transaction; if storing fails the row is rolled back, and if the commit fails after the object
 was stored, an object no other row uses is deleted again. Delete removes the row and, inside the
 same transaction, the object when no other row (of any tenant) shares it.
+
+Deleting a tenant's adapters (`delete_tenant_adapters`, before the tenant itself goes) removes the
+rows first and the objects after; `sweep_orphans` removes objects no row points to (what a crash
+between the two, or a failed store delete, leaves behind).
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, Table, delete, func, insert, or_, select
+from sqlalchemy import Connection, Engine, Table, delete, func, insert, or_, select, text
 from sqlalchemy.exc import IntegrityError
 
 from serve_app.adapters.archive import inspect_archive
@@ -34,6 +40,7 @@ from serve_app.tenancy.db import read_tx, write_tx
 if TYPE_CHECKING:
     from serve_app.config import AppConfig
 
+logger = logging.getLogger("genserve.adapters")
 AD: Table = AdapterRow.__table__  # type: ignore[assignment]
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_PAGE = 200
@@ -59,6 +66,15 @@ def check_name(name: str, param: str = "name") -> str:
                           "a letter or digit (and not of the form ad_<32 hex>, which is an id).", param=param,
                           code="invalid_adapter_name")
     return name
+
+
+def lock_object(conn: Connection, key: str) -> None:
+    """Serialize, until this transaction ends, everything that decides whether the object `key`
+    exists (an upload storing it, a delete or sweep removing it). SQLite's write transactions
+    (BEGIN IMMEDIATE) already run one at a time; on Postgres a transaction-level advisory lock on
+    the key does it, so a sweep can't delete an object whose uploading row is not committed yet."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": key})
 
 
 def _aware(dt: datetime) -> datetime:
@@ -99,6 +115,7 @@ class AdapterRegistry:
         stored_new = False
         try:
             with write_tx(self.engine) as conn:
+                lock_object(conn, key)
                 if max_adapters is not None:
                     held = conn.execute(select(func.count()).select_from(AD).where(owner_is)).scalar_one()
                     if held >= max_adapters:
@@ -133,12 +150,8 @@ class AdapterRegistry:
             raise
 
     def _drop_orphan(self, key: str, stored_new: bool) -> None:
-        if not stored_new:
-            return
-        with read_tx(self.engine) as conn:
-            used = conn.execute(select(func.count()).select_from(AD).where(AD.c.storage_key == key)).scalar_one()
-        if not used:
-            self.store.delete(key)
+        if stored_new:  # under the object's lock: a concurrent upload of the same archive keeps it
+            self._drop_unused(key)
 
     def delete(self, owner: int | None, name_or_id: str) -> Adapter:
         """Delete the owner's own adapter (global ones only with owner None). 404 otherwise."""
@@ -147,12 +160,53 @@ class AdapterRegistry:
             row = conn.execute(select(AD).where(owner_is, self._match(name_or_id))).first()
             if row is None:
                 raise adapter_not_found(name_or_id)
+            lock_object(conn, row.storage_key)
             conn.execute(delete(AD).where(AD.c.id == row.id))
             others = conn.execute(select(func.count()).select_from(AD).where(
                 AD.c.storage_key == row.storage_key)).scalar_one()
             if not others:
                 self.store.delete(row.storage_key)  # raises: the row delete rolls back too
         return _adapter(row)
+
+    def delete_tenant_adapters(self, tenant_id: int) -> list[str]:
+        """Delete every private adapter of `tenant_id` (what deleting the tenant must do first: the
+        rows would cascade, the stored objects would not). Returns the storage keys removed; an
+        object another row still shares (another tenant uploaded the same archive, or a global
+        adapter has it) stays.
+
+        Order: rows first, in one committed transaction; then the objects. Every way to reach an
+        adapter (list, get, resolve, a request's `loras`, a replica's fetch by id) starts from a
+        row, so once the rows are gone nothing is reachable, and a crash or a store failure
+        after the commit leaves at worst an object no row names: garbage, removed by
+        `sweep_orphans` (`genserve adapters gc`). Objects first would leave, on a crash, rows a
+        tenant still lists and uses whose object is gone (503 on every request)."""
+        with write_tx(self.engine) as conn:
+            keys = conn.execute(select(AD.c.storage_key).where(AD.c.tenant_id == tenant_id).distinct()).scalars().all()
+            conn.execute(delete(AD).where(AD.c.tenant_id == tenant_id))
+        return [key for key in sorted(keys) if self._drop_unused(key)]
+
+    def sweep_orphans(self) -> list[str]:
+        """Delete stored adapter objects no row names (left by a crash or a store failure after a
+        delete committed). Returns the keys removed."""
+        return [key for key in self.store.list_keys("adapters") if self._drop_unused(key)]
+
+    def _drop_unused(self, key: str) -> bool:
+        # The check and the delete in one write transaction holding the object's lock: an upload of
+        # the same archive can't commit its row between them.
+        with write_tx(self.engine) as conn:
+            lock_object(conn, key)
+            if conn.execute(select(func.count()).select_from(AD).where(AD.c.storage_key == key)).scalar_one():
+                return False
+            try:
+                self.store.delete(key)
+            except Exception as e:  # noqa: BLE001 - garbage at worst; the sweep retries it
+                logger.warning("adapter object %s not deleted (%s: %s); `genserve adapters gc` removes it later",
+                               key, type(e).__name__, e)
+                return False
+        # The local cache of the archive's files (this process's; a replica's cache is keyed by the
+        # same content id and only read for a row that names it).
+        shutil.rmtree(self.cache_dir / Path(key).stem, ignore_errors=True)
+        return True
 
     # ---- read -------------------------------------------------------------------------------
     @staticmethod
