@@ -84,6 +84,21 @@ def test_img2img_and_inpaint_share_the_loaded_weights(sdxl: DiffusionEngine) -> 
         assert ptrs == {p.data_ptr() for p in base.unet.parameters()}
 
 
+def test_building_the_siblings_keeps_the_replicas_dtype(tiny_models_dir: Path) -> None:
+    """diffusers' from_pipe casts to float32 unless told otherwise, and the weights are shared: the
+    first img2img call once turned an fp16 replica's UNet, VAE and text encoders to float32 (every
+    later request ~4x slower on an H100). No need to run the fp16 pipeline: the dtypes tell."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    base = StableDiffusionXLPipeline.from_pretrained(str(tiny_models_dir / "sdxl-tiny"), torch_dtype=torch.float16)
+    for t in (task(), task(mask=MASK)):
+        sibling = img2img.pipeline_for(base, t)
+        assert sibling.dtype == torch.float16
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert {p.dtype for p in getattr(base, name).parameters()} == {torch.float16}, name
+
+
 @pytest.mark.parametrize("guidance_scale", [5.0, 1.0])  # with and without CFG's doubled batch
 def test_seed_and_init_image_give_same_pixels_alone_and_batched(sdxl: DiffusionEngine, guidance_scale: float) -> None:
     tasks = [task(1, guidance_scale=guidance_scale), task(7, "a dog", init=INIT_B, guidance_scale=guidance_scale),
