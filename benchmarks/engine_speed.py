@@ -139,6 +139,13 @@ def peak_gib(device: str) -> float | None:
 def run_variant(args: argparse.Namespace, spec: dict, ref: list[np.ndarray], eager: dict,
                 result: dict, save) -> None:
     options = OptimizeConfig(**spec)
+    if args.draft and not result.get("draft") and not options.draft.enabled:
+        # The draft rows swap the tier's settings in later; the UNet split they need is installed at
+        # apply time only when a draft tier is configured (an eager variant has no split otherwise,
+        # and its "draft" rows would silently run the full UNet). Default-quality tasks don't use it.
+        first_interval, first_fraction = args.draft[0]
+        options = options.model_copy(update={"draft": DraftConfig(cache_interval=max(first_interval, 2),
+                                                                  steps_fraction=first_fraction)})
     t0 = time.perf_counter()
     engine = make_engine(args, options)
     build_s = time.perf_counter() - t0
