@@ -40,6 +40,7 @@ from deployments.diffusion.types import LoraUse
 logger = logging.getLogger("genserve.diffusion.lora")
 
 _PEFT_PREFIX = "base_model.model."
+_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 _PIPELINE_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
 
 
@@ -170,14 +171,35 @@ class LoraManager:
             sd = read_adapter(self.source.fetch(aid))
         slot = self._free_slot(keep)
         hotswap = self.hotswap and slot in self._used_slots
-        # load_lora_weights consumes (pops) the dict it is given: hand it a shallow copy.
-        self.pipeline.load_lora_weights(dict(sd), adapter_name=slot, hotswap=hotswap)
+        if hotswap:
+            self._hotswap(sd, slot)
+        else:  # load_lora_weights consumes (pops) the dict it is given: hand it a shallow copy.
+            self.pipeline.load_lora_weights(dict(sd), adapter_name=slot)
         self._used_slots.add(slot)
         self._loaded[aid] = slot
         self._active = None
         self.loads += 1
         self.load_s.append(time.perf_counter() - t0)
         logger.info("adapter %s loaded into %s in %.3fs%s", aid, slot, self.load_s[-1], " (hotswap)" if hotswap else "")
+
+    def _hotswap(self, sd: dict[str, torch.Tensor], slot: str) -> None:
+        """Replace a used slot's adapter. diffusers hotswaps only the UNet ("not supported for text
+        encoders"), and only the UNet is compiled; so the slot's old text-encoder layers (the
+        previous adapter's, which would otherwise stay active under the new one) are deleted and
+        the new adapter's text-encoder part, if any, is loaded the ordinary way."""
+        from diffusers.utils.peft_utils import delete_adapter_layers
+
+        for name in _TEXT_ENCODERS:
+            encoder = getattr(self.pipeline, name, None)
+            if encoder is not None and any(slot in getattr(m, "lora_A", ()) for m in encoder.modules()):
+                delete_adapter_layers(encoder, slot)
+        unet = {k: v for k, v in sd.items() if k.startswith("unet.")}
+        if not unet:  # nothing to swap in: the previous adapter's UNet weights would stay active
+            raise ValueError("an adapter without UNet weights can't be hot-swapped into a compiled engine")
+        self.pipeline.load_lora_weights(unet, adapter_name=slot, hotswap=True)
+        text = {k: v for k, v in sd.items() if not k.startswith("unet.")}
+        if text:
+            self.pipeline.load_lora_weights(text, adapter_name=slot)
 
     def _unload(self, aid: str) -> str:
         slot = self._loaded.pop(aid)
