@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from deployments.adapters import DirAdapterSource
 from deployments.diffusion.config import DiffusionModelConfig
@@ -118,3 +119,17 @@ async def test_hotswap_slot_swaps_text_encoder_weights_too(tiny_models_dir: Path
             n = 8 if name == "te" else 0
             assert te_layers(s.loras.pipeline) == {"text_encoder": n, "text_encoder_2": n}
         assert s.loras.loads == len(order) and s.loras.unloads == len(order) - 1  # all in slot0
+
+
+async def test_hotswap_weights_are_tensors_and_still_apply(tiny_models_dir: Path,
+                                                            te_adapters: DirAdapterSource) -> None:
+    """A compiled UNet recompiles for every distinct float in PEFT's `scaling` (measured with
+    benchmarks/lora_compile_hotswap.py); with hotswap the manager keeps them as tensors, and the
+    weights must still mean what they do on an eager replica."""
+    eager, hot = server(tiny_models_dir, te_adapters), hotswap_server(tiny_models_dir, te_adapters)
+    assert hot.loras is not None
+    for loras in ((("plain", 1.0),), (("plain", 0.5),), (("te", 0.3),), (("plain", 0.0),), ()):
+        assert await run(hot, task(8, *loras)) == await run(eager, task(8, *loras)), loras
+        scalings = [v for m in hot.loras.pipeline.unet.modules() for v in getattr(m, "scaling", {}).values()]
+        assert scalings and all(isinstance(v, torch.Tensor) for v in scalings)
+    assert await run(hot, task(8, ("plain", 0.0))) == await run(hot, task(8))

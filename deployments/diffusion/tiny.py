@@ -296,7 +296,7 @@ def tiny_sdxl_te_lora(seed: int, rank: int = 4, pipeline: Any = None) -> tuple[d
     One adapter_config covers all three (same rank; target_modules lists both name sets)."""
     from peft import LoraConfig, get_peft_model_state_dict
 
-    p = pipeline if pipeline is not None else tiny_sdxl_pipeline()
+    p: Any = pipeline if pipeline is not None else tiny_sdxl_pipeline()
     cfg, unet_part = tiny_sdxl_lora(seed, rank, unet=p.unet)
     weights = {"unet." + k.removeprefix("base_model.model."): v for k, v in unet_part.items()}
     for i, prefix in enumerate(("text_encoder", "text_encoder_2"), start=1):
