@@ -19,7 +19,11 @@ Weights: PEFT's `lora_alpha / r` is folded into `lora_B` at load, so diffusers' 
 
 Compiled engine: with `hotswap_target_rank`, `enable_lora_hotswap(target_rank=...)` is called
 before the first load and a slot that held an adapter gets the next one with `hotswap=True`
-(weights replaced in place, no recompile). Not exercised on CPU (compiling is too slow there).
+(UNet weights replaced in place, no recompile; text encoders, which are not compiled and which
+diffusers won't hot-swap, get their part deleted and reloaded). Adapter weights are kept as tensors
+in PEFT's `scaling` so a new weight does not recompile either. What still recompiles (the first
+adapter per slot, the first `disable_lora`) is measured by benchmarks/lora_compile_hotswap.py;
+see docs/lora.md.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from deployments.diffusion.types import LoraUse
 logger = logging.getLogger("genserve.diffusion.lora")
 
 _PEFT_PREFIX = "base_model.model."
+_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 _PIPELINE_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
 
 
@@ -87,6 +92,7 @@ class LoraManager:
         self._loaded: OrderedDict[str, str] = OrderedDict()  # adapter id -> slot name, LRU order
         self._used_slots: set[str] = set()  # slots that ever held an adapter (hotswap targets)
         self._active: tuple[tuple[str, float], ...] | None = None
+        self._scale_tensors: dict[tuple[int, str], torch.Tensor] = {}  # hotswap: (layer, slot) -> its weight
         # Timings for stats and the benchmark (seconds): loading into the pipeline, and switching
         # the active set among loaded adapters.
         self.load_s: deque[float] = deque(maxlen=1000)
@@ -150,9 +156,32 @@ class LoraManager:
         else:
             self.pipeline.enable_lora()
             self.pipeline.set_adapters([self._loaded[aid] for aid, _ in want], [w for _, w in want])
+            if self.hotswap:
+                self._scalings_as_tensors()
         self._active = want
         if not loaded_any:
             self.switch_s.append(time.perf_counter() - t0)
+
+    def _scalings_as_tensors(self) -> None:
+        """`set_adapters` writes each weight into PEFT's per-layer `scaling` as a Python float, which
+        a compiled UNet specializes on: one recompile per distinct weight (measured:
+        benchmarks/lora_compile_hotswap.py). Keep one tensor per layer and slot instead and write the
+        value into it in place, as PEFT's own compiled-hotswap preparation does."""
+        with torch.inference_mode(False), torch.no_grad():
+            for module in self.pipeline.unet.modules():
+                scaling = getattr(module, "scaling", None)
+                if not isinstance(scaling, dict):
+                    continue
+                for slot, value in scaling.items():
+                    if isinstance(value, torch.Tensor):
+                        continue
+                    kept = self._scale_tensors.get((id(module), slot))
+                    if kept is None:
+                        kept = self._scale_tensors[id(module), slot] = torch.tensor(float(value),
+                                                                                     device=module.weight.device)
+                    else:
+                        kept.fill_(float(value))
+                    scaling[slot] = kept
 
     def _free_slot(self, keep: set[str]) -> str:
         taken = set(self._loaded.values())
@@ -170,14 +199,36 @@ class LoraManager:
             sd = read_adapter(self.source.fetch(aid))
         slot = self._free_slot(keep)
         hotswap = self.hotswap and slot in self._used_slots
-        # load_lora_weights consumes (pops) the dict it is given: hand it a shallow copy.
-        self.pipeline.load_lora_weights(dict(sd), adapter_name=slot, hotswap=hotswap)
+        if hotswap:
+            self._hotswap(sd, slot)
+        else:  # load_lora_weights consumes (pops) the dict it is given: hand it a shallow copy.
+            self.pipeline.load_lora_weights(dict(sd), adapter_name=slot)
         self._used_slots.add(slot)
         self._loaded[aid] = slot
         self._active = None
         self.loads += 1
         self.load_s.append(time.perf_counter() - t0)
         logger.info("adapter %s loaded into %s in %.3fs%s", aid, slot, self.load_s[-1], " (hotswap)" if hotswap else "")
+
+    def _hotswap(self, sd: dict[str, torch.Tensor], slot: str) -> None:
+        """Replace a used slot's adapter. diffusers hotswaps only the UNet ("not supported for text
+        encoders"), and only the UNet is compiled; so the slot's old text-encoder layers (the
+        previous adapter's, which would otherwise stay active under the new one) are deleted and
+        the new adapter's text-encoder part, if any, is loaded the ordinary way."""
+        from diffusers.utils.peft_utils import delete_adapter_layers
+
+        delete_layers: Any = delete_adapter_layers  # untyped in diffusers
+        unet = {k: v for k, v in sd.items() if k.startswith("unet.")}
+        if not unet:  # nothing to swap in: the previous adapter's UNet weights would stay active
+            raise ValueError("an adapter without UNet weights can't be hot-swapped into a compiled engine")
+        for name in _TEXT_ENCODERS:
+            encoder = getattr(self.pipeline, name, None)
+            if encoder is not None and any(slot in getattr(m, "lora_A", ()) for m in encoder.modules()):
+                delete_layers(encoder, slot)
+        self.pipeline.load_lora_weights(unet, adapter_name=slot, hotswap=True)
+        text = {k: v for k, v in sd.items() if not k.startswith("unet.")}
+        if text:
+            self.pipeline.load_lora_weights(text, adapter_name=slot)
 
     def _unload(self, aid: str) -> str:
         slot = self._loaded.pop(aid)

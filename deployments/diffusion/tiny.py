@@ -286,6 +286,31 @@ def tiny_sdxl_lora(seed: int, rank: int = 4, unet: Any = None) -> tuple[dict[str
     return cfg, {"base_model.model." + k: v.detach().contiguous().clone() for k, v in state.items()}
 
 
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def tiny_sdxl_te_lora(seed: int, rank: int = 4, pipeline: Any = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A random LoRA on the tiny SDXL UNet *and* both text encoders, as kohya/A1111 SDXL LoRAs
+    often are, in diffusers' pipeline layout (`unet.<module>…`, `text_encoder.<module>…`,
+    `text_encoder_2.<module>…`, what `StableDiffusionXLPipeline.save_lora_weights` writes).
+    One adapter_config covers all three (same rank; target_modules lists both name sets)."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    p: Any = pipeline if pipeline is not None else tiny_sdxl_pipeline()
+    cfg, unet_part = tiny_sdxl_lora(seed, rank, unet=p.unet)
+    weights = {"unet." + k.removeprefix("base_model.model."): v for k, v in unet_part.items()}
+    for i, prefix in enumerate(("text_encoder", "text_encoder_2"), start=1):
+        encoder = getattr(p, prefix)
+        config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=TEXT_ENCODER_TARGETS)
+        torch.manual_seed(seed * 100 + i)
+        encoder.add_adapter(config, adapter_name="tiny")
+        state = get_peft_model_state_dict(encoder, adapter_name="tiny")
+        encoder.delete_adapter("tiny")
+        weights.update({f"{prefix}.{k}": v.detach().contiguous().clone() for k, v in state.items()})
+    cfg["target_modules"] = sorted(set(cfg["target_modules"]) | set(TEXT_ENCODER_TARGETS))
+    return cfg, weights
+
+
 def save_adapter(out_dir: Path, cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> Path:
     from safetensors.torch import save_file
 
