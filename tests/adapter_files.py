@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,4 +33,15 @@ def peft_zip(tensors: dict[str, torch.Tensor] | None = None, *, config: dict[str
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name, data in files.items():
             zf.writestr(folder + name, data)
+    return buf.getvalue()
+
+
+def zip_dir(d: Path) -> bytes:
+    """An adapter directory (e.g. a tiny one from `genserve models build-tiny`) as the upload's zip:
+    its `adapter_*` files under a folder named like it."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for f in sorted(d.iterdir()):
+            if f.name.startswith("adapter_"):
+                zf.write(f, f"{d.name}/{f.name}")
     return buf.getvalue()

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import random
 import time
-from collections.abc import Iterator
 
 import httpx
 import numpy as np
 import pytest
 import small_app
 from PIL import Image
+from sse import events as sse_events
 
 pytestmark = pytest.mark.ray
 
@@ -26,19 +25,6 @@ def _png(b64: str) -> Image.Image:
     image.load()
     assert image.format == "PNG"
     return image
-
-
-def _events(lines: Iterator[str]) -> Iterator[tuple[str, dict]]:
-    """(event name, data) of an SSE body."""
-    name, data = None, []
-    for line in lines:
-        if line.startswith("event:"):
-            name = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].strip())
-        elif not line and data:
-            yield name or "message", json.loads("\n".join(data))
-            name, data = None, []
 
 
 # -- the session app (configs/local.yaml: sdxl-tiny has the tiny preview decoder) ---------------------
@@ -71,7 +57,7 @@ def test_n_images_interleave_with_their_index_and_seed(genserve_url: str, auth: 
     body = {"prompt": "two cats", "n": 2, "size": "48x48", "steps": 6, "seed": 5, "stream": True, "partial_images": 1}
     with httpx.stream("POST", f"{genserve_url}/v1/images/generations", headers=auth, json=body, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        events = list(_events(r.iter_lines()))
+        events = list(sse_events(r.iter_lines()))
     assert all(name == data["type"] for name, data in events), events
     for i in (0, 1):
         mine = [d["type"] for _, d in events if d.get("image_index") == i]
@@ -83,7 +69,7 @@ def test_n_images_interleave_with_their_index_and_seed(genserve_url: str, auth: 
 def test_stream_without_partial_images_sends_only_the_image(genserve_url: str, auth: dict) -> None:
     body = {"prompt": "a fox", "size": "32x32", "steps": 4, "stream": True}
     with httpx.stream("POST", f"{genserve_url}/v1/images/generations", headers=auth, json=body, timeout=60) as r:
-        events = list(_events(r.iter_lines()))
+        events = list(sse_events(r.iter_lines()))
     assert [d["type"] for _, d in events] == ["image_generation.completed"]
 
 
@@ -137,7 +123,7 @@ def test_an_error_after_the_stream_started_is_an_error_event(app: small_app.Smal
     with httpx.stream("POST", f"{app.url}/v1/images/generations", headers=app.auth("alice"), json=body,
                       timeout=60) as r:
         assert r.status_code == 200  # the stream had started: the failure comes as an event
-        events = list(_events(r.iter_lines()))
+        events = list(sse_events(r.iter_lines()))
     assert [name for name, _ in events] == ["error"], events
     err = events[0][1]
     assert err["type"] == "error" and err["error"]["code"] == "invalid_value" and "56" in err["error"]["message"]
@@ -156,7 +142,7 @@ def test_a_disconnecting_client_stops_its_image(app: small_app.SmallApp) -> None
                           timeout=120) as r:
             assert r.status_code == 200
             seen = 0
-            for name, _ in _events(r.iter_lines()) if k else ():  # k = 0: hang up right after the headers
+            for name, _ in sse_events(r.iter_lines()) if k else ():  # k = 0: hang up right after the headers
                 assert name == "image_generation.partial_image", (points, name)
                 seen += 1
                 if seen >= k:

@@ -6,27 +6,17 @@ multiplexed routing to the diffusion replica, isolation between tenants, and the
 from __future__ import annotations
 
 import base64
-import io
 import json
 import time
-import zipfile
 from pathlib import Path
 
 import httpx
 import pytest
+from adapter_files import zip_dir
 from conftest import ADMIN_TOKEN
 
 pytestmark = pytest.mark.ray
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-def zipped(d: Path) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for f in sorted(d.iterdir()):
-            if f.name.startswith("adapter_"):
-                zf.write(f, f"{d.name}/{f.name}")
-    return buf.getvalue()
 
 
 def upload(url: str, headers: dict, name: str, data: bytes, base: str = "sdxl-tiny") -> httpx.Response:
@@ -61,7 +51,7 @@ def loras(genserve_url: str, auth: dict, tiny_models_dir: Path) -> dict[str, str
     """The tiny adapters registered for the local tenant: name -> id."""
     ids = {}
     for name in ("ink", "neon"):
-        r = upload(genserve_url, auth, f"t-{name}", zipped(tiny_models_dir / "sdxl-tiny-loras" / name))
+        r = upload(genserve_url, auth, f"t-{name}", zip_dir(tiny_models_dir / "sdxl-tiny-loras" / name))
         if r.status_code == 409:  # a rerun on the same session's database
             r = httpx.get(f"{genserve_url}/v1/adapters/t-{name}", headers=auth)
         assert r.status_code in (200, 201), r.text

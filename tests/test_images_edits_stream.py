@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import random
 import time
-from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -20,6 +18,7 @@ import pytest
 import small_app
 from PIL import Image
 from sqlalchemy import create_engine, func, select
+from sse import events as sse_events
 
 from serve_app.library.models import Generation
 from serve_app.tenancy.models import BudgetHold, InFlight, InFlightLease, Tenant, UsageEvent
@@ -47,25 +46,12 @@ def _pixels(b64: str) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def _events(lines: Iterator[str]) -> Iterator[tuple[str, dict]]:
-    """(event name, data) of an SSE body."""
-    name, data = None, []
-    for line in lines:
-        if line.startswith("event:"):
-            name = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].strip())
-        elif not line and data:
-            yield name or "message", json.loads("\n".join(data))
-            name, data = None, []
-
-
 def _stream_edit(url: str, auth: dict, fields: dict) -> list[tuple[str, dict]]:
     with httpx.stream("POST", url + "/v1/images/edits", headers=auth, data=fields,
                       files={"image": ("cat.png", SRC, "image/png")}, timeout=120) as r:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
-        return list(_events(r.iter_lines()))
+        return list(sse_events(r.iter_lines()))
 
 
 def _usage(url: str, auth: dict) -> tuple[int, int]:
@@ -126,7 +112,7 @@ def test_a_streamed_image_prompt_draws_from_its_image(genserve_url: str, auth: d
     with httpx.stream("POST", genserve_url + "/v1/images/generations", headers=auth, timeout=120,
                       json={**body, "stream": True, "partial_images": 1}) as r:
         assert r.status_code == 200, r.read()
-        events = [d for _, d in _events(r.iter_lines())]
+        events = [d for _, d in sse_events(r.iter_lines())]
     assert [d["type"] for d in events] == ["image_generation.partial_image", "image_generation.completed"], events
     sync = httpx.post(genserve_url + "/v1/images/generations", headers=auth, json=body, timeout=120)
     assert sync.status_code == 200, sync.text
@@ -216,7 +202,7 @@ def test_clients_hanging_up_mid_edit_leave_nothing_half_written(app: small_app.S
                           files={"image": ("cat.png", SRC, "image/png")}, timeout=120) as r:
             assert r.status_code == 200, why
             seen = 0
-            for name, _ in _events(r.iter_lines()) if k else ():  # k = 0: hang up right after the headers
+            for name, _ in sse_events(r.iter_lines()) if k else ():  # k = 0: hang up right after the headers
                 assert name == "image_edit.partial_image", (why, name)
                 seen += 1
                 if seen >= k:

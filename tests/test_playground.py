@@ -9,13 +9,13 @@ import io
 import json
 import shutil
 import uuid
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import small_app
+from adapter_files import zip_dir
 from conftest import ARTIFACTS
 
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
@@ -228,15 +228,6 @@ def _png(size: tuple[int, int] = (64, 64), color: tuple[int, int, int] = (200, 6
     return buf.getvalue()
 
 
-def _zipped_adapter(d: Path) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for f in sorted(d.iterdir()):
-            if f.name.startswith("adapter_"):
-                zf.write(f, f"{d.name}/{f.name}")
-    return buf.getvalue()
-
-
 def _login(page, url: str, key: str) -> None:
     page.goto(url + "/")
     page.get_by_label("API key").fill(key)
@@ -251,7 +242,7 @@ def test_playground_image_prompt_upload_refusals_and_lora(genserve_url: str, api
     reaches the job. Asserted on the server's job record, not only on the page."""
     expect = playwright_sync.expect
     r = httpx.post(genserve_url + "/v1/adapters", headers=auth, data={"name": "pg-ink", "base_model": "sdxl-tiny"},
-                   files={"file": ("ink.zip", _zipped_adapter(tiny_models_dir / "sdxl-tiny-loras" / "ink"))},
+                   files={"file": ("ink.zip", zip_dir(tiny_models_dir / "sdxl-tiny-loras" / "ink"))},
                    timeout=60)
     if r.status_code == 409:  # a rerun on the same session's database
         r = httpx.get(f"{genserve_url}/v1/adapters/pg-ink", headers=auth)
