@@ -236,14 +236,20 @@ def _login(page, url: str, key: str) -> None:
 
 
 def test_playground_image_prompt_upload_refusals_and_lora(genserve_url: str, api_key: str, auth: dict,
-                                                         tiny_models_dir: Path, browser) -> None:
+                                                         tiny_models_dir: Path, tmp_path: Path, browser) -> None:
     """Drop an image (the file input, as a drop sets it): it is uploaded to /v1/files and starts the
     prompt; the server's 422/413 for a bad or huge file are shown; a LoRA picked with its slider
     reaches the job. Asserted on the server's job record, not only on the page."""
     expect = playwright_sync.expect
+    # Its own copy of the tiny "ink" adapter with another alpha: the registry refuses an archive the
+    # tenant already holds under another name (409), and test_http_lora registers "ink" itself.
+    ink = tmp_path / "ink"
+    shutil.copytree(tiny_models_dir / "sdxl-tiny-loras" / "ink", ink)
+    config = json.loads((ink / "adapter_config.json").read_text())
+    config["lora_alpha"] = 2 * config.get("lora_alpha", config["r"])
+    (ink / "adapter_config.json").write_text(json.dumps(config))
     r = httpx.post(genserve_url + "/v1/adapters", headers=auth, data={"name": "pg-ink", "base_model": "sdxl-tiny"},
-                   files={"file": ("ink.zip", zip_dir(tiny_models_dir / "sdxl-tiny-loras" / "ink"))},
-                   timeout=60)
+                   files={"file": ("ink.zip", zip_dir(ink))}, timeout=60)
     if r.status_code == 409:  # a rerun on the same session's database
         r = httpx.get(f"{genserve_url}/v1/adapters/pg-ink", headers=auth)
     assert r.status_code in (200, 201), r.text
