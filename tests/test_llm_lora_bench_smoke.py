@@ -32,3 +32,9 @@ def test_llm_lora_benchmark_tiny(tmp_path: Path, tiny_models_dir: Path) -> None:
     assert phases["lora"]["cold_requests"] >= result["adapter_loads"]  # concurrent first requests may share a load
     assert result["adapter_load_p95_s"] > 0 and result["ratio_lora_vs_base"] > 0
     assert json.loads(run.stdout.strip().splitlines()[-1])["ratio_lora_vs_plain"] == result["ratio_lora_vs_plain"]
+    # The mixed-batch check (what the CUDA run reports for vLLM): greedy base rows unchanged by adapter
+    # rows beside them, adapter rows changed by their adapter.
+    mixed = result["mixed_batch_check"]
+    assert mixed["base_deterministic"] is True
+    assert mixed["base_rows_equal_in_mixed_batch"] == [True, True]
+    assert mixed["adapter_rows_differ_from_base"] == [True, True]
