@@ -154,10 +154,11 @@ class LoraServingConfig(_Strict):
         "`max_num_models_per_replica` (adapter sets) and the pipeline's adapter slots. Also the most adapters "
         "one image may use.")
     hotswap_target_rank: int | None = Field(
-        None, ge=1, le=1024, description="With a compiled engine: diffusers' `enable_lora_hotswap(target_rank=...)`, "
-        "so loading an adapter into a slot replaces its weights in place instead of recompiling; the largest "
-        "rank any adapter will have. With optimize.compile on and this unset, the model serves no adapters "
-        "(each new adapter would recompile the UNet).")
+        None, ge=1, le=1024, description="With a compiled engine: every slot holds a zero placeholder LoRA of this "
+        "rank from before the warm-up (deployments/diffusion/lora_slots.py), and adapters are written into it in "
+        "place, so no request recompiles; the largest rank an adapter may have (larger ones are refused). With "
+        "optimize.compile on and this unset, the model serves no adapters (each new adapter would recompile "
+        "the UNet). Meant for compiled engines: without compile it only adds the placeholders' work.")
     hotswap_target_modules: list[str] = Field(
         default_factory=lambda: list(DEFAULT_HOTSWAP_TARGETS), min_length=1,
         description="With hotswap_target_rank: the UNet layers any adapter may target, as PEFT `target_modules` "
