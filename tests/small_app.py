@@ -46,8 +46,8 @@ def deploy(name: str, *, base_url: str, work_dir: Path, models_dir: Path, plans:
     overrides fields of the replica's copy only (an ingress and a replica that disagree); `adapters`:
     the replica fetches LoRA adapters from the app's registry, as the full graph wires it."""
     from deployments.diffusion.deployment import DiffusionDeployment
-    from serve_app.config import load_app_config
     from serve_app.adapters.registry import adapter_source
+    from serve_app.config import load_app_config
     from serve_app.ingress import Ingress
     from serve_app.tenancy import Tenancy
 

@@ -104,6 +104,7 @@ class LoraManager:
         self.sets_staged = self.sets_released = 0
         if self.placeholders is not None:  # the state every request will see: all slots on, weight 0
             self._set_slot_weights(())
+            self._active = ()
 
     def _read(self, aid: str) -> dict[str, torch.Tensor]:
         sd = read_adapter(self.source.fetch(aid))
