@@ -41,6 +41,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=os.path.join(os.environ.get("GENSERVE_WORK", ".work"), "models"))
     ap.add_argument("--out", default="")
+    ap.add_argument("--reference", action="store_true",
+                    help="only the reference: the same request on a compiled replica without LoRA (no placeholder "
+                    "layers); its png_sha256 should equal the no-adapter rows' of the main run")
     args = ap.parse_args()
 
     import torch
@@ -66,7 +69,7 @@ def main() -> None:
         size_multiple=8, min_side=32, max_side=128, default_steps=2, max_steps=8,
         optimize={"compile": "default", "buckets": ["32x32"], "warmup_batch_sizes": [1],
                   "cache_dir": str(work / "cache")},
-        lora={"max_adapters_per_replica": 2, "hotswap_target_rank": 8})
+        lora={"enabled": False} if args.reference else {"max_adapters_per_replica": 2, "hotswap_target_rank": 8})
 
     def frames() -> int:
         return int(dyn_utils.counters["frames"]["ok"])
@@ -108,7 +111,8 @@ def main() -> None:
         await request("no adapter after eviction (placeholders back)", ())
         await request("ad_a w=1.0 (into a cleared slot)", (("ad_a", 1.0),))
 
-    asyncio.run(scenario())
+    asyncio.run(request("reference: no adapter, compiled replica without LoRA layers", ()) if args.reference
+                else scenario())
     result = {"torch": torch.__version__, "device": "cpu", "compile": "default", "rows": rows}
     text = json.dumps(result, indent=2)
     print(text)
