@@ -77,7 +77,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     n0 = frames()
     server = DiffusionServer(config, adapters=DirAdapterSource(work))
-    rows.append({"step": "engine load + LoraManager (2 placeholder slots) + warm-up (compile)",
+    rows.append({"step": "engine load + warm-up (compile), no LoRA" if args.reference else
+                 "engine load + LoraManager (2 placeholder slots) + warm-up (compile)",
                  "frames_compiled": frames() - n0})
     held: dict[str, Any] = {}
 
