@@ -40,3 +40,11 @@ def multiplexed_id(adapter_ids: list[str] | tuple[str, ...]) -> str:
 
 def parse_multiplexed_id(model_id: str) -> tuple[str, ...]:
     return tuple(i for i in model_id.split("+") if i)
+
+
+class AdapterIncompatible(ValueError):
+    """An adapter this replica can't serve as configured (e.g. a compiled engine's slots don't
+    cover the layers it targets). A ValueError, so the ingress answers 400, with this `code`."""
+
+    code = "adapter_incompatible"
+    param = "loras"

@@ -40,11 +40,13 @@ class SmallApp:
 
 def deploy(name: str, *, base_url: str, work_dir: Path, models_dir: Path, plans: list[dict],
            tenants: dict[str, str], model: dict | None = None, max_ongoing_requests: int = 32,
-           replica: dict | None = None) -> SmallApp:
+           replica: dict | None = None, adapters: bool = False) -> SmallApp:
     """Deploys app `name` at `{base_url}/{name}`; `tenants` maps tenant name -> plan name; `model`
-    overrides fields of the diffusion model entry (steps, batching, adaptive_quality); `replica`
-    overrides fields of the replica's copy only (an ingress and a replica that disagree)."""
+    overrides fields of the diffusion model entry (steps, batching, adaptive_quality, lora); `replica`
+    overrides fields of the replica's copy only (an ingress and a replica that disagree); `adapters`:
+    the replica fetches LoRA adapters from the app's registry, as the full graph wires it."""
     from deployments.diffusion.deployment import DiffusionDeployment
+    from serve_app.adapters.registry import adapter_source
     from serve_app.config import load_app_config
     from serve_app.ingress import Ingress
     from serve_app.tenancy import Tenancy
@@ -66,7 +68,8 @@ def deploy(name: str, *, base_url: str, work_dir: Path, models_dir: Path, plans:
     m = cfg.diffusion_models[0]
     diffusion = DiffusionDeployment.options(name=m.deployment_name, num_replicas=1, ray_actor_options={"num_cpus": 0.1},
                                   max_ongoing_requests=max_ongoing_requests).bind(
-        m.model_validate({**m.model_dump(), "device": "cpu", **(replica or {})}))
+        m.model_validate({**m.model_dump(), "device": "cpu", **(replica or {})}), None,
+        adapter_source(cfg) if adapters else None)
     app = Ingress.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1}).bind(cfg, {m.name: diffusion}, {})
     serve._run(app, name=name, route_prefix=f"/{name}", _blocking=True)
     return SmallApp(name=name, url=f"{base_url}/{name}", model=m.name, keys=keys)

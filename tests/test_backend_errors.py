@@ -34,3 +34,17 @@ def test_images_and_chat_map_capacity_to_503_with_retry_after() -> None:
     lookalike = map_backend_error(BackPressureError("x"), "sdxl")
     assert lookalike.code == "generation_failed"
     assert not isinstance(to_api_error(BackPressureError("x")), APIError)
+
+
+def test_a_replica_value_error_is_a_400_with_its_own_message_and_code() -> None:
+    from ray.exceptions import RayTaskError
+
+    from deployments.adapters import AdapterIncompatible
+
+    for cause, code, param in ((ValueError("steps must be <= 8"), "invalid_value", None),
+                               (AdapterIncompatible("LoRA adapter x targets ..."), "adapter_incompatible", "loras")):
+        # What the ingress gets from a handle: Ray's wrapper, itself a ValueError, whose text is a traceback.
+        wrapped = RayTaskError("generate", "Traceback (most recent call last): ...", cause).as_instanceof_cause()
+        for exc in (cause, wrapped):
+            err = map_backend_error(exc, "sdxl")
+            assert (err.status, err.code, err.param, err.message) == (400, code, param, str(cause)), exc

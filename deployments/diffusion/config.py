@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.diffusion.buckets import parse
 
@@ -141,6 +141,10 @@ class PreviewsConfig(_Strict):
     max_side: int | None = Field(512, ge=16, le=4096, description="Previews are downscaled to at most this "
                                  "longest side (PNG bytes on the wire and in the job store stay small); None: "
                                  "the full size the tiny VAE decodes.")
+# The attention projections: what diffusers' SDXL LoRA training scripts (and genserve's tiny adapters) target.
+DEFAULT_HOTSWAP_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
 class LoraServingConfig(_Strict):
     """LoRA adapters on this model's replicas (issue 21; docs/lora.md)."""
 
@@ -150,10 +154,29 @@ class LoraServingConfig(_Strict):
         "`max_num_models_per_replica` (adapter sets) and the pipeline's adapter slots. Also the most adapters "
         "one image may use.")
     hotswap_target_rank: int | None = Field(
-        None, ge=1, le=1024, description="With a compiled engine: diffusers' `enable_lora_hotswap(target_rank=...)`, "
-        "so loading an adapter into a slot replaces its weights in place instead of recompiling; the largest "
-        "rank any adapter will have. With optimize.compile on and this unset, the model serves no adapters "
-        "(each new adapter would recompile the UNet).")
+        None, ge=1, le=1024, description="With a compiled engine: every slot holds a zero placeholder LoRA of this "
+        "rank from before the warm-up (deployments/diffusion/lora_slots.py), and adapters are written into it in "
+        "place, so no request recompiles; the largest rank an adapter may have (larger ones are refused). With "
+        "optimize.compile on and this unset, the model serves no adapters (each new adapter would recompile "
+        "the UNet). Meant for compiled engines: without compile it only adds the placeholders' work.")
+    hotswap_target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_HOTSWAP_TARGETS), min_length=1,
+        description="With hotswap_target_rank: the UNet layers any adapter may target, as PEFT `target_modules` "
+        "(a layer matches an entry equal to its name or ending with `.<entry>`). Every slot holds a zero "
+        "placeholder LoRA on these layers from the start, so the warm-up compiles the UNet with them and an "
+        "adapter is written into them in place; an adapter targeting any other UNet layer is refused (400). "
+        "Default: the attention projections, what diffusers' SDXL LoRA training scripts target. Each extra "
+        "layer costs every request a rank-`hotswap_target_rank` LoRA per slot on it.")
+
+    @field_validator("hotswap_target_modules")
+    @classmethod
+    def _check_targets(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if not t or t != t.strip() or t.startswith(".") or t.endswith(".")]
+        if bad:
+            raise ValueError(f"hotswap_target_modules: {bad} are not module names (e.g. 'to_q', 'ff.net.2')")
+        if len(set(v)) != len(v):
+            raise ValueError(f"hotswap_target_modules lists a name twice: {v}")
+        return v
 
 
 class DiffusionModelConfig(_Strict):

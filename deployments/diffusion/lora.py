@@ -17,13 +17,12 @@ multiplexed id): `ImageTask.group_key()` includes the adapter set, so each set g
 Weights: PEFT's `lora_alpha / r` is folded into `lora_B` at load, so diffusers' convention
 (alpha = rank, scale 1) reproduces the adapter exactly and a task's `weight` is the only scale.
 
-Compiled engine: with `hotswap_target_rank`, `enable_lora_hotswap(target_rank=...)` is called
-before the first load and a slot that held an adapter gets the next one with `hotswap=True`
-(UNet weights replaced in place, no recompile; text encoders, which are not compiled and which
-diffusers won't hot-swap, get their part deleted and reloaded). Adapter weights are kept as tensors
-in PEFT's `scaling` so a new weight does not recompile either. What still recompiles (the first
-adapter per slot, the first `disable_lora`) is measured by benchmarks/lora_compile_hotswap.py;
-see docs/lora.md.
+Compiled engine: with `hotswap_target_rank`, the manager is built before the warm-up and fills
+every slot with a zero placeholder LoRA (lora_slots.py); adapters are then written into the slots'
+UNet layers in place, every slot stays active (weight 0 when a group doesn't use it), and the
+weights are tensors, so no request recompiles (benchmarks/lora_compile_hotswap.py measures it).
+Text encoders, which are not compiled, get their part of an adapter loaded and deleted the
+ordinary way. See docs/lora.md.
 """
 
 from __future__ import annotations
@@ -39,6 +38,8 @@ from typing import Any
 import torch
 
 from deployments.adapters import AdapterSource
+from deployments.diffusion.config import DEFAULT_HOTSWAP_TARGETS
+from deployments.diffusion.lora_slots import PlaceholderSlots
 from deployments.diffusion.types import LoraUse
 
 logger = logging.getLogger("genserve.diffusion.lora")
@@ -81,18 +82,19 @@ def read_adapter(path: Path) -> dict[str, torch.Tensor]:
 
 class LoraManager:
     def __init__(self, pipeline: Any, source: AdapterSource, *, slots: int,
-                 hotswap_target_rank: int | None = None) -> None:
+                 hotswap_target_rank: int | None = None, hotswap_target_modules: list[str] | None = None) -> None:
         self.pipeline, self.source, self.slots = pipeline, source, slots
-        self.hotswap = hotswap_target_rank is not None
-        if self.hotswap:
-            pipeline.enable_lora_hotswap(target_rank=hotswap_target_rank, check_compiled="warn")
+        # Compiled engine: zero placeholders in every slot, before the warm-up compiles the UNet.
+        self.placeholders: PlaceholderSlots | None = None
+        if hotswap_target_rank is not None:
+            self.placeholders = PlaceholderSlots(pipeline, [f"slot{i}" for i in range(slots)],
+                                                 rank=hotswap_target_rank,
+                                                 patterns=list(hotswap_target_modules or DEFAULT_HOTSWAP_TARGETS))
         self._lock = threading.Lock()  # guards the bookkeeping below (stage/release vs activate)
         self._staged: dict[str, dict[str, torch.Tensor]] = {}  # CPU copies of held adapters
         self._holds: Counter[str] = Counter()  # adapter id -> cached sets holding it
         self._loaded: OrderedDict[str, str] = OrderedDict()  # adapter id -> slot name, LRU order
-        self._used_slots: set[str] = set()  # slots that ever held an adapter (hotswap targets)
         self._active: tuple[tuple[str, float], ...] | None = None
-        self._scale_tensors: dict[tuple[int, str], torch.Tensor] = {}  # hotswap: (layer, slot) -> its weight
         # Timings for stats and the benchmark (seconds): loading into the pipeline, and switching
         # the active set among loaded adapters.
         self.load_s: deque[float] = deque(maxlen=1000)
@@ -100,19 +102,30 @@ class LoraManager:
         self.loads = self.unloads = 0
         # Adapter sets Serve's multiplexed LRU staged (its cache misses) and released (its evictions).
         self.sets_staged = self.sets_released = 0
+        if self.placeholders is not None:  # the state every request will see: all slots on, weight 0
+            self._set_slot_weights(())
+            self._active = ()
+
+    def _read(self, aid: str) -> dict[str, torch.Tensor]:
+        sd = read_adapter(self.source.fetch(aid))
+        if self.placeholders is not None:
+            self.placeholders.check(aid, sd)  # AdapterIncompatible (400) before it nears the pipeline
+        return sd
 
     # -- from Serve's multiplexed loader (worker thread) ---------------------------------------
 
     def stage(self, adapter_ids: tuple[str, ...]) -> None:
-        with self._lock:
-            self.sets_staged += 1
-        for aid in adapter_ids:
+        fresh: dict[str, dict[str, torch.Tensor]] = {}
+        for aid in adapter_ids:  # read (and check) them all before holding any: a refused set holds nothing
             with self._lock:
                 have = aid in self._staged
-            sd = None if have else read_adapter(self.source.fetch(aid))
-            with self._lock:
-                if sd is not None:
-                    self._staged.setdefault(aid, sd)
+            if not have:
+                fresh[aid] = self._read(aid)
+        with self._lock:
+            self.sets_staged += 1
+            for aid in adapter_ids:
+                if aid in fresh:
+                    self._staged.setdefault(aid, fresh[aid])
                 self._holds[aid] += 1
 
     def release(self, adapter_ids: tuple[str, ...]) -> None:
@@ -150,38 +163,26 @@ class LoraManager:
             self._loaded.move_to_end(aid)
         if want == self._active and not loaded_any:
             return
-        if not want:
+        if self.placeholders is not None:
+            self._set_slot_weights(want)
+        elif not want:
             if self._loaded:
                 self.pipeline.disable_lora()
         else:
             self.pipeline.enable_lora()
             self.pipeline.set_adapters([self._loaded[aid] for aid, _ in want], [w for _, w in want])
-            if self.hotswap:
-                self._scalings_as_tensors()
         self._active = want
         if not loaded_any:
             self.switch_s.append(time.perf_counter() - t0)
 
-    def _scalings_as_tensors(self) -> None:
-        """`set_adapters` writes each weight into PEFT's per-layer `scaling` as a Python float, which
-        a compiled UNet specializes on: one recompile per distinct weight (measured:
-        benchmarks/lora_compile_hotswap.py). Keep one tensor per layer and slot instead and write the
-        value into it in place, as PEFT's own compiled-hotswap preparation does."""
-        with torch.inference_mode(False), torch.no_grad():
-            for module in self.pipeline.unet.modules():
-                scaling = getattr(module, "scaling", None)
-                if not isinstance(scaling, dict):
-                    continue
-                for slot, value in scaling.items():
-                    if isinstance(value, torch.Tensor):
-                        continue
-                    kept = self._scale_tensors.get((id(module), slot))
-                    if kept is None:
-                        kept = self._scale_tensors[id(module), slot] = torch.tensor(float(value),
-                                                                                     device=module.weight.device)
-                    else:
-                        kept.fill_(float(value))
-                    scaling[slot] = kept
+    def _set_slot_weights(self, want: tuple[tuple[str, float], ...]) -> None:
+        """Placeholder slots: every slot active, in a fixed order, weight 0 unless the group uses it
+        (never `disable_lora`/a changing active set: the compiled UNet guards on both)."""
+        assert self.placeholders is not None
+        by_slot = {self._loaded[aid]: w for aid, w in want}
+        slots = self.placeholders.slots
+        self.pipeline.set_adapters(slots, [by_slot.get(slot, 0.0) for slot in slots])
+        self.placeholders.keep_scales_as_tensors()
 
     def _free_slot(self, keep: set[str]) -> str:
         taken = set(self._loaded.values())
@@ -196,14 +197,13 @@ class LoraManager:
         with self._lock:
             sd = self._staged.get(aid)
         if sd is None:  # its set was evicted before this group ran: a cold fetch now
-            sd = read_adapter(self.source.fetch(aid))
+            sd = self._read(aid)
         slot = self._free_slot(keep)
-        hotswap = self.hotswap and slot in self._used_slots
+        hotswap = self.placeholders is not None
         if hotswap:
             self._hotswap(sd, slot)
         else:  # load_lora_weights consumes (pops) the dict it is given: hand it a shallow copy.
             self.pipeline.load_lora_weights(dict(sd), adapter_name=slot)
-        self._used_slots.add(slot)
         self._loaded[aid] = slot
         self._active = None
         self.loads += 1
@@ -211,28 +211,31 @@ class LoraManager:
         logger.info("adapter %s loaded into %s in %.3fs%s", aid, slot, self.load_s[-1], " (hotswap)" if hotswap else "")
 
     def _hotswap(self, sd: dict[str, torch.Tensor], slot: str) -> None:
-        """Replace a used slot's adapter. diffusers hotswaps only the UNet ("not supported for text
-        encoders"), and only the UNet is compiled; so the slot's old text-encoder layers (the
-        previous adapter's, which would otherwise stay active under the new one) are deleted and
-        the new adapter's text-encoder part, if any, is loaded the ordinary way."""
-        from diffusers.utils.peft_utils import delete_adapter_layers
-
-        delete_layers: Any = delete_adapter_layers  # untyped in diffusers
-        unet = {k: v for k, v in sd.items() if k.startswith("unet.")}
-        if not unet:  # nothing to swap in: the previous adapter's UNet weights would stay active
-            raise ValueError("an adapter without UNet weights can't be hot-swapped into a compiled engine")
-        for name in _TEXT_ENCODERS:
-            encoder = getattr(self.pipeline, name, None)
-            if encoder is not None and any(slot in getattr(m, "lora_A", ()) for m in encoder.modules()):
-                delete_layers(encoder, slot)
-        self.pipeline.load_lora_weights(unet, adapter_name=slot, hotswap=True)
+        """Write an adapter into a placeholder slot: its UNet part in place (lora_slots.py, no new
+        layers: nothing to recompile); its text-encoder part, if any, loaded the ordinary way (the
+        text encoders are not compiled, and diffusers won't hot-swap them)."""
+        assert self.placeholders is not None
+        self._drop_text_encoder_part(slot)  # the slot's previous adapter's, if it wasn't unloaded
+        self.placeholders.fill(slot, sd)
         text = {k: v for k, v in sd.items() if not k.startswith("unet.")}
         if text:
             self.pipeline.load_lora_weights(text, adapter_name=slot)
 
+    def _drop_text_encoder_part(self, slot: str) -> None:
+        from diffusers.utils.peft_utils import delete_adapter_layers
+
+        delete_layers: Any = delete_adapter_layers  # untyped in diffusers
+        for name in _TEXT_ENCODERS:
+            encoder = getattr(self.pipeline, name, None)
+            if encoder is not None and any(slot in getattr(m, "lora_A", ()) for m in encoder.modules()):
+                delete_layers(encoder, slot)
+
     def _unload(self, aid: str) -> str:
         slot = self._loaded.pop(aid)
-        if not self.hotswap:  # with hotswap the slot keeps its layers; the next load replaces the weights
+        if self.placeholders is not None:  # the slot keeps its UNet layers, back to the zero placeholder
+            self.placeholders.clear(slot)
+            self._drop_text_encoder_part(slot)
+        else:
             self.pipeline.delete_adapters(slot)
         self._active = None
         self.unloads += 1

@@ -52,18 +52,23 @@ class DiffusionServer:
         self.device, self.placement, self.gpu_share = place_replica(config.device)
         device.set_cpu_threads(self.device)
         t0 = time.monotonic()
+        warm = engine is None
         if engine is None:
             engine = DiffusionEngine.from_config(config, self.device)
-            warm_up(engine, config)  # compile the size buckets now: no request pays a compile
         self.engine = engine
         self.loras: LoraManager | None = None
         self.lora_set_requests = 0  # requests that named an adapter set (the multiplexed hit-rate denominator)
         if adapters is not None and config.serves_loras:
             from deployments.diffusion.lora import LoraManager
 
+            # Before the warm-up: on a compiled engine the manager puts placeholder LoRA layers into
+            # the UNet (lora_slots.py), and the warm-up must compile the UNet with them.
             self.loras = LoraManager(engine.pipeline, adapters, slots=config.lora.max_adapters_per_replica,
-                                     hotswap_target_rank=config.lora.hotswap_target_rank)
+                                     hotswap_target_rank=config.lora.hotswap_target_rank,
+                                     hotswap_target_modules=config.lora.hotswap_target_modules)
             engine.adapters = self.loras
+        if warm:
+            warm_up(engine, config)  # compile the size buckets now: no request pays a compile
         self.load_s = time.monotonic() - t0
         logger.info("model %s (%s) loaded on %s in %.1fs", self.name, config.model, self.device, self.load_s)
         self.progress = TaskProgress(self.name)

@@ -311,11 +311,15 @@ def map_backend_error(exc: Exception, model: str) -> APIError:
     if is_backend_at_capacity(exc):
         return unavailable(f"Model {model!r} is at capacity; retry later.", retry_after_s=2,
                            code="at_capacity")
-    if isinstance(exc, ValueError):
-        return bad_request(str(exc))
+    # A replica's ValueError arrives as Ray's RayTaskError, itself a ValueError whose text is the
+    # traceback: answer with the original's message (and its `code`/`param` when it has them,
+    # e.g. deployments.adapters.AdapterIncompatible).
     cause = getattr(exc, "cause", None)
-    if isinstance(cause, ValueError):
-        return bad_request(str(cause))
+    refused = cause if isinstance(cause, ValueError) else exc if isinstance(exc, ValueError) else None
+    if refused is not None:
+        code, param = getattr(refused, "code", None), getattr(refused, "param", None)
+        return bad_request(str(refused), param=param if isinstance(param, str) else None,
+                           code=code if isinstance(code, str) else "invalid_value")
     return unavailable(f"Model {model!r} failed to generate ({type(exc).__name__}); retry later.", retry_after_s=2,
                        code="generation_failed")
 
