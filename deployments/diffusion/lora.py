@@ -39,6 +39,7 @@ import torch
 
 from deployments.adapters import AdapterSource
 from deployments.diffusion.config import DEFAULT_HOTSWAP_TARGETS
+from deployments.diffusion.lora_fused import compose, fused_groups
 from deployments.diffusion.lora_slots import PlaceholderSlots
 from deployments.diffusion.types import LoraUse
 
@@ -90,6 +91,11 @@ class LoraManager:
             self.placeholders = PlaceholderSlots(pipeline, [f"slot{i}" for i in range(slots)],
                                                  rank=hotswap_target_rank,
                                                  patterns=list(hotswap_target_modules or DEFAULT_HOTSWAP_TARGETS))
+        # optimize.fuse_qkv without placeholders: the attention calls the fused to_qkv/to_kv, so each
+        # adapter's q/k/v parts are composed onto them when it is read (lora_fused.py). Composing
+        # rather than unfusing keeps fuse_qkv's speed for every request, and the math is the same
+        # code the placeholder slots use; it is exact (tests/test_diffusion_lora_fused.py).
+        self.fused = fused_groups(pipeline.unet) if self.placeholders is None else {}
         self._lock = threading.Lock()  # guards the bookkeeping below (stage/release vs activate)
         self._staged: dict[str, dict[str, torch.Tensor]] = {}  # CPU copies of held adapters
         self._holds: Counter[str] = Counter()  # adapter id -> cached sets holding it
@@ -110,6 +116,8 @@ class LoraManager:
         sd = read_adapter(self.source.fetch(aid))
         if self.placeholders is not None:
             self.placeholders.check(aid, sd)  # AdapterIncompatible (400) before it nears the pipeline
+        elif self.fused:
+            sd = compose(aid, sd, self.fused)
         return sd
 
     # -- from Serve's multiplexed loader (worker thread) ---------------------------------------

@@ -11,7 +11,9 @@ request changes anything Dynamo guards on:
   (x * 0 = 0 for finite x): a request without adapters gets the base pixels (tested);
 - the weights are one scale tensor per layer and slot, written in place (`keep_scales_as_tensors`);
 - an adapter is copied into its slot's lora_A/lora_B in place (`fill`), zero-padded to the slot's
-  rank and zero on layers it doesn't target; evicting it zeroes the slot again (`clear`).
+  rank and zero on layers it doesn't target; evicting it zeroes the slot again (`clear`);
+- with `optimize.fuse_qkv`, the fused `to_qkv`/`to_kv` also hold a placeholder (rank `rank` per
+  fused part), into which `fill` writes the adapter's q/k/v parts composed (lora_fused.py).
 An adapter the placeholder can't hold (a UNet layer outside the target modules, a larger rank,
 DoRA or LoRA-bias tensors, no UNet weights at all) is refused with `AdapterIncompatible` (400) when
 it is staged, before it touches the pipeline. The text encoders are not compiled: their part of an
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 
 from deployments.adapters import AdapterIncompatible
+from deployments.diffusion.lora_fused import compose, fused_groups
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -61,18 +64,26 @@ class PlaceholderSlots:
     def __init__(self, pipeline: Any, slots: list[str], *, rank: int, patterns: list[str]) -> None:
         self.pipeline, self.slots, self.rank, self.patterns = pipeline, slots, rank, patterns
         unet = pipeline.unet
-        self.shapes = target_layers(unet, patterns, rank)
+        self.shapes = target_layers(unet, patterns, rank)  # what an adapter may target (`check`)
+        # optimize.fuse_qkv: the attention calls the fused to_qkv/to_kv, so a fused layer with a
+        # target among its parts holds a placeholder too, a rank-`rank` block per part (lora_fused.py).
+        self.fused = {f: parts for f, parts in fused_groups(unet).items() if any(p in self.shapes for p, _ in parts)}
+        if clash := sorted(set(self.fused) & set(self.shapes)):
+            raise ValueError(f"lora.hotswap_target_modules matches the fused projection {clash[0]!r} "
+                             "(optimize.fuse_qkv): list to_q/to_k/to_v instead, which are composed onto it")
+        layers = {**self.shapes, **{f: _lora_shapes(unet.get_submodule(f), rank * len(parts))
+                                    for f, parts in self.fused.items()}}
         param = next(unet.parameters())
         for slot in slots:
             # Fresh zeros per slot: PEFT may adopt the given tensors as the parameters (assign=True),
             # and `fill` writes into them in place.
             zero = {f"unet.{name}.lora_{ab}.weight": torch.zeros(shape, dtype=param.dtype, device=param.device)
-                    for name, (a, b) in self.shapes.items() for ab, shape in (("A", a), ("B", b))}
+                    for name, (a, b) in layers.items() for ab, shape in (("A", a), ("B", b))}
             pipeline.load_lora_weights(zero, adapter_name=slot)
         # slot -> layer -> (lora_A weight, lora_B weight): the tensors `fill` and `clear` write.
         self._params: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {
             slot: {name: (unet.get_submodule(name).lora_A[slot].weight, unet.get_submodule(name).lora_B[slot].weight)
-                   for name in self.shapes} for slot in slots}
+                   for name in layers} for slot in slots}
         self._scales: dict[tuple[int, str], torch.Tensor] = {}  # (layer, slot) -> its weight
 
     def check(self, aid: str, sd: dict[str, torch.Tensor]) -> None:
@@ -113,6 +124,7 @@ class PlaceholderSlots:
     def fill(self, slot: str, sd: dict[str, torch.Tensor]) -> None:
         """Write a `check`ed adapter's UNet part into `slot` in place (alpha/r is already folded
         into lora_B by read_adapter, and the slot's alpha equals its rank: scale 1 x weight)."""
+        sd = compose("", sd, self.fused, block_rank=self.rank)  # no-op without fused layers
         for layer, (a, b) in self._params[slot].items():
             a.data.zero_()
             b.data.zero_()

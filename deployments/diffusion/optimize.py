@@ -114,7 +114,9 @@ def apply(pipeline: Any, family: str, options: OptimizeConfig) -> Any:
     if options.compiled:
         log.info("compile cache: %s", configure_compile_cache(options))
     if options.fuse_qkv and hasattr(pipeline, "fuse_qkv_projections"):
-        pipeline.fuse_qkv_projections()  # one GEMM for q, k, v in self-attention
+        # One GEMM for q, k, v in self-attention (k, v in cross-attention). Before any LoRA layer
+        # exists: LoraManager, created after this, composes adapters onto the fused layers (lora_fused.py).
+        pipeline.fuse_qkv_projections()
     if options.fp8:
         n = sum(_fp8(getattr(owner, attr)) for owner, attr in _denoisers(pipeline, family))
         log.info("fp8: %d linear layers", n)
