@@ -28,6 +28,7 @@ from deployments.diffusion.config import DiffusionModelConfig, IPAdapterConfig, 
 from deployments.diffusion.hooks import LiveRows, StopDenoising, circular_padding, generators, per_task_calls
 from deployments.diffusion.loading import FAMILIES, load_pipeline
 from deployments.diffusion.lora import LoraManager
+from deployments.diffusion.lora_rows import split_by_slots
 from deployments.diffusion.optimize import apply as apply_optimizations
 from deployments.diffusion.previews import OnPreview, PreviewDecoder
 from deployments.diffusion.rules import SizeRules, check_task
@@ -39,6 +40,7 @@ ShouldCancel = Callable[[str], bool]
 # its group; the deployment measures its own, tests read these).
 COMPUTE_S = "genserve_compute_s"
 BATCH_SIZE = "genserve_batch_size"
+_MIXED = "mixed-loras"  # ends the group key of tasks whose adapter sets may share a call
 
 
 class GenerationCancelled(Exception):
@@ -224,7 +226,7 @@ class DiffusionEngine:
     ) -> list[Image.Image | Exception]:
         """Denoise and decode: one image or exception per task, in input order.
 
-        Tasks with equal `group_key()` share one pipeline call. An invalid task gets its
+        Tasks with equal `self.group_key()` share one pipeline call. An invalid task gets its
         ValueError without running; a failing group gets its exception without affecting other
         groups. Each image's `info` carries the group's compute seconds and batch size.
         `on_step(task_id, step, total)` is called for every live task after each step.
@@ -243,13 +245,26 @@ class DiffusionEngine:
             except ValueError as exc:
                 results[i] = exc
                 continue
-            groups.setdefault(task.group_key(), []).append(i)
-        for indices in groups.values():
-            group = [tasks[i] for i in indices]
-            for i, out in zip(indices, self._run_group(group, on_step, should_cancel, on_preview), strict=True):
-                results[i] = out
+            groups.setdefault(self.group_key(task), []).append(i)
+        for key, members in groups.items():
+            # Mixed-adapter groups: sub-batches whose adapters fit the replica's slots at once.
+            parts = [members] if key[-1] != _MIXED else [
+                [members[j] for j in part] for part in
+                split_by_slots([tasks[i].loras for i in members], self.adapters.slots)]  # type: ignore[union-attr]
+            for indices in parts:
+                group = [tasks[i] for i in indices]
+                for i, out in zip(indices, self._run_group(group, on_step, should_cancel, on_preview), strict=True):
+                    results[i] = out
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
+
+    def group_key(self, task: ImageTask) -> tuple[Any, ...]:
+        """Tasks with equal keys share one pipeline call (split further only by the slots a mixed
+        group's adapters need). With placeholder LoRA slots, the adapter set is not part of it for
+        tasks whose adapters can mix (per-row weights: lora_rows.py)."""
+        if self.adapters is not None and self.family == "sdxl" and self.adapters.mixes(task.loras):
+            return (*task.group_key(with_loras=False), _MIXED)
+        return task.group_key()
 
     def _run_group(
         self, tasks: list[ImageTask], on_step: OnStep | None, should_cancel: ShouldCancel | None,
@@ -280,7 +295,10 @@ class DiffusionEngine:
             started = time.perf_counter()
             try:
                 with self._lock, torch.inference_mode(), ExitStack() as stack:
-                    if self.adapters is not None:  # the group's adapter set (one per group: group_key)
+                    lora_rows = None
+                    if self.adapters is not None and self.adapters.placeholders is not None:
+                        lora_rows = self.adapters.activate_rows([t.loras for t in tasks])  # per-task weights
+                    elif self.adapters is not None:  # the group's adapter set (one per group: group_key)
                         self.adapters.activate(tasks[0].loras)
                     stack.enter_context(
                         circular_padding(self._family.tiling_modules(self.pipeline), tasks[0].tile)
@@ -290,7 +308,7 @@ class DiffusionEngine:
                     if self.batch_invariant:
                         for module, method in self._family.heavy_calls(self.pipeline):
                             stack.enter_context(per_task_calls(module, method, rows.__len__))
-                    finished = self._run_family(tasks, step_done, rows)
+                    finished = self._run_family(tasks, step_done, rows, lora_rows)
                     images = dict(zip(rows.live, finished, strict=True))
             except StopDenoising:
                 images = {}
@@ -314,14 +332,16 @@ class DiffusionEngine:
         return out
 
     def _run_family(
-        self, tasks: list[ImageTask], step_done: Callable[[int], bool], rows: LiveRows
+        self, tasks: list[ImageTask], step_done: Callable[[int], bool], rows: LiveRows,
+        lora_rows: torch.Tensor | None = None,
     ) -> list[Image.Image]:
         """One pipeline call for a group: the images of the tasks in `rows.live` at the end, in
-        that order; `step_done(step)` returns True to stop denoising."""
+        that order; `step_done(step)` returns True to stop denoising. `lora_rows`: the tasks' LoRA
+        slot weights [tasks, slots] (placeholder slots)."""
         gens = generators(tasks)
         if self.family == "sdxl":
             if self.references is None:
-                return sdxl.run(self.pipeline, tasks, step_done, gens, rows)
+                return sdxl.run(self.pipeline, tasks, step_done, gens, rows, lora_rows=lora_rows)
             with self.references.active(tasks, sdxl.uses_cfg(self.pipeline, tasks[0])) as extra:
-                return sdxl.run(self.pipeline, tasks, step_done, gens, rows, extra)
+                return sdxl.run(self.pipeline, tasks, step_done, gens, rows, extra, lora_rows=lora_rows)
         return wuerstchen.run(self.pipeline, tasks, step_done, gens, decoder_steps=self.decoder_steps)

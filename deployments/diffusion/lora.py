@@ -12,7 +12,9 @@ Who calls what, and on which thread:
   PEFT is exactly the base layer's forward (pixel-identical to a replica that never loaded one).
 
 A batch may mix adapter sets (the replica's own batcher, unlike `@serve.batch`, does not split by
-multiplexed id): `ImageTask.group_key()` includes the adapter set, so each set gets its own call.
+multiplexed id). Ordinary manager: `ImageTask.group_key()` includes the adapter set, so each set gets
+its own call. Placeholder slots: tasks whose adapters are UNet-only share one call whatever their
+sets (`mixes`, `activate_rows`: per-row weights, lora_rows.py), as long as the union fits the slots.
 
 Weights: PEFT's `lora_alpha / r` is folded into `lora_B` at load, so diffusers' convention
 (alpha = rank, scale 1) reproduces the adapter exactly and a task's `weight` is the only scale.
@@ -40,6 +42,7 @@ import torch
 from deployments.adapters import AdapterSource
 from deployments.diffusion.config import DEFAULT_HOTSWAP_TARGETS
 from deployments.diffusion.lora_fused import compose, fused_groups
+from deployments.diffusion.lora_rows import RowScales
 from deployments.diffusion.lora_slots import PlaceholderSlots
 from deployments.diffusion.types import LoraUse
 
@@ -91,6 +94,9 @@ class LoraManager:
             self.placeholders = PlaceholderSlots(pipeline, [f"slot{i}" for i in range(slots)],
                                                  rank=hotswap_target_rank,
                                                  patterns=list(hotswap_target_modules or DEFAULT_HOTSWAP_TARGETS))
+        # Per-row slot weights (mixed-adapter batches); every slot at weight 0 until a group says otherwise.
+        self.rows = RowScales(pipeline.unet, self.placeholders.slots, self.placeholders.layers) \
+            if self.placeholders is not None else None
         # optimize.fuse_qkv without placeholders: the attention calls the fused to_qkv/to_kv, so each
         # adapter's q/k/v parts are composed onto them when it is read (lora_fused.py). Composing
         # rather than unfusing keeps fuse_qkv's speed for every request, and the math is the same
@@ -101,6 +107,7 @@ class LoraManager:
         self._holds: Counter[str] = Counter()  # adapter id -> cached sets holding it
         self._loaded: OrderedDict[str, str] = OrderedDict()  # adapter id -> slot name, LRU order
         self._active: tuple[tuple[str, float], ...] | None = None
+        self._unet_only: dict[str, bool] = {}  # adapter id -> it has no text-encoder weights (`mixes`)
         # Timings for stats and the benchmark (seconds): loading into the pipeline, and switching
         # the active set among loaded adapters.
         self.load_s: deque[float] = deque(maxlen=1000)
@@ -116,6 +123,7 @@ class LoraManager:
         sd = read_adapter(self.source.fetch(aid))
         if self.placeholders is not None:
             self.placeholders.check(aid, sd)  # AdapterIncompatible (400) before it nears the pipeline
+            self._unet_only[aid] = all(k.startswith("unet.") for k in sd)
         elif self.fused:
             sd = compose(aid, sd, self.fused)
         return sd
@@ -155,25 +163,64 @@ class LoraManager:
             raise ValueError(f"loras has {len(ids)} adapters, more than this model's lora.max_adapters_per_replica "
                              f"({self.slots})")
 
-    def activate(self, loras: tuple[LoraUse, ...]) -> None:
-        want = tuple((u.adapter_id, float(u.weight)) for u in loras)
-        needed = {aid for aid, _ in want}
-        t0 = time.perf_counter()
+    def mixes(self, loras: tuple[LoraUse, ...]) -> bool:
+        """Whether a task with `loras` may share a pipeline call with other adapter sets: placeholder
+        slots (per-row weights) and UNet-only adapters (the text encoders are not per row). An
+        adapter not read yet counts as not UNet-only: it just runs in its own set's group."""
+        return self.placeholders is not None and all(self._unet_only.get(u.adapter_id, False) for u in loras)
+
+    def _ensure(self, ids: list[str]) -> bool:
+        """Load the adapters `ids` (all fit the slots at once), after freeing released ones; True
+        if any was loaded."""
+        needed = set(ids)
         with self._lock:
             released = [aid for aid in self._loaded if aid not in self._holds and aid not in needed]
         for aid in released:  # Serve evicted their sets: free the slots (and the memory)
             self._unload(aid)
         loaded_any = False
-        for aid, _ in want:
+        for aid in ids:
             if aid not in self._loaded:
                 self._load(aid, keep=needed)
                 loaded_any = True
             self._loaded.move_to_end(aid)
+        return loaded_any
+
+    def activate_rows(self, sets: list[tuple[LoraUse, ...]]) -> torch.Tensor:
+        """Placeholder slots: load every adapter of a group's tasks (one set per task; their union
+        must fit the slots) and return the tasks' slot weights [tasks, slots], for lora_rows."""
+        assert self.placeholders is not None and self.rows is not None
+        ids = list(dict.fromkeys(u.adapter_id for loras in sets for u in loras))
+        if len(ids) > self.slots:
+            raise ValueError(f"a group needs {len(ids)} adapters, more than lora.max_adapters_per_replica ({self.slots})")
+        t0 = time.perf_counter()
+        loaded_any = self._ensure(ids)
+        column = {slot: i for i, slot in enumerate(self.placeholders.slots)}
+        weights = torch.zeros(len(sets), len(column))
+        for row, loras in enumerate(sets):
+            for u in loras:
+                weights[row, column[self._loaded[u.adapter_id]]] = float(u.weight)
+        # The text encoders run per prompt, not per row: they get the set's weights when the whole
+        # group shares one set (which `mixes` ensures for adapters with text-encoder weights).
+        same = all(loras == sets[0] for loras in sets)
+        text = tuple((u.adapter_id, float(u.weight)) for u in sets[0]) if same else ()
+        if text != self._active or loaded_any:
+            self._set_slot_weights(text)
+            self._active = text
+        if not loaded_any:
+            self.switch_s.append(time.perf_counter() - t0)
+        return weights
+
+    def activate(self, loras: tuple[LoraUse, ...]) -> None:
+        if self.placeholders is not None:  # every row this set (a UNet call without per-row weights)
+            assert self.rows is not None
+            self.rows.uniform(self.activate_rows([loras])[0])
+            return
+        want = tuple((u.adapter_id, float(u.weight)) for u in loras)
+        t0 = time.perf_counter()
+        loaded_any = self._ensure([aid for aid, _ in want])
         if want == self._active and not loaded_any:
             return
-        if self.placeholders is not None:
-            self._set_slot_weights(want)
-        elif not want:
+        if not want:
             if self._loaded:
                 self.pipeline.disable_lora()
         else:
@@ -185,7 +232,8 @@ class LoraManager:
 
     def _set_slot_weights(self, want: tuple[tuple[str, float], ...]) -> None:
         """Placeholder slots: every slot active, in a fixed order, weight 0 unless the group uses it
-        (never `disable_lora`/a changing active set: the compiled UNet guards on both)."""
+        (never `disable_lora`/a changing active set: the compiled UNet guards on both). The text
+        encoders keep these weights; the UNet's scales stay 1.0 (its weights are per row: lora_rows)."""
         assert self.placeholders is not None
         by_slot = {self._loaded[aid]: w for aid, w in want}
         slots = self.placeholders.slots

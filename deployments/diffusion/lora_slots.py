@@ -9,7 +9,8 @@ request changes anything Dynamo guards on:
 - every slot stays active (PEFT's active-adapter list, and the `requires_grad` that `set_adapter`
   toggles, never change); a slot a request doesn't use runs at weight 0, which adds exact zeros
   (x * 0 = 0 for finite x): a request without adapters gets the base pixels (tested);
-- the weights are one scale tensor per layer and slot, written in place (`keep_scales_as_tensors`);
+- PEFT's per-layer scale is one tensor per layer and slot, kept at 1.0 (`keep_scales_as_tensors`);
+  the weights are applied per UNet row by lora_rows.py (mixed-adapter batches), also in place;
 - an adapter is copied into its slot's lora_A/lora_B in place (`fill`), zero-padded to the slot's
   rank and zero on layers it doesn't target; evicting it zeroes the slot again (`clear`);
 - with `optimize.fuse_qkv`, the fused `to_qkv`/`to_kv` also hold a placeholder (rank `rank` per
@@ -81,6 +82,7 @@ class PlaceholderSlots:
                     for name, (a, b) in layers.items() for ab, shape in (("A", a), ("B", b))}
             pipeline.load_lora_weights(zero, adapter_name=slot)
         # slot -> layer -> (lora_A weight, lora_B weight): the tensors `fill` and `clear` write.
+        self.layers = list(layers)  # every UNet layer holding a placeholder (lora_rows hooks them)
         self._params: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {
             slot: {name: (unet.get_submodule(name).lora_A[slot].weight, unet.get_submodule(name).lora_B[slot].weight)
                    for name in layers} for slot in slots}
@@ -143,16 +145,15 @@ class PlaceholderSlots:
         """`set_adapters` writes each weight into PEFT's per-layer `scaling` as a Python float, which
         a compiled UNet specializes on (one recompile per distinct weight: measured by
         benchmarks/lora_compile_hotswap.py). Keep one tensor per layer and slot instead, the same
-        object every time, and write the value into it in place."""
+        object every time, at 1.0: the slot's weight is applied per row (lora_rows.RowScales), so
+        rows of one call may weigh it differently, and `B(A x) * w * 1.0` is still exactly `* w`."""
         with torch.inference_mode(False), torch.no_grad():
             for module in self.pipeline.unet.modules():
                 scaling = getattr(module, "scaling", None)
                 if not isinstance(scaling, dict):
                     continue
-                for slot, value in scaling.items():
+                for slot in list(scaling):
                     kept = self._scales.get((id(module), slot))
                     if kept is None:
-                        kept = self._scales[id(module), slot] = torch.tensor(float(value), device=module.weight.device)
-                    elif kept is not value:
-                        kept.fill_(float(value))
+                        kept = self._scales[id(module), slot] = torch.tensor(1.0, device=module.weight.device)
                     scaling[slot] = kept

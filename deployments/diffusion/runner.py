@@ -55,8 +55,9 @@ class BatchRunner:
         compute_s = time.monotonic() - started
         self.batches_run += 1
         groups: dict[tuple, int] = {}
-        for t in tasks:  # the engine runs one pipeline call per group key
-            groups[t.group_key()] = groups.get(t.group_key(), 0) + 1
+        key = getattr(self.engine, "group_key", ImageTask.group_key)
+        for t in tasks:  # the engine runs one pipeline call per group key (mixed-LoRA groups may split)
+            groups[key(t)] = groups.get(key(t), 0) + 1
         metrics.record_batch(self.model, groups.values(), [max(0.0, started - enq) for _, enq in items])
         return [Denoised(img, len(tasks), compute_s, max(0.0, started - enq)) for img, (_, enq) in
                 zip(images, items, strict=True)]

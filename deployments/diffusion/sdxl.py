@@ -17,6 +17,7 @@ from PIL import Image
 from deployments.diffusion import img2img, optimize, unet_split
 from deployments.diffusion.buckets import snap
 from deployments.diffusion.hooks import LiveRows, StopDenoising, take_rows, weighted_sum
+from deployments.diffusion.lora_rows import pipeline_rows as lora_rows_kwargs
 from deployments.diffusion.types import ImageTask
 
 # The loop's per-row tensors the step callback may replace (diffusers' `_callback_tensor_inputs`).
@@ -69,6 +70,7 @@ def run(
     generators: list[torch.Generator],
     rows: LiveRows | None = None,
     extra: dict[str, Any] | None = None,
+    lora_rows: torch.Tensor | None = None,
 ) -> list[Image.Image]:
     """Images for the tasks still live at the end (`rows.live`, all of `tasks` without `rows`),
     in that order; raises `StopDenoising` when `step_done(step)` asks to stop.
@@ -79,7 +81,9 @@ def run(
     exactly as they would have (the seed rule) and the cancelled one costs nothing more.
 
     Tasks with an init image run the img2img or inpaint pipeline sharing `p`'s components
-    (img2img.py); `extra` adds pipeline arguments (the IP-Adapter's image embeddings)."""
+    (img2img.py); `extra` adds pipeline arguments (the IP-Adapter's image embeddings).
+    `lora_rows`: each task's LoRA slot weights [tasks, slots] (placeholder slots: lora_rows.py),
+    passed to the UNet as rows and shrunk with the batch."""
     first = tasks[0]
     cfg = uses_cfg(p, first)
     cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -115,6 +119,9 @@ def run(
         kwargs["negative_prompt_embeds"] = torch.cat([e for e, _ in neg])
         kwargs["negative_pooled_prompt_embeds"] = torch.cat([pl for _, pl in neg])
 
+    if lora_rows is not None:
+        kwargs["cross_attention_kwargs"] = lora_rows_kwargs(lora_rows, cfg, kwargs["prompt_embeds"])
+
     # An LCM-style `timestep_cond` has batch rows the callback can't replace: keep the rows then
     # (and for inpainting: see img2img.can_drop_rows).
     shrinkable = rows is not None and p.unet.config.time_cond_proj_dim is None and img2img.can_drop_rows(first)
@@ -134,6 +141,9 @@ def run(
                 unet_split.invalidate(pipe.unet)
                 # The pipeline's step kwargs hold this same list: shrink it in place.
                 generators[:] = [generators[k] for k in keep]
+                if lora_rows is not None:  # the pipeline passes this same dict to every UNet call
+                    attn = kwargs["cross_attention_kwargs"]
+                    attn.update({k: take_rows(v, keep, n) for k, v in attn.items()})
                 return {k: take_rows(v, keep, n) for k, v in tensors.items()}
         return tensors
 

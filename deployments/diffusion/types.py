@@ -92,14 +92,15 @@ class ImageTask:
         """What this image costs the replica's batch memory budget."""
         return self.width * self.height / 1e6
 
-    def group_key(self) -> tuple[Any, ...]:
-        """Tasks with equal keys can share one denoising call."""
+    def group_key(self, *, with_loras: bool = True) -> tuple[Any, ...]:
+        """Tasks with equal keys can share one denoising call. `with_loras=False`: a model whose
+        LoRA slots weigh each row on its own (lora_rows.py) mixes adapter sets in one call."""
         return (self.width, self.height, self.steps, float(self.guidance_scale), self.tile, self.quality,
                 # img2img/inpainting run another pipeline; strength sets the steps that run.
                 self.init_image is not None, self.mask is not None, float(self.strength) if self.init_image else 1.0,
                 # One IP-Adapter image set and one adapter set per pipeline call.
                 tuple((r.kind, r.image.sha256, float(r.scale)) for r in self.references),
-                tuple((lora.adapter_id, float(lora.weight)) for lora in self.loras))
+                tuple((lora.adapter_id, float(lora.weight)) for lora in self.loras) if with_loras else ())
 
 
 @dataclass
