@@ -4,6 +4,15 @@ groups inside batches, `LoraManager` slots) on one GPU.
 
     python -m benchmarks.lora_serving --out R.json                       # full SDXL, 20 x rank-32, 1024²
     python -m benchmarks.lora_serving --tiny --device cpu --out R.json   # CI smoke (tests/)
+    python -m benchmarks.lora_serving --hotswap-rank 32 --out R.json     # placeholder slots, mixed batches
+
+Modes: by default the ordinary manager (`load_lora_weights`, one pipeline call per adapter set in a
+batch). `--hotswap-rank R` sets `lora.hotswap_target_rank`: every slot holds a rank-R placeholder
+and tasks with different adapter sets share one pipeline call (per-row slot weights, lora_rows.py);
+every slot's LoRA then runs on every row, so that mode also measures a replica that serves no
+adapters at all (`no_lora_plain`, twice, first, before the placeholders exist) and reports
+`throughput_ratio` against it (`throughput_ratio_vs_slot_base`: against the slot replica's own
+no-adapter runs). `pipeline_calls` counts the calls of each run and their mean rows (group size).
 
 Adapters: random PEFT LoRAs (`LoraConfig` on the UNet's attention projections, lora_B random and
 scaled small) built on the full-size random SDXL UNet, saved in PEFT's file format and read back
@@ -123,11 +132,27 @@ async def run_traffic(server: DiffusionServer, lru: ServeLRU, picks: list[str | 
             await server.generate(task)
             latencies.append(time.perf_counter() - t0)
 
+    calls = len(GROUPS)
     t0 = time.perf_counter()
     await asyncio.gather(*(one(i, a) for i, a in enumerate(picks)))
     wall = time.perf_counter() - t0
+    groups = GROUPS[calls:]
     return {"images": len(picks), "wall_s": round(wall, 3), "images_per_s": round(len(picks) / wall, 4),
-            "latency_p50_s": round(statistics.median(latencies), 4), "latency_p95_s": round(p95(latencies) or 0, 4)}
+            "latency_p50_s": round(statistics.median(latencies), 4), "latency_p95_s": round(p95(latencies) or 0, 4),
+            "pipeline_calls": len(groups), "mean_group_size": round(statistics.mean(groups), 3) if groups else None}
+
+
+GROUPS: list[int] = []  # tasks per pipeline call (engine._run_group), all runs in order
+
+
+def count_groups(engine: DiffusionEngine) -> None:
+    inner = engine._run_group
+
+    def counted(tasks: list[ImageTask], *a: Any, **kw: Any) -> Any:
+        GROUPS.append(len(tasks))
+        return inner(tasks, *a, **kw)
+
+    engine._run_group = counted  # type: ignore[method-assign]
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -135,14 +160,28 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="lora-bench-"))
     t0 = time.perf_counter()
     ids = build_adapters(pipe, work, args.adapters, args.rank, args.lora_scale)
+    # Building them through PEFT left empty LoRA wrappers on the UNet: back to the plain layers a
+    # replica starts with (placeholder slots need them; the baseline shouldn't pay for wrappers).
+    pipe.unet.unload_lora()
     build_s = time.perf_counter() - t0
     engine = DiffusionEngine("bench", pipe, "sdxl", batch_invariant=False, vae_slicing=True)
-    config = DiffusionModelConfig(
-        name="bench", family="sdxl", model="none", device=args.device, native_resolution=args.size,
-        size_multiple=8, min_side=8, max_side=max(args.size, 64), default_steps=args.steps, max_steps=max(args.steps, 1),
-        batching={"max_batch_size": args.batch, "batch_wait_timeout_s": 0.01}, probe_memory=False,
-        lora={"max_adapters_per_replica": args.slots})
-    server = DiffusionServer(config, engine=engine, adapters=DirAdapterSource(work))
+    count_groups(engine)
+
+    def config(**lora: Any) -> DiffusionModelConfig:
+        return DiffusionModelConfig(
+            name="bench", family="sdxl", model="none", device=args.device, native_resolution=args.size,
+            size_multiple=8, min_side=8, max_side=max(args.size, 64), default_steps=args.steps,
+            max_steps=max(args.steps, 1), batching={"max_batch_size": args.batch, "batch_wait_timeout_s": 0.01},
+            probe_memory=False, lora=lora)
+
+    plain = None
+    if args.hotswap_rank is not None:  # a replica serving no adapters, before any LoRA layer exists
+        no_adapters = DiffusionServer(config(enabled=False), engine=engine)
+        await run_traffic(no_adapters, ServeLRU(no_adapters, 1), [None] * args.batch, args)
+        plain = [await run_traffic(no_adapters, ServeLRU(no_adapters, 1), [None] * args.requests, args)
+                 for _ in range(2)]  # twice: the first run after the short warm-up may still be warming
+    server = DiffusionServer(config(max_adapters_per_replica=args.slots, hotswap_target_rank=args.hotswap_rank),
+                             engine=engine, adapters=DirAdapterSource(work))
     lru = ServeLRU(server, args.slots)
     picks = zipf_picks(ids, args.requests, args.zipf_s, seed=1)
     # Warm-up (kernels, allocator) without adapters, then the two runs, same seeds, interleaved
@@ -156,6 +195,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     base2 = await run_traffic(server, lru, [None] * args.requests, args)
     loads, switches = list(server.loras.load_s), list(server.loras.switch_s)
     base_ips = (base["images_per_s"] + base2["images_per_s"]) / 2
+    slots_mode: dict[str, Any] = {}
+    if plain is not None:  # the honest baseline: placeholders cost every request, adapters or not
+        slots_mode = {"no_lora_plain": plain[0], "no_lora_plain_again": plain[1],
+                      "throughput_ratio_vs_slot_base": round(lora["images_per_s"] / base_ips, 4)}
+        base_ips = (plain[0]["images_per_s"] + plain[1]["images_per_s"]) / 2
     counts = {a: picks.count(a) for a in ids}
     return {
         "benchmark": "lora_serving", "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -165,7 +209,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "adapter_build_s": round(build_s, 2),
         "adapter_bytes": sum(p.stat().st_size for p in work.rglob("*.safetensors")) // len(ids),
         "zipf_counts": counts,
-        "no_lora": base, "no_lora_again": base2, "lora": lora,
+        "mode": "placeholder slots, mixed batches" if plain is not None else "ordinary manager, one call per set",
+        "no_lora": base, "no_lora_again": base2, "lora": lora, **slots_mode,
         "throughput_ratio": round(lora["images_per_s"] / base_ips, 4),
         "cold_load_ms": {"n": len(loads), "p50": round(1000 * statistics.median(loads), 2) if loads else None,
                          "p95": round(1000 * (p95(loads) or 0), 2)},
@@ -188,6 +233,8 @@ def main() -> None:
     ap.add_argument("--lora-scale", type=float, default=0.01, help="lora_B is multiplied by this (random B at "
                     "full size would swamp the image; the FLOPs are the same)")
     ap.add_argument("--slots", type=int, default=8, help="lora.max_adapters_per_replica")
+    ap.add_argument("--hotswap-rank", type=int, default=None, help="lora.hotswap_target_rank: placeholder slots "
+                    "and mixed-adapter batches (must be >= --rank); default: the ordinary manager")
     ap.add_argument("--requests", type=int, default=None, help="images per run (default 160; tiny 24)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--batch", type=int, default=None, help="max_batch_size (default 8; tiny 4)")
@@ -200,6 +247,8 @@ def main() -> None:
     a.rank = a.rank or (4 if a.tiny else 32)
     a.requests = a.requests or (24 if a.tiny else 160)
     a.batch = a.batch or (4 if a.tiny else 8)
+    if a.hotswap_rank is not None and a.hotswap_rank < a.rank:
+        ap.error(f"--hotswap-rank {a.hotswap_rank} is below the adapters' --rank {a.rank}")
     result = asyncio.run(bench(a))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -13,7 +13,7 @@ STRICT=(
   deployments/llm/config.py deployments/llm/types.py deployments/llm/sequence.py
   deployments/llm/share_clock.py deployments/llm/coalesce.py
   deployments/diffusion/server.py deployments/diffusion/deployment.py deployments/diffusion/loading.py
-  deployments/diffusion/sdxl.py deployments/diffusion/img2img.py deployments/diffusion/ip_adapter.py deployments/diffusion/lora.py deployments/diffusion/lora_slots.py deployments/diffusion/lora_fused.py
+  deployments/diffusion/sdxl.py deployments/diffusion/img2img.py deployments/diffusion/ip_adapter.py deployments/diffusion/lora.py deployments/diffusion/lora_slots.py deployments/diffusion/lora_fused.py deployments/diffusion/lora_rows.py
   deployments/diffusion/previews.py serve_app/images/streaming.py serve_app/jobs/previews.py
   deployments/llm/server.py deployments/llm/deployment.py deployments/llm/engine.py deployments/llm/loading.py
   deployments/llm/vllm_engine.py deployments/llm/adapters.py deployments/llm/peft_adapters.py

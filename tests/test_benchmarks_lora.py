@@ -25,6 +25,26 @@ def test_lora_serving_smoke(tmp_path: Path) -> None:
     assert r["warm_switch_ms"]["n"] >= 1
 
 
+def test_lora_serving_smoke_with_placeholder_slots(tmp_path: Path) -> None:
+    """`--hotswap-rank`: placeholder slots and mixed-adapter batches, beside a replica without
+    adapters (the numbers are the GPU run's; this checks the mode runs and reports)."""
+    out = tmp_path / "lora.json"
+    cmd = [sys.executable, "-m", "benchmarks.lora_serving", "--tiny", "--device", "cpu", "--adapters", "4",
+           "--slots", "2", "--requests", "16", "--concurrency", "8", "--hotswap-rank", "4", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["mode"] == "placeholder slots, mixed batches" and r["settings"]["hotswap_rank"] == 4
+    assert r["no_lora_plain"]["images_per_s"] > 0 and r["no_lora_plain_again"]["images_per_s"] > 0
+    assert r["throughput_ratio"] > 0 and r["throughput_ratio_vs_slot_base"] > 0
+    assert r["slot_loads"] >= 3 and r["slot_unloads"] >= 1  # 4 adapters through 2 slots
+    # Adapter sets shared pipeline calls: fewer calls than images (groups split only by the 2 slots).
+    assert r["lora"]["pipeline_calls"] < r["lora"]["images"] and r["lora"]["mean_group_size"] > 1
+    bad = subprocess.run([*cmd[:-2], "--hotswap-rank", "2", "--out", str(out)], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "below the adapters' --rank 4" in bad.stderr
+
+
 def test_lora_routing_smoke(tmp_path: Path) -> None:
     out = tmp_path / "routing.json"
     # One client: requests reach the replicas in the order sent, so one replica's hits must equal

@@ -11,7 +11,6 @@ another row's weights cannot pass."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np

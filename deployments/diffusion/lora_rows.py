@@ -38,7 +38,7 @@ class RowScales:
         with torch.inference_mode(False):  # written in place under the engine's inference mode
             self.weights = torch.zeros(len(slots), _CAPACITY, dtype=param.dtype, device=param.device)
         for name in layers:
-            module = unet.get_submodule(name)
+            module: Any = unet.get_submodule(name)  # a PEFT LoRA layer (untyped lora_B ModuleDict)
             for i, slot in enumerate(slots):
                 module.lora_B[slot].register_forward_hook(partial(self._scale, i))
         self._inner = unet.forward  # the class's forward, or unet_split's (installed before us)
