@@ -4,7 +4,8 @@ Runs genserve's real order on CPU with the tiny SDXL (inductor, mode "default", 
 `DiffusionServer` loads the engine (`optimize.apply` wraps the split UNet for compiling), then
 `LoraManager` fills both slots with zero placeholder adapters (deployments/diffusion/lora_slots.py),
 then the warm-up compiles the size bucket with them; requests then write adapters into the slots,
-use them alone and together, and run without them. Each step reports the Dynamo frames compiled
+use them alone and together, run without them, and share one call with different adapter sets
+(mixed-adapter batches). Each step reports the Dynamo frames compiled
 during it (0 = no recompile) and the recompile reasons Dynamo logged. No timing claims: compile
 counts only. The result before the placeholders (main at b38166b: the first adapter per slot
 recompiled the UNet) is benchmarks/results/lora_compile_hotswap_cpu_before.json.
@@ -96,6 +97,17 @@ def main() -> None:
                      "png_sha256": hashlib.sha256(png).hexdigest()[:12],
                      "recompile_reasons": reasons.lines[n_reasons:][:12]})
 
+    def mixed(label: str, sets: list[tuple[tuple[str, float], ...]]) -> None:
+        """One engine call with a task per adapter set: placeholder slots run them as one pipeline
+        call (per-row weights, lora_rows.py), at another batch size than the warm-up's."""
+        before, n_reasons = frames(), len(reasons.lines)
+        tasks = [ImageTask(prompt="a red cube", negative_prompt="", seed=1, width=32, height=32, steps=2,
+                           guidance_scale=5.0, loras=tuple(LoraUse(a, w) for a, w in loras)) for loras in sets]
+        images = server.engine.generate_images(tasks)
+        rows.append({"step": label, "frames_compiled": frames() - before,
+                     "group_sizes": [im.info.get("genserve_batch_size") for im in images],
+                     "recompile_reasons": reasons.lines[n_reasons:][:12]})
+
     async def scenario() -> None:
         await request("no adapter", ())
         await request("ad_a w=1.0 (first adapter into slot0's placeholder)", (("ad_a", 1.0),))
@@ -111,6 +123,10 @@ def main() -> None:
             held.pop(aid).__del__()
         await request("no adapter after eviction (placeholders back)", ())
         await request("ad_a w=1.0 (into a cleared slot)", (("ad_a", 1.0),))
+        held["ad_b"] = await server.stage_adapters("ad_b")
+        mixed("mixed batch: ad_a, none, ad_b w=0.5 in one call", [(("ad_a", 1.0),), (), (("ad_b", 0.5),)])
+        mixed("mixed batch: other weights and size (4 images)",
+              [(("ad_b", 1.0),), (("ad_a", 0.3), ("ad_b", 0.6)), (), (("ad_a", 0.9),)])
 
     asyncio.run(request("reference: no adapter, compiled replica without LoRA layers", ()) if args.reference
                 else scenario())
